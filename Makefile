@@ -1,0 +1,34 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+STAMP   := $(VENV)/.quantpatch-installed
+OUT     ?= runs/demo
+
+.PHONY: demo test lint bench clean
+
+$(PYTHON):
+	python3 -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/quantpatch run --out $(OUT)
+	@echo "Report: $(OUT)/report.html"
+
+test: $(STAMP)
+	$(PYTHON) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+	$(PYTHON) benchmarks/patch_speed.py
+	$(PYTHON) benchmarks/fake_quant_cost.py
+	$(PYTHON) benchmarks/spatial_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

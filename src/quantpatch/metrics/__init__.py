@@ -1,0 +1,10 @@
+"""Rates with honest uncertainty: every rate carries its n and a 95 % Wilson interval."""
+
+from quantpatch.metrics.rates import (
+    Rate,
+    accuracy,
+    attack_success,
+    wilson_interval,
+)
+
+__all__ = ["Rate", "accuracy", "attack_success", "wilson_interval"]

@@ -1,0 +1,80 @@
+"""Accuracy and attack success rate as ``Rate`` values with Wilson intervals."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from quantpatch.errors import ShapeError
+
+Z_95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval; well-behaved at 0 and n, unlike the normal approximation."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(frozen=True)
+class Rate:
+    """k successes out of n, with the 95 % Wilson interval."""
+
+    successes: int
+    n: int
+
+    @property
+    def rate(self) -> float:
+        return self.successes / self.n if self.n else float("nan")
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.successes, self.n)
+
+    def to_dict(self) -> dict:
+        low, high = self.ci
+        return {**asdict(self), "rate": self.rate, "ci_low": low, "ci_high": high}
+
+    def __str__(self) -> str:
+        low, high = self.ci
+        return f"{100 * self.rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}] (n={self.n})"
+
+
+def _check(pred: torch.Tensor, labels: torch.Tensor) -> None:
+    if pred.shape != labels.shape or pred.ndim != 1:
+        raise ShapeError(f"predictions {tuple(pred.shape)} and labels {tuple(labels.shape)} differ")
+
+
+def accuracy(pred: torch.Tensor, labels: torch.Tensor) -> Rate:
+    _check(pred, labels)
+    return Rate(int((pred == labels).sum()), int(labels.numel()))
+
+
+def attack_success(
+    clean_pred: torch.Tensor,
+    adv_pred: torch.Tensor,
+    labels: torch.Tensor,
+    target: int | None = None,
+) -> Rate:
+    """ASR over the images the attack can honestly claim.
+
+    Untargeted: among images the model gets right when clean, the share it gets wrong when
+    attacked. Targeted: among images whose true class is not the target, the share predicted
+    as the target.
+    """
+    _check(clean_pred, labels)
+    _check(adv_pred, labels)
+    if target is None:
+        eligible = clean_pred == labels
+        success = eligible & (adv_pred != labels)
+    else:
+        eligible = labels != target
+        success = eligible & (adv_pred == target)
+    return Rate(int(success.sum()), int(eligible.sum()))
