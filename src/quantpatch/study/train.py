@@ -1,0 +1,56 @@
+"""``quantpatch train``: one model at one precision, through the same cache as studies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quantpatch._runtime import resolve_device
+from quantpatch.data import load_dataset
+from quantpatch.metrics import Rate
+from quantpatch.models import evaluate_accuracy
+from quantpatch.quant import QuantSpec
+from quantpatch.study.artifacts import ArtifactCache, prepare_fp32, prepare_quantized
+from quantpatch.study.config import load_study
+
+
+def train_one(
+    model: str,
+    precision: str = "fp32",
+    *,
+    dataset: str | None = None,
+    data_root: Path | None = None,
+    download: bool | None = None,
+    limit: int | None = None,
+    epochs: int | None = None,
+    qat_epochs: int | None = None,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+) -> tuple[Path, Rate]:
+    """Train ``model`` (fp32, then quantize/QAT to ``precision``); return checkpoint + accuracy."""
+    config = load_study(
+        None,
+        dataset=dataset,
+        data_root=data_root,
+        download=download,
+        limit=limit,
+        models=[model],
+        precisions=[precision],
+        cache_dir=cache_dir,
+        device=device,
+    )
+    if epochs is not None:
+        config = config.model_copy(
+            update={"train": config.train.model_copy(update={"epochs": epochs})}
+        )
+    if qat_epochs is not None:
+        config = config.model_copy(
+            update={"qat": config.qat.model_copy(update={"epochs": qat_epochs})}
+        )
+    data = load_dataset(config.dataset, config.data_root, download=config.download, limit=limit)
+    cache = ArtifactCache(config.cache_dir)
+    torch_device = resolve_device(config.device)
+    prepared = prepare_fp32(model, data, config, cache, torch_device)
+    spec = QuantSpec.parse(precision)
+    prepared = prepare_quantized(prepared, spec, data, config, cache, torch_device)
+    path = cache.root / "models" / f"{prepared.key}.safetensors"
+    return path, evaluate_accuracy(prepared.module, data.test, torch_device)

@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny, fast study configuration for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_study_settings() -> dict:
+    """A study small enough for CI (lenet, two precisions, few steps) that still runs every
+    stage: training, QAT, ORT int8, universal + random patches, and all analyses."""
+    return {
+        "name": "tiny",
+        "limit": 2000,
+        "models": ["lenet"],
+        "precisions": ["fp32", "w8a8", "w2a2"],
+        "attacks": [
+            {"name": "universal", "params": {"steps": 40, "batch_size": 64}},
+            {"name": "random"},
+        ],
+        "patch_sizes": [8],
+        "n_eval": 200,
+        "train": {"epochs": 3, "lr": 0.05, "batch_size": 64},
+        "qat": {"epochs": 1, "lr": 0.01},
+        "analyses": {
+            "n_images": 32,
+            "spatial_images": 16,
+            "spatial_stride": 4,
+            "size_fractions": [0.04, 0.1],
+            "strength_bits": [2, 8],
+        },
+        "device": "cpu",
+    }

@@ -1,0 +1,103 @@
+"""End-to-end: a tiny study runs every stage, writes valid results, and reruns from cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from quantpatch.errors import ConfigError, InvalidSpecError, PatchTooLargeError, UnknownNameError
+from quantpatch.study import load_study, run_study
+from quantpatch.study.schema import ResultsFile
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_study_settings) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    config = load_study(None, **tiny_study_settings, cache_dir=root / "cache")
+    run_study(config, root / "run", progress=False)
+    return root
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_results_match_schema_and_cover_the_grid(finished_run: Path) -> None:
+    results = _results(finished_run / "run")
+    ResultsFile.model_validate(results)
+    targets = {m["name"] for m in results["models"]}
+    assert targets == {"lenet/fp32", "lenet/w8a8", "lenet/w2a2", "lenet/ort-int8"}
+    universal = [c for c in results["cells"] if c["attack"] == "universal"]
+    assert {(c["source"], c["target"]) for c in universal} == {
+        (s, t) for s in ("lenet/fp32", "lenet/w8a8", "lenet/w2a2") for t in targets
+    }
+    for cell in results["cells"]:
+        assert 0 <= cell["ci_low"] <= cell["rate"] <= cell["ci_high"] <= 1
+        assert cell["n"] > 0
+
+
+def test_trained_patch_beats_random_noise(finished_run: Path) -> None:
+    cells = _results(finished_run / "run")["cells"]
+    white = [c["rate"] for c in cells if c["attack"] == "universal" and c["white_box"]]
+    noise = [c["rate"] for c in cells if c["attack"] == "random"]
+    assert min(white) > max(noise)
+
+
+def test_quantized_models_stay_near_fp32(finished_run: Path) -> None:
+    models = {m["name"]: m for m in _results(finished_run / "run")["models"]}
+    fp32 = models["lenet/fp32"]["clean"]["rate"]
+    assert fp32 > 0.85
+    assert models["lenet/w8a8"]["clean"]["rate"] > fp32 - 0.02
+    assert models["lenet/w2a2"]["clean"]["rate"] > fp32 - 0.08
+    deployment = models["lenet/ort-int8"]["deployment"]
+    assert deployment["agreement"]["rate"] >= 0.97
+
+
+def test_report_and_files_written(finished_run: Path) -> None:
+    run = finished_run / "run"
+    html = (run / "report.html").read_text()
+    for section in ("Transfer across", "Spatial sensitivity", "Patch size", "Gradient alignment",
+                    "Feature representations", "Quantization strength"):  # fmt: skip
+        assert section in html
+    assert (run / "results.csv").read_text().startswith("study,dataset,source,target")
+    assert list((run / "patches").glob("*.png"))
+    assert list((run / "figures").glob("*.png"))
+
+
+def test_rerun_reuses_everything(finished_run: Path, tiny_study_settings) -> None:
+    run = finished_run / "run"
+    before = {p.name: p.stat().st_mtime_ns for p in (run / "cells").glob("*.json")}
+    config = load_study(None, **tiny_study_settings, cache_dir=finished_run / "cache")
+    started = time.perf_counter()
+    run_study(config, run, progress=False)
+    assert time.perf_counter() - started < 30
+    after = {p.name: p.stat().st_mtime_ns for p in (run / "cells").glob("*.json")}
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"models": ["nope"]}, UnknownNameError),
+        ({"attacks": [{"name": "nope"}]}, UnknownNameError),
+        ({"precisions": ["w0a0"]}, ConfigError),
+        ({"patch_sizes": [40]}, PatchTooLargeError),
+        ({"n_eval": 0}, ConfigError),
+        ({"unknown_field": 1}, ConfigError),
+    ],
+)
+def test_bad_studies_fail_before_work(tmp_path: Path, overrides, error) -> None:
+    with pytest.raises(error):
+        config = load_study(None, **overrides, cache_dir=tmp_path / "cache")
+        run_study(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_invalid_spec_is_specific() -> None:
+    from quantpatch.quant import QuantSpec
+
+    with pytest.raises(InvalidSpecError):
+        QuantSpec.parse("w33a8")
