@@ -1,0 +1,45 @@
+"""Adversarial attacks: universal and per-image patches, plus pixel L-inf PGD for contrast.
+
+``create_attack(name, **params)`` is the one entry point; ``ATTACKS`` lists the names.
+Importing an attack module registers it.
+"""
+
+from quantpatch.attacks.base import ATTACKS, Attack, create_attack
+from quantpatch.attacks.placement import (
+    EOT,
+    Placement,
+    apply_patch,
+    patch_mask,
+    sample_placement,
+)
+
+# importing an attack module registers it in ATTACKS
+from quantpatch.attacks import universal  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import random_patch  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import lavan  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import patch_pgd  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import multibit  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import pgd_linf  # noqa: E402,F401  isort: skip
+from quantpatch.attacks.lavan import LaVAN  # noqa: E402  isort: skip
+from quantpatch.attacks.multibit import MultibitPatch  # noqa: E402  isort: skip
+from quantpatch.attacks.patch_pgd import PatchPGD  # noqa: E402  isort: skip
+from quantpatch.attacks.pgd_linf import PGDLinf  # noqa: E402  isort: skip
+from quantpatch.attacks.random_patch import RandomPatch  # noqa: E402  isort: skip
+from quantpatch.attacks.universal import UniversalPatch  # noqa: E402  isort: skip
+
+__all__ = [
+    "ATTACKS",
+    "EOT",
+    "Attack",
+    "LaVAN",
+    "MultibitPatch",
+    "PGDLinf",
+    "PatchPGD",
+    "Placement",
+    "RandomPatch",
+    "UniversalPatch",
+    "apply_patch",
+    "create_attack",
+    "patch_mask",
+    "sample_placement",
+]

@@ -1,0 +1,339 @@
+"""The ``Attack`` base class, the registry and ``create_attack``.
+
+Like torchattacks, the base owns the boring parts: parameter checks, device and eval mode,
+freezing the models, the targeted/untargeted objective averaged over several models, seeding,
+batching and the per-image search loop. Each attack file adds only what makes it different.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantpatch._registry import Registry
+from quantpatch.attacks.placement import EOT, MASK_SHAPES, patch_mask
+from quantpatch.data._types import Split
+from quantpatch.errors import ConfigError, CorruptFileError, QuantpatchError, ShapeError
+
+ATTACKS: Registry = Registry("attack")
+"""Attack classes by name; ``create_attack(name, **params)`` builds one."""
+
+# Success outranks any loss value when keeping the best adversarial example per image.
+SUCCESS_BONUS = 1e6
+
+
+class Attack(ABC):
+    """Base class: universal attacks learn a patch in ``fit``; per-image ones work in ``perturb``.
+
+    Common parameters: ``patch_size`` (px), ``shape`` ("square" | "circle"), ``targeted`` and
+    ``target_class``, ``steps``, ``lr`` (step size), ``batch_size``, ``eot`` (placement ranges;
+    an ``EOT`` or a dict), ``seed`` and ``progress`` (tqdm bars). ``steps``/``lr``/``eot`` left
+    as ``None`` take the attack's own defaults. Pixel attacks ignore the patch settings.
+    """
+
+    name: ClassVar[str] = ""
+    universal: ClassVar[bool] = True
+    kind: ClassVar[Literal["patch", "pixel"]] = "patch"
+    multi_precision: ClassVar[bool] = False
+    default_steps: ClassVar[int] = 200
+    default_lr: ClassVar[float] = 0.05
+    default_eot: ClassVar[EOT] = EOT()
+
+    def __init__(
+        self,
+        *,
+        patch_size: int = 8,
+        shape: str = "square",
+        targeted: bool = False,
+        target_class: int | None = None,
+        steps: int | None = None,
+        lr: float | None = None,
+        batch_size: int = 128,
+        eot: EOT | Mapping[str, Any] | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.patch_size = check_int("patch_size", patch_size, minimum=1)
+        if shape not in MASK_SHAPES:
+            raise ConfigError(
+                f"unknown patch shape '{shape}'; choose from: {', '.join(MASK_SHAPES)}"
+            )
+        self.shape = shape
+        if not isinstance(targeted, bool):
+            raise ConfigError(f"targeted must be true or false, got {targeted!r}")
+        if targeted and target_class is None:
+            raise ConfigError("a targeted attack needs target_class")
+        if not targeted and target_class is not None:
+            raise ConfigError("target_class is only used with targeted=True")
+        self.targeted = targeted
+        self.target_class = (
+            None if target_class is None else check_int("target_class", target_class, minimum=0)
+        )
+        self.steps = check_int("steps", self.default_steps if steps is None else steps, minimum=0)
+        self.lr = check_positive("lr", self.default_lr if lr is None else lr)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.eot = EOT.coerce(eot, self.default_eot)
+        self.seed = check_int("seed", seed, minimum=None)
+        self.progress = bool(progress)
+        self.patch: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------- public API
+    def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
+        """Learn the universal patch on ``train`` (per-image attacks: nothing to learn)."""
+        del models, train, device
+
+    @abstractmethod
+    def perturb(
+        self,
+        models: Sequence[nn.Module],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        """Adversarial versions of ``images`` (same shape and device), deterministic per seed."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"patch": (C, p, p)}`` once a universal patch exists, else ``{}``."""
+        return {"patch": self.patch.detach().cpu().clone()} if self.patch is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore a patch saved by ``state_dict`` (shape and range are checked)."""
+        if not self.universal:
+            if state:
+                raise ConfigError(f"{type(self).__name__} is per-image and holds no patch")
+            return
+        patch = state.get("patch")
+        p = self.patch_size
+        if not isinstance(patch, torch.Tensor) or patch.ndim != 3 or patch.shape[1:] != (p, p):
+            shape = tuple(patch.shape) if isinstance(patch, torch.Tensor) else None
+            raise ShapeError(f"state must hold a (C, {p}, {p}) 'patch', got {shape}")
+        if not bool(torch.isfinite(patch).all()) or patch.min() < 0 or patch.max() > 1:
+            raise CorruptFileError("patch values must be finite and in [0, 1]")
+        self.patch = patch.detach().float().cpu().clone()
+
+    @classmethod
+    def accepted_params(cls) -> list[str]:
+        """Keyword arguments the constructor takes (walks ``**kwargs`` up the class chain)."""
+        names: list[str] = []
+        for klass in cls.__mro__:
+            if "__init__" not in vars(klass) or klass is object:
+                continue
+            params = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            names += [
+                p.name
+                for p in params
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                and p.name != "self"
+                and p.name not in names
+            ]
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                break
+        return names
+
+    def config(self) -> dict[str, Any]:
+        """The effective constructor parameters (JSON-friendly), e.g. for records and cache keys."""
+        out = {}
+        for name in self.accepted_params():
+            value = getattr(self, name, None)
+            out[name] = value.to_dict() if isinstance(value, EOT) else value
+        return out
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    # ----------------------------------------------------------------- helpers for subclasses
+    def mask(self, device: torch.device | None = None) -> torch.Tensor | None:
+        """The patch mask, or ``None`` for squares (the paste is then cheaper)."""
+        return (
+            None if self.shape == "square" else patch_mask(self.patch_size, self.shape).to(device)
+        )
+
+    def generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator seeded from ``(seed, purpose)``: fitting and evaluation draw
+        independent streams, and every call restarts its stream (determinism)."""
+        digest = hashlib.sha256(f"{self.seed}:{purpose}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    @contextlib.contextmanager
+    def frozen(
+        self, models: Sequence[nn.Module], device: torch.device
+    ) -> Iterator[list[nn.Module]]:
+        """Models on ``device`` in eval mode with parameters not requiring grad; restored after."""
+        models = list(models)
+        if not models:
+            raise ConfigError(f"{type(self).__name__} needs at least one source model")
+        for m in models:
+            if not isinstance(m, nn.Module):
+                raise ConfigError(
+                    f"{type(self).__name__} needs differentiable torch models, got {type(m).__name__}"
+                )
+        saved = [(m.training, [p.requires_grad for p in m.parameters()]) for m in models]
+        try:
+            for m in models:
+                m.to(device).eval().requires_grad_(False)
+            yield models
+        finally:
+            for m, (training, flags) in zip(models, saved, strict=True):
+                m.train(training)
+                for p, flag in zip(m.parameters(), flags, strict=True):
+                    p.requires_grad_(flag)
+
+    def attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The class each image's loss refers to: the target class, or the true label."""
+        if self.targeted:
+            return torch.full_like(labels, int(self.target_class))  # type: ignore[arg-type]
+        return labels
+
+    def mean_ce(
+        self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Batch-mean cross-entropy averaged over ``models``: the lean loss of universal fits
+        (minimise it when targeted, maximise it otherwise)."""
+        total = None
+        for model in models:
+            logits = model(images)
+            self._check_target(logits)
+            ce = F.cross_entropy(logits, labels)
+            total = ce if total is None else total + ce
+        assert total is not None
+        return total if len(models) == 1 else total / len(models)
+
+    def _check_target(self, logits: torch.Tensor) -> None:
+        if self.targeted and self.target_class >= logits.shape[1]:  # type: ignore[operator]
+            raise ConfigError(
+                f"target_class {self.target_class} but the model has {logits.shape[1]} classes"
+            )
+
+    def objective(
+        self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image (score to maximise, success) averaged over ``models``.
+
+        ``labels`` come from ``attack_labels``. Untargeted: score = CE of the true class and
+        success = every model misclassifies; targeted: score = -CE of the target class and
+        success = every model predicts the target.
+        """
+        score = images.new_zeros(images.shape[0])
+        success = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+        for model in models:
+            logits = model(images)
+            self._check_target(logits)
+            score = score + F.cross_entropy(logits, labels, reduction="none")
+            hit = logits.detach().argmax(dim=1) == labels
+            success = success & (hit if self.targeted else ~hit)
+        score = score / len(models)
+        return (-score if self.targeted else score), success
+
+    def search(
+        self,
+        models: Sequence[nn.Module],
+        labels: torch.Tensor,
+        variable: torch.Tensor,
+        render: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image gradient ascent on ``variable`` (row i belongs to image i); returns the
+        best adversarial images seen and their keys (score, plus a bonus once successful).
+
+        Only images that have not yet succeeded on every model stay in the batch, so a few
+        hard images do not keep the whole batch busy. ``render(rows, idx)`` builds the
+        adversarial images ``idx`` from their rows of ``variable``; ``update(rows, grad, idx,
+        step)`` returns the new rows (ascending the score). ``variable`` is updated in place.
+        """
+        active = torch.arange(len(labels), device=labels.device)
+        best_key = torch.full((len(labels),), -torch.inf, device=labels.device)
+        best_adv: torch.Tensor | None = None
+        for step in range(self.steps + 1):
+            rows = variable[active].requires_grad_(True)
+            adv = render(rows, active)
+            score, success = self.objective(models, adv, labels[active])
+            with torch.no_grad():
+                key = score.detach() + success.to(score.dtype) * SUCCESS_BONUS
+                if best_adv is None:
+                    best_adv = torch.empty_like(adv)
+                better = key > best_key[active]
+                best_adv[active[better]] = adv.detach()[better]
+                best_key[active[better]] = key[better]
+                keep = best_key[active] < SUCCESS_BONUS / 2
+            if step == self.steps or not bool(keep.any()):
+                break
+            (grad,) = torch.autograd.grad(score.sum(), rows)
+            with torch.no_grad():
+                active, rows, grad = active[keep], rows.detach()[keep], grad[keep]
+                variable[active] = update(rows, grad, active, step)
+        assert best_adv is not None
+        return best_adv, best_key
+
+    def per_batch(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device,
+        fn: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor],
+        desc: str,
+    ) -> torch.Tensor:
+        """Run ``fn(images_on_device, labels_on_device, index)`` per batch; reassemble on the
+        images' device."""
+        check_inputs(images, labels)
+        out = []
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=not self.progress, leave=False):
+            index = slice(start, start + self.batch_size)
+            x = images[index].to(device, non_blocking=True)
+            y = labels[index].to(device, non_blocking=True)
+            out.append(fn(x, y, index).detach().to(images.device))
+        return torch.cat(out) if out else images.clone()
+
+
+def check_inputs(images: torch.Tensor, labels: torch.Tensor) -> None:
+    if images.ndim != 4:
+        raise ShapeError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    if labels.shape != (images.shape[0],):
+        raise ShapeError(f"labels must be ({images.shape[0]},), got {tuple(labels.shape)}")
+
+
+def check_int(name: str, value: Any, minimum: int | None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def create_attack(name: str, **params: Any) -> Attack:
+    """Build the attack registered as ``name``; unknown parameters raise ``ConfigError``."""
+    cls = ATTACKS.get(name)
+    accepted = cls.accepted_params()
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"attack '{name}' does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}"
+        )
+    return cls(**params)
+
+
+def require_patch(attack: Attack, images: torch.Tensor) -> torch.Tensor:
+    """The learned patch, checked against the images' channels."""
+    if attack.patch is None:
+        raise QuantpatchError(f"{type(attack).__name__}: call fit() or load_state_dict() first")
+    if attack.patch.shape[0] != images.shape[1]:
+        raise ShapeError(
+            f"the patch has {attack.patch.shape[0]} channels, images have {images.shape[1]}"
+        )
+    return attack.patch

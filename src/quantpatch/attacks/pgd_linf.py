@@ -1,0 +1,77 @@
+"""``pgd-linf``: classic pixel-level L-infinity PGD (Madry et al. 2018), the contrast case.
+
+Not a patch: every pixel may move by at most ``eps``. Signed steps of ``alpha`` (default
+``2.5 * eps / steps``) from a uniform random start inside the ball; the best example per image
+is kept. Patch settings (``patch_size``, ``shape``, ``eot``) and ``lr`` are not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantpatch._runtime import resolve_device
+from quantpatch.attacks.base import ATTACKS, Attack, check_positive
+
+
+@ATTACKS.register("pgd-linf", help="pixel-level L-inf PGD (eps, alpha, steps, random start)")
+class PGDLinf(Attack):
+    """L-infinity PGD with ``eps``, ``alpha``, ``steps`` and ``random_start``."""
+
+    name = "pgd-linf"
+    universal = False
+    kind = "pixel"
+    default_steps = 40
+
+    def __init__(
+        self,
+        *,
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        random_start: bool = True,
+        **common: Any,
+    ) -> None:
+        super().__init__(**common)
+        self.eps = check_positive("eps", eps)
+        self.alpha = check_positive("alpha", alpha) if alpha is not None else None
+        self.random_start = bool(random_start)
+
+    @property
+    def step_size(self) -> float:
+        return self.alpha if self.alpha is not None else 2.5 * self.eps / max(self.steps, 1)
+
+    def perturb(
+        self,
+        models: Sequence[nn.Module],
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        device = resolve_device(device)
+        gen = self.generator("perturb")
+        eps, alpha = self.eps, self.step_size
+
+        def attack_batch(x: torch.Tensor, y: torch.Tensor, _: slice) -> torch.Tensor:
+            if self.random_start:
+                noise = torch.rand(x.shape, generator=gen).to(device, x.dtype) * (2 * eps) - eps
+                delta = (x + noise).clamp(0.0, 1.0) - x
+            else:
+                delta = torch.zeros_like(x)
+
+            def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+                return (x[idx] + rows).clamp(0.0, 1.0)
+
+            def update(
+                rows: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, _: int
+            ) -> torch.Tensor:
+                stepped = (rows + alpha * grad.sign()).clamp(-eps, eps)
+                return (x[idx] + stepped).clamp(0.0, 1.0) - x[idx]
+
+            best, _ = self.search(frozen, self.attack_labels(y), delta, render, update)
+            return best
+
+        with self.frozen(models, device) as frozen:
+            return self.per_batch(images, labels, device, attack_batch, self.name)

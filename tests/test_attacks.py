@@ -1,0 +1,371 @@
+"""Attacks: exact and transformed patch placement, the registry, and real attack outcomes on a
+LeNet trained for a few seconds on 512 mnist5k digits."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quantpatch.attacks import (
+    ATTACKS,
+    EOT,
+    Attack,
+    Placement,
+    apply_patch,
+    create_attack,
+    patch_mask,
+    sample_placement,
+)
+from quantpatch.attacks.placement import make_canvas, prepare_paste
+from quantpatch.data import Split, load_dataset
+from quantpatch.errors import (
+    ConfigError,
+    CorruptFileError,
+    PatchTooLargeError,
+    QuantpatchError,
+    ShapeError,
+    UnknownNameError,
+)
+from quantpatch.metrics import attack_success
+from quantpatch.models import TrainConfig, create_model, predict_logits, train_model
+
+CPU = torch.device("cpu")
+ALL_ATTACKS = {"universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf"}
+
+
+def reference_paste(images, patch, placement, mask=None):
+    """Whole-image affine_grid + grid_sample: the slow, obviously right version."""
+    n, c, h, w = images.shape
+    canvas = make_canvas(patch, mask)
+    grid = F.affine_grid(placement.theta((h, w), patch.shape[-1]), [n, c + 1, h, w], False)
+    sampled = F.grid_sample(canvas.expand(n, -1, -1, -1), grid, align_corners=False)
+    return images * (1 - sampled[:, c:]) + sampled[:, :c]
+
+
+# ---------------------------------------------------------------------------- placement
+def test_fixed_integer_paste_equals_slicing():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 20, 24, generator=gen)
+    shared = torch.rand(3, 6, 6, generator=gen)
+    per_image = torch.rand(5, 3, 6, 6, generator=gen)
+    for top, left in [(0, 0), (3, 7), (14, 18)]:
+        placement = Placement.fixed(5, top, left, 6)
+        for patch in (shared, per_image):
+            expected = images.clone()
+            expected[:, :, top : top + 6, left : left + 6] = patch
+            assert torch.equal(apply_patch(images, patch, placement), expected)
+    assert prepare_paste(Placement.fixed(5, 3, 7, 6), (20, 24), 6).exact
+
+
+def test_circle_mask_paste_is_exact_inside_and_untouched_outside():
+    mask = patch_mask(9, "circle")
+    assert mask.shape == (1, 9, 9)
+    assert torch.equal(mask, mask.flip(1)) and torch.equal(mask, mask.transpose(1, 2))
+    assert mask[0, 4, 4] == 1 and mask[0, 0, 0] == 0 and mask[0, 4, 0] == 1
+    assert abs(float(mask.sum()) - math.pi * 4.5**2) < 9  # area of the inscribed disc
+    assert torch.equal(patch_mask(9, "square"), torch.ones(1, 9, 9))
+    images, patch = torch.rand(2, 1, 16, 16), torch.rand(1, 9, 9)
+    out = apply_patch(images, patch, Placement.fixed(2, 2, 5, 9), mask)
+    expected = images.clone()
+    window = expected[:, :, 2:11, 5:14]
+    expected[:, :, 2:11, 5:14] = torch.where(mask.bool(), patch, window)
+    assert torch.equal(out, expected)
+    with pytest.raises(ConfigError):
+        patch_mask(9, "triangle")
+
+
+def test_random_location_without_transforms_is_inside_and_exact():
+    images = torch.rand(64, 3, 28, 28)
+    patch = torch.rand(64, 3, 8, 8)
+    eot = EOT(rotation_max_deg=0, location="random")
+    placement = sample_placement(64, (28, 28), 8, eot, torch.Generator().manual_seed(1))
+    top, left = placement.top_left(8)
+    assert torch.equal(top, top.round()) and torch.equal(left, left.round())
+    assert top.min() >= 0 and left.min() >= 0 and top.max() <= 20 and left.max() <= 20
+    assert len(set(top.tolist())) > 5  # actually random
+    out = apply_patch(images, patch, placement)
+    for i in range(64):
+        t, s = int(top[i]), int(left[i])
+        assert torch.equal(out[i, :, t : t + 8, s : s + 8], patch[i])
+        rest = torch.ones(28, 28, dtype=torch.bool)
+        rest[t : t + 8, s : s + 8] = False
+        assert torch.equal(out[i][:, rest], images[i][:, rest])
+
+
+def test_transformed_paste_matches_full_image_reference_and_stays_inside():
+    gen = torch.Generator().manual_seed(2)
+    images, patch = torch.rand(48, 3, 30, 26, generator=gen), torch.rand(3, 7, 7, generator=gen)
+    eot = EOT(rotation_max_deg=180, scale_min=0.6, scale_max=1.6)
+    placement = sample_placement(48, (30, 26), 7, eot, gen)
+    assert placement.angle.abs().max() > 1.0 and placement.scale.max() > 1.2
+    for mask in (None, patch_mask(7, "circle")):
+        out = apply_patch(images, patch, placement, mask)
+        torch.testing.assert_close(out, reference_paste(images, patch, placement, mask))
+    # fully inside: all corners of every rotated, scaled square lie in the image ...
+    half = placement.scale * 3.5
+    for sy, sx in [(-1, -1), (-1, 1), (1, -1), (1, 1)]:
+        dy, dx = sy * half, sx * half
+        cos, sin = placement.angle.cos(), placement.angle.sin()
+        y = placement.cy + dy * cos + dx * sin
+        x = placement.cx - dy * sin + dx * cos
+        assert y.min() >= -1e-4 and y.max() <= 30 + 1e-4
+        assert x.min() >= -1e-4 and x.max() <= 26 + 1e-4
+    # ... so the pasted coverage (alpha) keeps the full area of each patch
+    alpha = apply_patch(torch.zeros(48, 1, 30, 26), torch.ones(1, 7, 7), placement)
+    torch.testing.assert_close(
+        alpha.sum(dim=(1, 2, 3)), (7 * placement.scale) ** 2, rtol=0.03, atol=0
+    )
+
+
+def test_gradient_reaches_the_patch_on_both_paths():
+    images = torch.rand(4, 1, 16, 16)
+    for placement in (
+        Placement.fixed(4, 3, 3, 5),
+        sample_placement(4, (16, 16), 5, EOT(), torch.Generator().manual_seed(0)),
+    ):
+        patch = torch.rand(1, 5, 5, requires_grad=True)
+        apply_patch(images, patch, placement).sum().backward()
+        assert patch.grad is not None and bool((patch.grad > 0).all())
+    patch = torch.rand(1, 5, 5, requires_grad=True)
+    apply_patch(
+        images, patch, Placement.fixed(4, 3, 3, 5), patch_mask(5, "circle")
+    ).sum().backward()
+    assert torch.equal(patch.grad, 4 * patch_mask(5, "circle"))  # one unit per image, masked
+
+
+def test_placement_errors():
+    images = torch.rand(2, 3, 10, 10)
+    with pytest.raises(PatchTooLargeError):
+        apply_patch(images, torch.rand(3, 11, 11), Placement.fixed(2, 0, 0, 11))
+    with pytest.raises(PatchTooLargeError):
+        sample_placement(2, (10, 10), 8, EOT(scale_max=1.5), torch.Generator())
+    with pytest.raises(PatchTooLargeError):
+        sample_placement(2, (10, 10), 4, EOT(rotation_max_deg=0, location=(0, 7)), None)
+    with pytest.raises(ShapeError, match="channels"):
+        apply_patch(images, torch.rand(1, 4, 4), Placement.fixed(2, 0, 0, 4))
+    with pytest.raises(ShapeError):
+        apply_patch(images[0], torch.rand(3, 4, 4), Placement.fixed(2, 0, 0, 4))
+    with pytest.raises(ShapeError):
+        apply_patch(images, torch.rand(3, 4, 5), Placement.fixed(2, 0, 0, 4))
+    with pytest.raises(ShapeError, match="entries"):
+        apply_patch(images, torch.rand(3, 4, 4), Placement.fixed(3, 0, 0, 4))
+    with pytest.raises(ShapeError):
+        apply_patch(images, torch.rand(3, 4, 4), Placement.fixed(2, 0, 0, 4), torch.ones(1, 5, 5))
+    with pytest.raises(ConfigError):
+        EOT(scale_min=2.0, scale_max=1.0)
+    with pytest.raises(ConfigError):
+        EOT(location=(1.5, 2))
+
+
+def test_sampling_is_seeded_and_prefix_stable():
+    eot = EOT(scale_min=0.8, scale_max=1.2)
+    a = sample_placement(10, (32, 32), 6, eot, torch.Generator().manual_seed(5))
+    b = sample_placement(30, (32, 32), 6, eot, torch.Generator().manual_seed(5))
+    for name in ("cy", "cx", "angle", "scale"):
+        assert torch.equal(getattr(a, name), getattr(b, name)[:10])
+    centre = sample_placement(3, (28, 28), 8, EOT(rotation_max_deg=0, location="center"), None)
+    assert centre.top_left(8)[0].tolist() == [10.0] * 3
+
+
+# ---------------------------------------------------------------------------- registry
+def test_registry_lists_all_attacks_with_their_kinds():
+    assert set(ATTACKS.names()) == ALL_ATTACKS
+    for name in ATTACKS.names():
+        cls = ATTACKS.get(name)
+        assert issubclass(cls, Attack) and cls.kind in ("patch", "pixel")
+        attack = create_attack(name, seed=3, progress=False)
+        assert attack.seed == 3 and isinstance(attack.config(), dict)
+    assert ATTACKS.get("pgd-linf").kind == "pixel" and not ATTACKS.get("pgd-linf").universal
+    assert not ATTACKS.get("patch-pgd").universal and ATTACKS.get("universal").universal
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).multi_precision] == ["multibit"]
+
+
+def test_create_attack_rejects_bad_names_and_params():
+    with pytest.raises(UnknownNameError, match="universal"):
+        create_attack("nope")
+    with pytest.raises(ConfigError, match="eps"):
+        create_attack("universal", eps=0.1)
+    with pytest.raises(ConfigError):
+        create_attack("universal", targeted=True)  # no target_class
+    with pytest.raises(ConfigError):
+        create_attack("patch-pgd", shape="hexagon")
+    with pytest.raises(ConfigError):
+        create_attack("patch-pgd", steps=-1)
+    with pytest.raises(ConfigError):
+        create_attack("lavan", location="random")
+    with pytest.raises(ConfigError):
+        create_attack("lavan", eot={"rotation_max_deg": 10})
+    with pytest.raises(ConfigError):
+        create_attack("universal", eot={"rotation": 10})
+    lavan = create_attack("lavan", mode="per-image", location=[2, 3])
+    assert not lavan.universal and lavan.eot.location == (2, 3)
+    assert create_attack("universal", eot={"scale_max": 1.2}).eot.rotation_max_deg == 22.5
+
+
+# ---------------------------------------------------------------------------- trained model
+@pytest.fixture(scope="module")
+def lab():
+    """A LeNet trained for a few seconds on 512 digits, plus clean predictions on 512 more."""
+    data = load_dataset("mnist5k", limit=512)
+    torch.manual_seed(0)  # the weight init
+    model = create_model(
+        "lenet", in_channels=1, num_classes=10, image_size=28, mean=data.mean, std=data.std
+    )
+    config = TrainConfig(epochs=4, lr=0.05, batch_size=8, weight_decay=0.0, seed=0)
+    train_model(model, data.train, config, CPU, progress=False)
+    images, labels = data.test.images, data.test.labels
+    clean = predict_logits(model, images, CPU).argmax(1)
+    assert (clean == labels).float().mean() > 0.8  # it learned something
+    return SimpleNamespace(model=model, train=data.train, images=images, labels=labels, clean=clean)
+
+
+def asr(lab, adversarial, n=None, target=None):
+    n = n or len(adversarial)
+    pred = predict_logits(lab.model, adversarial, CPU).argmax(1)
+    return attack_success(lab.clean[:n], pred, lab.labels[:n], target)
+
+
+def only_box_changed(clean, adversarial, top, left, size):
+    outside = torch.ones(clean.shape[-2:], dtype=torch.bool)
+    outside[top : top + size, left : left + size] = False
+    return torch.equal(clean[..., outside], adversarial[..., outside])
+
+
+def test_patch_pgd_white_box_asr(lab):
+    x, y = lab.images[:32], lab.labels[:32]
+    attack = create_attack("patch-pgd", patch_size=8, steps=40, restarts=10, progress=False)
+    adversarial = attack.perturb([lab.model], x, y, CPU)
+    assert adversarial.shape == x.shape and adversarial.min() >= 0 and adversarial.max() <= 1
+    changed = (adversarial != x).flatten(2).any(1).sum(1)  # pixels changed per image
+    assert changed.max() <= 64
+    rate = asr(lab, adversarial)
+    assert rate.n >= 25 and rate.rate >= 0.9, rate
+
+
+def test_per_image_attacks_are_deterministic(lab):
+    x, y = lab.images[:6], lab.labels[:6]
+    for name, params in [("patch-pgd", {"patch_size": 6}), ("pgd-linf", {"eps": 0.1})]:
+        first, second = (
+            create_attack(name, steps=5, restarts=2, seed=4, progress=False, **params)
+            if name == "patch-pgd"
+            else create_attack(name, steps=5, seed=4, progress=False, **params)
+            for _ in range(2)
+        )
+        adversarial = first.perturb([lab.model], x, y, CPU)
+        assert not torch.equal(adversarial, x)
+        assert torch.equal(second.perturb([lab.model], x, y, CPU), adversarial), name
+
+
+def test_targeted_patch_pgd_counts_only_non_target_images(lab):
+    x, y = lab.images[:32], lab.labels[:32]
+    attack = create_attack(
+        "patch-pgd",
+        patch_size=8,
+        targeted=True,
+        target_class=3,
+        steps=50,
+        restarts=4,
+        location="center",
+        progress=False,
+    )
+    adversarial = attack.perturb([lab.model], x, y, CPU)
+    assert only_box_changed(x, adversarial, 10, 10, 8)
+    rate = asr(lab, adversarial, target=3)
+    assert rate.n == int((y != 3).sum()) and rate.rate >= 0.5, rate
+
+
+def test_pgd_linf_at_eps_02(lab):
+    x, y = lab.images[:32], lab.labels[:32]
+    attack = create_attack("pgd-linf", eps=0.2, steps=20, progress=False)
+    adversarial = attack.perturb([lab.model], x, y, CPU)
+    assert (adversarial - x).abs().max() <= 0.2 + 1e-6
+    assert adversarial.min() >= 0 and adversarial.max() <= 1
+    rate = asr(lab, adversarial)
+    assert rate.rate >= 0.6, rate
+
+
+# Without rotation the contrast with noise is larger at this tiny training budget (the patch
+# must still work anywhere in the image); rotated placements are covered elsewhere.
+UNIVERSAL = {"patch_size": 10, "eot": {"rotation_max_deg": 0}}
+
+
+@pytest.fixture(scope="module")
+def fitted_universal(lab):
+    attack = create_attack("universal", steps=80, batch_size=32, progress=False, **UNIVERSAL)
+    before = {k: v.clone() for k, v in lab.model.state_dict().items()}
+    lab.model.train()
+    attack.fit([lab.model], lab.train, CPU)
+    assert lab.model.training  # mode and trainability restored
+    assert all(p.requires_grad for p in lab.model.parameters())
+    lab.model.eval()
+    after = lab.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the model was not trained
+    return attack
+
+
+def test_universal_patch_beats_random_noise(lab, fitted_universal):
+    random = create_attack("random", progress=False, **UNIVERSAL)
+    random.fit([], lab.train, CPU)
+    learned = asr(lab, fitted_universal.perturb([lab.model], lab.images, lab.labels, CPU))
+    noise = asr(lab, random.perturb([], lab.images, lab.labels, CPU))
+    assert learned.n > 400 and noise.rate < 0.75 * learned.rate, (learned, noise)
+    assert learned.ci[0] > noise.ci[1], (learned, noise)  # significantly better
+
+
+def test_universal_perturb_is_deterministic_and_model_free(lab, fitted_universal):
+    x, y = lab.images[:40], lab.labels[:40]
+    first = fitted_universal.perturb([lab.model], x, y, CPU)
+    assert torch.equal(first, fitted_universal.perturb([], x, y, CPU))
+    # the first images' placements do not depend on how many images follow
+    assert torch.equal(first[:10], fitted_universal.perturb([], x[:10], y[:10], CPU))
+    clone = create_attack("universal", **UNIVERSAL)
+    clone.load_state_dict(fitted_universal.state_dict())
+    assert torch.equal(clone.perturb([], x, y, CPU), first)
+    other_seed = create_attack("universal", seed=1, **UNIVERSAL)
+    other_seed.load_state_dict(fitted_universal.state_dict())
+    assert not torch.equal(other_seed.perturb([], x, y, CPU), first)
+    rotated = create_attack("universal", eval_eot={"rotation_max_deg": 30}, **UNIVERSAL)
+    rotated.load_state_dict(fitted_universal.state_dict())
+    once = rotated.perturb([], x, y, CPU)
+    assert not torch.equal(once, first) and torch.equal(rotated.perturb([], x, y, CPU), once)
+
+
+def test_state_dict_checks(fitted_universal):
+    state = fitted_universal.state_dict()
+    assert set(state) == {"patch"} and state["patch"].shape == (1, 10, 10)
+    assert state["patch"].min() >= 0 and state["patch"].max() <= 1
+    fresh = create_attack("universal", patch_size=8)
+    with pytest.raises(ShapeError):
+        fresh.load_state_dict(state)
+    with pytest.raises(CorruptFileError):
+        fresh.load_state_dict({"patch": torch.full((1, 8, 8), 2.0)})
+    with pytest.raises(QuantpatchError, match="fit"):
+        fresh.perturb([], torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long), CPU)
+    assert create_attack("patch-pgd").state_dict() == {}
+
+
+def test_multibit_and_lavan_run_on_several_models(lab):
+    twin = create_model("lenet", in_channels=1, num_classes=10, image_size=28)
+    twin.load_state_dict(lab.model.state_dict())
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.9)  # a stand-in "other precision" of the same architecture
+    small = Split(lab.train.images[:64], lab.train.labels[:64])
+    multibit = create_attack("multibit", patch_size=6, steps=4, batch_size=16, progress=False)
+    multibit.fit([lab.model, twin], small, CPU)
+    assert multibit.patch is not None and multibit.patch.shape == (1, 6, 6)
+    x, y = lab.images[:8], lab.labels[:8]
+    lavan = create_attack("lavan", patch_size=6, location=(1, 2), steps=3, progress=False)
+    lavan.fit([lab.model], small, CPU)
+    assert only_box_changed(x, lavan.perturb([], x, y, CPU), 1, 2, 6)
+    per_image = create_attack(
+        "lavan", mode="per-image", patch_size=6, location=(20, 3), steps=3, progress=False
+    )
+    per_image.fit([lab.model], small, CPU)  # nothing to learn
+    assert per_image.patch is None
+    adversarial = per_image.perturb([lab.model, twin], x, y, CPU)
+    assert only_box_changed(x, adversarial, 20, 3, 6) and not torch.equal(adversarial, x)
