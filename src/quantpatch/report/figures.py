@@ -89,11 +89,31 @@ def asr_vs_bits_figure(records: list[dict[str, Any]], attack: str, size: int | N
 
 def transfer_heatmap(records: list[dict[str, Any]], attack: str, size: int | None) -> Figure:
     """Source x target ASR matrix; white-box cells on the diagonal are outlined."""
+    sources, targets, _ = transfer_matrix(records, attack, size)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.62 * len(targets), max(2.6, 1.4 + 0.42 * len(sources))))
+    _draw_transfer(fig, ax, records, attack, size)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(records: list[dict[str, Any]], panels: list[tuple[str, int | None]]) -> Figure:
+    """Several transfer matrices in one row (e.g. a patch attack next to pixel PGD)."""
+    width = sum(1.6 + 0.62 * len(transfer_matrix(records, a, s)[1]) for a, s in panels)
+    height = max(max(2.6, 1.4 + 0.42 * len(transfer_matrix(records, a, s)[0])) for a, s in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
+    for ax, (attack, size) in zip(axes[0], panels, strict=True):
+        _draw_transfer(fig, ax, records, attack, size)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_transfer(
+    fig: Figure, ax, records: list[dict[str, Any]], attack: str, size: int | None
+) -> None:
     sources, targets, cells = transfer_matrix(records, attack, size)
     matrix = np.full((len(sources), len(targets)), np.nan)
     for (s, t), cell in cells.items():
         matrix[sources.index(s), targets.index(t)] = 100 * cell.rate
-    fig, ax = plt.subplots(figsize=(1.6 + 0.62 * len(targets), max(2.6, 1.4 + 0.42 * len(sources))))
     image = ax.imshow(matrix, vmin=0, vmax=100, cmap="magma", aspect="auto")
     for i, s in enumerate(sources):
         for j, t in enumerate(targets):
@@ -110,8 +130,6 @@ def transfer_heatmap(records: list[dict[str, Any]], attack: str, size: int | Non
     ax.set_ylabel("source (patch crafted on)")
     ax.set_title(f"{attack}" + (f", {size}px" if size else "") + ": ASR (%)")
     fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    return fig
 
 
 def heatmap_grid(maps: dict[str, np.ndarray], title: str, vmax: float = 100) -> Figure:

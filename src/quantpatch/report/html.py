@@ -180,7 +180,24 @@ def _attack_sections(page: Page, records: list[dict[str, Any]]) -> None:
                         "ASR vs precision: white-box, transfer from the fp32 sibling, and a "
                         "random patch of the same size; bars are 95 % Wilson intervals.")  # fmt: skip
         _transfer_table(page, records, attack, size)
+    _patch_vs_pixel(page, records)
     _masking_section(page, records)
+
+
+def _patch_vs_pixel(page: Page, records: list[dict[str, Any]]) -> None:
+    """Both transfer matrices side by side: the literature's patch-vs-pixel contrast."""
+    kinds = {
+        r["attack_kind"]: (r["attack"], r["patch_size"]) for r in records if r["source"] != "none"
+    }
+    if {"patch", "pixel"} - kinds.keys():
+        return
+    page.heading("Patch vs pixel attacks", 3)
+    page.figure(
+        figures.side_by_side(records, [kinds["patch"], kinds["pixel"]]),
+        "patch_vs_pixel",
+        "Left: a patch attack; right: L∞ pixel PGD. Pixel perturbations are reported to transfer "
+        "poorly across bit-widths, patches well; compare the off-diagonal cells.",
+    )
 
 
 def _transfer_table(

@@ -74,6 +74,7 @@ def prepare_fp32(
     train_cfg = config.train_config_for(arch)
     parts = {"arch": arch, "data": data_identity(config, dataset), "train": train_cfg.model_dump()}
     path = cache.path("models", parts, "safetensors")
+    torch.manual_seed(train_cfg.seed)  # initial weights depend on the seed, not on run history
     model = create_model(
         arch,
         in_channels=dataset.in_channels,
