@@ -73,3 +73,13 @@ def test_console_entry_point_runs_as_module() -> None:
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("what", ["study", "results"])
+def test_documented_schemas_are_current(what: str, capsys) -> None:
+    import json
+
+    assert main(["schema", what]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    documented = json.loads((Path(__file__).parents[1] / "docs" / f"{what}.schema.json").read_text())
+    assert printed == documented, "regenerate with: quantpatch schema {what} > docs/{what}.schema.json"
