@@ -12,7 +12,7 @@ import torch
 from quantpatch._io import content_key, load_tensors, save_tensors
 from quantpatch.attacks import ATTACKS, Attack, create_attack
 from quantpatch.metrics import attack_success
-from quantpatch.study.artifacts import data_identity
+from quantpatch.study.artifacts import PreparedModel, data_identity
 from quantpatch.study.config import AttackSettings
 from quantpatch.study.records import base_record, save_patch_png
 
@@ -81,18 +81,28 @@ def make_attack(cell: Cell, progress: bool = True) -> Attack:
     return create_attack(cell.attack.name, **params)
 
 
-def fit_cached(context: StudyContext, cell: Cell, attack: Attack, models: list) -> float:
+def fit_cached(
+    context: StudyContext, cell: Cell, attack: Attack, sources: list[PreparedModel]
+) -> float:
     """Fit a universal attack, reusing a cached patch learned with identical settings."""
     if not attack.universal:
         return 0.0
-    parts = {"cell": {k: v for k, v in vars(cell).items() if k != "key"}, "src": cell.key}
+    # Keyed by what the patch depends on (not by the targets it is scored on), so the grid and
+    # the analyses share one patch per (sources, attack, size, seed).
+    parts = {
+        "sources": [source.key for source in sources],
+        "attack": cell.attack.model_dump(),
+        "patch_size": cell.patch_size,
+        "seed": cell.seed,
+        "data": data_identity(context.config, context.dataset),
+    }
     path = context.cache.path("patches", parts, "safetensors")
     if path.exists():
         tensors, _ = load_tensors(path)
         attack.load_state_dict(tensors)
         return 0.0
     started = time.perf_counter()
-    attack.fit(models, context.dataset.train, context.device)
+    attack.fit([source.module for source in sources], context.dataset.train, context.device)
     elapsed = time.perf_counter() - started
     save_tensors(path, attack.state_dict(), {"cell": cell.cell_id, "fit_s": elapsed})
     return elapsed
@@ -100,8 +110,9 @@ def fit_cached(context: StudyContext, cell: Cell, attack: Attack, models: list) 
 
 def run_cell(context: StudyContext, cell: Cell) -> list[dict[str, Any]]:
     attack = make_attack(cell, context.progress)
-    models = [context.models[name].module for name in cell.source_models]
-    fit_s = fit_cached(context, cell, attack, models)
+    sources = [context.models[name] for name in cell.source_models]
+    models = [source.module for source in sources]
+    fit_s = fit_cached(context, cell, attack, sources)
     started = time.perf_counter()
     adversarial = attack.perturb(models, context.eval_images, context.eval_labels, context.device)
     perturb_s = time.perf_counter() - started

@@ -46,13 +46,13 @@ class AnalysisSettings(_Strict):
     size_curve: bool = True
     size_fractions: list[float] = Field(default_factory=lambda: [0.02, 0.04, 0.06, 0.10, 0.16])
     quant_strength: bool = True
-    strength_bits: list[int] = Field(default_factory=lambda: [1, 2, 4, 8])
+    strength_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
     models: list[str] = Field(
         default_factory=lambda: ["lenet"],
         description="architectures for the costly lenses (size curve, quantization strength)",
     )
     n_images: int = Field(256, ge=8, description="images used by the gradient/feature analyses")
-    spatial_images: int = Field(128, ge=8, description="images per location in spatial maps")
+    spatial_images: int = Field(64, ge=8, description="images per location in spatial maps")
 
 
 class StudyConfig(_Strict):
@@ -69,14 +69,17 @@ class StudyConfig(_Strict):
     )
     ort_int8: bool = True
     attacks: list[AttackSettings] = Field(
-        default_factory=lambda: [AttackSettings(name="universal"), AttackSettings(name="random")]
+        default_factory=lambda: [
+            AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
+            AttackSettings(name="random"),
+        ]
     )
     patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    n_eval: int = Field(1000, ge=1, description="test images every patch is evaluated on")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=6, lr=0.05))
+    n_eval: int = Field(500, ge=1, description="test images every patch is evaluated on")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
     train_overrides: dict[str, TrainConfig] = Field(default_factory=dict)
-    qat: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=0.01))
+    qat: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
     calibration: Literal["minmax", "percentile", "mse"] = "percentile"
     first_last_bits: int | None = Field(8, ge=1, le=8)
     analyses: AnalysisSettings = Field(default_factory=AnalysisSettings)
