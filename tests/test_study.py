@@ -101,3 +101,11 @@ def test_invalid_spec_is_specific() -> None:
 
     with pytest.raises(InvalidSpecError):
         QuantSpec.parse("w33a8")
+
+
+def test_feature_analysis_sees_the_patch(finished_run: Path) -> None:
+    """Patched inputs differ from clean ones, and the patch's effect is localised (dominance >
+    1 somewhere); guards against pasting into the shared evaluation tensors."""
+    lenses = _results(finished_run / "run")["analyses"]["features"]["lenet"]["precisions"]["fp32"]
+    assert any(v == v and v > 1 for _, v in lenses["dominance"])
+    assert lenses["cka_patched"] != lenses["cka_clean"]

@@ -12,7 +12,7 @@ import torch
 
 from quantpatch import analysis
 from quantpatch._io import content_key, read_json, write_json_atomic
-from quantpatch.attacks import Attack
+from quantpatch.attacks import Attack, Placement, apply_patch
 from quantpatch.metrics import attack_success
 from quantpatch.quant import QuantSpec
 from quantpatch.study.artifacts import PreparedModel, prepare_quantized
@@ -85,13 +85,14 @@ def universal_patch(
 
 
 def _centred(context: StudyContext, patch: torch.Tensor, images: torch.Tensor):
-    """Paste ``patch`` at the image centre; return patched images and the (B,1,H,W) mask."""
+    """Paste ``patch`` at the image centre; return patched images and the (B,1,H,W) mask.
+
+    Uses the attacks' out-of-place paste: ``images`` are views of the evaluation set."""
     size, height = patch.shape[-1], images.shape[-1]
-    top = torch.full((images.shape[0],), (height - size) // 2, dtype=torch.long)
-    patched = analysis.paste_patches(images, patch, top, top)
-    mask = analysis.paste_patches(
-        torch.zeros_like(images[:, :1]), torch.ones_like(patch[:1]), top, top
-    )
+    top = (height - size) // 2
+    placement = Placement.fixed(images.shape[0], top, top, size)
+    patched = apply_patch(images, patch, placement)
+    mask = apply_patch(torch.zeros_like(images[:, :1]), torch.ones_like(patch[:1]), placement)
     return patched, mask
 
 
