@@ -36,3 +36,22 @@ def tiny_study_settings() -> dict:
         },
         "device": "cpu",
     }
+
+
+LENET_FP32_TRAIN = {"epochs": 3, "lr": 0.05, "batch_size": 64, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def mnist_lenet_fp32():
+    """(mnist5k, LeNet trained 3 epochs, eval mode): shared by the quant and ONNX tests, which
+    only ever quantize or export copies of it."""
+    from quantpatch.data import load_dataset
+    from quantpatch.models import TrainConfig, create_model, train_model
+
+    torch.manual_seed(0)
+    ds = load_dataset("mnist5k")
+    model = create_model(
+        "lenet", in_channels=1, num_classes=10, image_size=28, mean=ds.mean, std=ds.std
+    )
+    train_model(model, ds.train, TrainConfig(**LENET_FP32_TRAIN), "cpu", progress=False)
+    return ds, model.eval()

@@ -98,33 +98,10 @@ def test_int8_small_model_tracks_float(tmp_path: Path) -> None:
     assert float((out - ref).norm() / ref.norm()) < 0.05  # ... and close
 
 
-FP32_TRAIN = {"epochs": 3, "lr": 0.05, "batch_size": 64, "seed": 0}
-
-
 @pytest.fixture(scope="module")
-def mnist_lenet(tmp_path_factory: pytest.TempPathFactory):
-    """(dataset, trained fp32 LeNet); shares test_quant's checkpoint when it ran first."""
-    from quantpatch.data import load_dataset
-    from quantpatch.models import (
-        TrainConfig,
-        create_model,
-        load_checkpoint,
-        save_checkpoint,
-        train_model,
-    )
-
-    torch.manual_seed(0)
-    ds = load_dataset("mnist5k")
-    model = create_model(
-        "lenet", in_channels=1, num_classes=10, image_size=28, mean=ds.mean, std=ds.std
-    )
-    path = tmp_path_factory.getbasetemp() / "quant-lenet-mnist5k-fp32.safetensors"
-    if path.exists():
-        load_checkpoint(path, model)
-    else:
-        train_model(model, ds.train, TrainConfig(**FP32_TRAIN), "cpu", progress=False)
-        save_checkpoint(path, model, {"train": FP32_TRAIN})
-    return ds, model.eval()
+def mnist_lenet(mnist_lenet_fp32):
+    """(dataset, trained fp32 LeNet), from the session fixture in conftest."""
+    return mnist_lenet_fp32
 
 
 @pytest.mark.slow

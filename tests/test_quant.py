@@ -358,36 +358,16 @@ def test_calibrate_rejects_unknown_method() -> None:
 
 # -- end to end on mnist5k (one trained fp32 LeNet shared by every test below) -------------------
 
-FP32_TRAIN = {"epochs": 3, "lr": 0.05, "batch_size": 64, "seed": 0}
 QAT_TRAIN = {"epochs": 1, "lr": 0.01, "batch_size": 64, "seed": 0}
 QAT_IMAGES = 2000  # one QAT epoch on half the train split keeps the test fast
 
 
 @pytest.fixture(scope="module")
-def mnist_lenet(tmp_path_factory: pytest.TempPathFactory):
-    """(dataset, trained fp32 LeNet, its test accuracy); cached for the session in basetemp."""
-    from quantpatch.data import load_dataset
-    from quantpatch.models import (
-        TrainConfig,
-        create_model,
-        evaluate_accuracy,
-        load_checkpoint,
-        save_checkpoint,
-        train_model,
-    )
+def mnist_lenet(mnist_lenet_fp32):
+    """(dataset, trained fp32 LeNet, its test accuracy), from the session fixture in conftest."""
+    from quantpatch.models import evaluate_accuracy
 
-    torch.manual_seed(0)
-    ds = load_dataset("mnist5k")
-    model = create_model(
-        "lenet", in_channels=1, num_classes=10, image_size=28, mean=ds.mean, std=ds.std
-    )
-    path = tmp_path_factory.getbasetemp() / "quant-lenet-mnist5k-fp32.safetensors"
-    if path.exists():
-        load_checkpoint(path, model)
-    else:
-        train_model(model, ds.train, TrainConfig(**FP32_TRAIN), "cpu", progress=False)
-        save_checkpoint(path, model, {"train": FP32_TRAIN})
-    model.eval()
+    ds, model = mnist_lenet_fp32
     return ds, model, evaluate_accuracy(model, ds.test, "cpu").rate
 
 
