@@ -4,7 +4,10 @@ Both libraries optimise one patch for the same model, batch size, number of Adam
 learning rate and EOT ranges (random location, rotation, scale); we report fitting throughput
 (steps x batch / wall time), its ratio, and each patch's untargeted ASR on the same held-out
 images, both patches pasted by quantpatch at identical seeded placements. A third variant,
-a bare forward+backward w.r.t. the input on a ready batch, is the floor for one step.
+a bare forward+backward w.r.t. the input on a ready batch, is the floor for one step of the
+model as given; ``bare_fast`` is the same pass on the BatchNorm-folded channels-last copy that
+quantpatch's attacks run (``quantpatch.models.fast_frozen_copy``), so ``step_over_bare_fast``
+isolates the cost of the paste and the optimiser.
 
 Scale conventions differ: quantpatch's ``scale`` multiplies the nominal patch side ``p``;
 ART first resizes its p x p patch to the image's shorter edge ``S`` and then scales it by
@@ -46,7 +49,7 @@ from torch import nn
 from quantpatch.attacks import create_attack
 from quantpatch.data import Dataset
 from quantpatch.metrics import attack_success
-from quantpatch.models import predict_logits
+from quantpatch.models import fast_frozen_copy, predict_logits
 
 ROTATION_DEG = 22.5  # ART's default
 SCALE = (0.75, 1.25)  # x nominal patch side; ART gets the same pasted sides (module docstring)
@@ -215,6 +218,8 @@ def run_case(
     if art_unfrozen:
         variants["art_unfrozen"] = art_grads
     variants["bare"] = lambda _seed: bare_steps(model, data, bare_n, batch, dev)
+    fast = fast_frozen_copy(model)  # what quantpatch's attacks run (BatchNorm folded, NHWC)
+    variants["bare_fast"] = lambda _seed: bare_steps(fast, data, bare_n, batch, dev)
     times = interleaved(variants, repeats, dev)
     result: dict[str, Any] = {
         "model": name,
@@ -230,7 +235,7 @@ def run_case(
         "n_eval": n_eval,
     }
     for variant, runs in times.items():
-        n_steps = bare_n if variant == "bare" else steps
+        n_steps = bare_n if variant.startswith("bare") else steps
         stats = summary(runs)
         stats["images_per_s"] = n_steps * batch / stats["best_s"]
         stats["step_ms"] = 1000 * stats["best_s"] / n_steps
@@ -239,8 +244,11 @@ def run_case(
     qp_rate, art_rate = result["quantpatch"]["images_per_s"], result["art"]["images_per_s"]
     result["speedup_vs_art"] = qp_rate / art_rate
     result["step_over_bare"] = result["quantpatch"]["step_ms"] / result["bare"]["step_ms"]
-    # the best quantpatch could do is the bare step: ART's time over it caps the speedup
-    result["max_speedup_vs_art"] = result["art"]["step_ms"] / result["bare"]["step_ms"]
+    # the paste + optimiser overhead alone: the same pass on the copy the attack really runs
+    result["step_over_bare_fast"] = result["quantpatch"]["step_ms"] / result["bare_fast"]["step_ms"]
+    # the best quantpatch could do is the bare step of the model it runs: ART's time over it
+    # caps the speedup
+    result["max_speedup_vs_art"] = result["art"]["step_ms"] / result["bare_fast"]["step_ms"]
     if art_unfrozen:
         result["speedup_vs_art_unfrozen"] = qp_rate / result["art_unfrozen"]["images_per_s"]
     qp_asr = [evaluate(model, data, patch, p, n_eval, dev) for patch in qp_patches]
@@ -327,6 +335,8 @@ def save(out: Path, env: dict, cases: list[dict], wall_s: float, merge: bool) ->
                 "placements on the same test images. asr_art_apply: ART's own apply_patch "
                 "(scale fixed at the nominal side), for reference",
                 "goals": {"speedup_vs_art_min": 3.0, "step_over_bare_max": 1.3},
+                "bare": "forward+backward w.r.t. the input of the model as given; bare_fast: "
+                "the same on the BatchNorm-folded channels-last copy the attacks run",
             },
             "run_wall_s": wall_s,
             "results": cases,
@@ -351,6 +361,7 @@ def report(cases: list[dict[str, Any]]) -> None:
                 c["quantpatch"]["step_ms"],
                 c["bare"]["step_ms"],
                 c["step_over_bare"],
+                c["step_over_bare_fast"],
                 100 * c["quantpatch"]["asr_mean"],
                 100 * c["art"]["asr_mean"],
                 100 * c["art"]["asr_art_apply_mean"],
@@ -369,6 +380,7 @@ def report(cases: list[dict[str, Any]]) -> None:
             "qp ms/step",
             "bare ms/step",
             "qp/bare",
+            "qp/bare_fast",
             "qp ASR %",
             "ART ASR %",
             "ART ASR % (own paste)",

@@ -21,6 +21,7 @@ from quantpatch.models import (
     TrainConfig,
     create_model,
     evaluate_accuracy,
+    fast_frozen_copy,
     load_checkpoint,
     model_choices,
     predict_logits,
@@ -319,3 +320,39 @@ def test_weights_from_torch_state_dict_files(tmp_path: Path):
         create_model(
             "lenet", in_channels=1, num_classes=10, image_size=28, weights=tmp_path / "none.pt"
         )
+
+
+def test_fast_frozen_copy_folds_batchnorm_and_leaves_the_original_alone() -> None:
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10, in_channels=3, image_size=32).eval()
+    with torch.no_grad():  # non-trivial running statistics, so folding is really tested
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x = torch.rand(8, 3, 32, 32)
+    fast = fast_frozen_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_fast_frozen_copy_runs_untraceable_models_unfolded() -> None:
+    class DataDependent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.bn(self.conv(x))
+            return y if y.sum() > 0 else -y  # control flow on a value: fx cannot trace it
+
+    model = DataDependent().eval()
+    x = torch.rand(2, 1, 8, 8)
+    fast = fast_frozen_copy(model)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))

@@ -23,6 +23,7 @@ from quantpatch._registry import Registry
 from quantpatch.attacks.placement import EOT, MASK_SHAPES, patch_mask
 from quantpatch.data._types import Split
 from quantpatch.errors import ConfigError, CorruptFileError, QuantpatchError, ShapeError
+from quantpatch.models.fast import fast_frozen_copy
 
 ATTACKS: Registry = Registry("attack")
 """Attack classes by name; ``create_attack(name, **params)`` builds one."""
@@ -168,7 +169,8 @@ class Attack(ABC):
     def frozen(
         self, models: Sequence[nn.Module], device: torch.device
     ) -> Iterator[list[nn.Module]]:
-        """Models on ``device`` in eval mode with parameters not requiring grad; restored after."""
+        """Fast frozen eval-mode copies of ``models`` on ``device`` (BatchNorm folded,
+        channels-last; see ``models.fast``); the caller's models are left untouched."""
         models = list(models)
         if not models:
             raise ConfigError(f"{type(self).__name__} needs at least one source model")
@@ -177,16 +179,7 @@ class Attack(ABC):
                 raise ConfigError(
                     f"{type(self).__name__} needs differentiable torch models, got {type(m).__name__}"
                 )
-        saved = [(m.training, [p.requires_grad for p in m.parameters()]) for m in models]
-        try:
-            for m in models:
-                m.to(device).eval().requires_grad_(False)
-            yield models
-        finally:
-            for m, (training, flags) in zip(models, saved, strict=True):
-                m.train(training)
-                for p, flag in zip(m.parameters(), flags, strict=True):
-                    p.requires_grad_(flag)
+        yield [fast_frozen_copy(m).to(device) for m in models]
 
     def attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The class each image's loss refers to: the target class, or the true label."""
