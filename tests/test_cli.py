@@ -81,5 +81,9 @@ def test_documented_schemas_are_current(what: str, capsys) -> None:
 
     assert main(["schema", what]) == 0
     printed = json.loads(capsys.readouterr().out)
-    documented = json.loads((Path(__file__).parents[1] / "docs" / f"{what}.schema.json").read_text())
-    assert printed == documented, "regenerate with: quantpatch schema {what} > docs/{what}.schema.json"
+    documented = json.loads(
+        (Path(__file__).parents[1] / "docs" / f"{what}.schema.json").read_text()
+    )
+    assert printed == documented, (
+        "regenerate with: quantpatch schema {what} > docs/{what}.schema.json"
+    )

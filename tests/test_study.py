@@ -87,6 +87,7 @@ def test_rerun_reuses_everything(finished_run: Path, tiny_study_settings) -> Non
         ({"patch_sizes": [40]}, PatchTooLargeError),
         ({"n_eval": 0}, ConfigError),
         ({"unknown_field": 1}, ConfigError),
+        ({"qat_overrides": {"w0a0": {"epochs": 1}}}, ConfigError),
     ],
 )
 def test_bad_studies_fail_before_work(tmp_path: Path, overrides, error) -> None:
@@ -94,6 +95,12 @@ def test_bad_studies_fail_before_work(tmp_path: Path, overrides, error) -> None:
         config = load_study(None, **overrides, cache_dir=tmp_path / "cache")
         run_study(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_qat_overrides_apply_per_precision_only() -> None:
+    config = load_study(None, qat={"epochs": 1}, qat_overrides={"W2A2": {"epochs": 4, "lr": 0.1}})
+    assert config.qat_config_for("w2a2").epochs == 4
+    assert config.qat_config_for("w4a4").epochs == 1
 
 
 def test_invalid_spec_is_specific() -> None:

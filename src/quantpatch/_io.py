@@ -45,7 +45,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text_atomic(
+        path, json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n"
+    )
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -81,7 +83,9 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             header = handle.metadata() or {}
         metadata = json.loads(header.get(_META_KEY, "{}"))
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(f"cannot read {path}: corrupt or not a safetensors file ({exc})") from None
+        raise CorruptFileError(
+            f"cannot read {path}: corrupt or not a safetensors file ({exc})"
+        ) from None
     return tensors, metadata
 
 

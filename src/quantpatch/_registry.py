@@ -34,7 +34,9 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             choices = ", ".join(sorted(self._entries))
-            raise UnknownNameError(f"unknown {self.kind} '{name}'; choose from: {choices}") from None
+            raise UnknownNameError(
+                f"unknown {self.kind} '{name}'; choose from: {choices}"
+            ) from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)

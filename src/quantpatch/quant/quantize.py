@@ -236,7 +236,7 @@ def build_quantized(
     train: Split,
     *,
     qat: TrainConfig | None = None,
-    calibration: str = "percentile",
+    calibration: str = "mse",
     first_last_bits: int | None = 8,
     device: torch.device | str = "auto",
     calibration_images: int = CALIBRATION_IMAGES,

@@ -51,6 +51,7 @@ def _cached(context: StudyContext, name: str, compute: Callable[[], Any]) -> Any
             "seeds": context.config.seeds,
             "n_eval": context.config.n_eval,
             "qat": context.config.qat.model_dump(),
+            "qat_overrides": {k: v.model_dump() for k, v in context.config.qat_overrides.items()},
         }
     )
     path = context.out / "analyses" / f"{name}.json"

@@ -106,10 +106,11 @@ def prepare_quantized(
     """Quantize ``base`` to ``spec`` (calibrate, then QAT when asked), cached by content."""
     if spec.is_float:
         return base
+    qat = config.qat_config_for(spec.name)
     parts = {
         "base": base.key,
         "spec": [spec.weight_bits, spec.act_bits, spec.per_channel, spec.symmetric, spec.method],
-        "qat": config.qat.model_dump() if spec.method == "qat" else None,
+        "qat": qat.model_dump() if spec.method == "qat" else None,
         "calibration": config.calibration,
         "first_last_bits": config.first_last_bits,
     }
@@ -122,13 +123,13 @@ def prepare_quantized(
             base.module,
             spec,
             dataset.train,
-            qat=config.qat if spec.method == "qat" else None,
+            qat=qat if spec.method == "qat" else None,
             calibration=config.calibration,
             first_last_bits=config.first_last_bits,
             device=device,
             progress=progress,
         )
-        _save(path, model, base.arch, spec.name, dataset, device, config.qat.seed)
+        _save(path, model, base.arch, spec.name, dataset, device, qat.seed)
     model.to(device).eval()
     return PreparedModel(base.arch, spec.name, model, path.stem)
 

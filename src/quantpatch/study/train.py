@@ -43,9 +43,8 @@ def train_one(
             update={"train": config.train.model_copy(update={"epochs": epochs})}
         )
     if qat_epochs is not None:
-        config = config.model_copy(
-            update={"qat": config.qat.model_copy(update={"epochs": qat_epochs})}
-        )
+        qat = config.qat_config_for(precision).model_copy(update={"epochs": qat_epochs})
+        config = config.model_copy(update={"qat": qat, "qat_overrides": {}})
     data = load_dataset(config.dataset, config.data_root, download=config.download, limit=limit)
     cache = ArtifactCache(config.cache_dir)
     torch_device = resolve_device(config.device)
