@@ -27,6 +27,7 @@ def tiny_study_settings() -> dict:
         "n_eval": 200,
         "train": {"epochs": 3, "lr": 0.05, "batch_size": 64},
         "qat": {"epochs": 1, "lr": 0.01},
+        "qat_overrides": {},  # one short QAT for every precision keeps the suite fast
         "analyses": {
             "n_images": 32,
             "spatial_images": 16,
