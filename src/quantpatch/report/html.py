@@ -185,18 +185,26 @@ def _attack_sections(page: Page, records: list[dict[str, Any]]) -> None:
 
 
 def _patch_vs_pixel(page: Page, records: list[dict[str, Any]]) -> None:
-    """Both transfer matrices side by side: the literature's patch-vs-pixel contrast."""
-    kinds = {
-        r["attack_kind"]: (r["attack"], r["patch_size"]) for r in records if r["source"] != "none"
-    }
-    if {"patch", "pixel"} - kinds.keys():
+    """Patch and pixel transfer matrices side by side: the literature's patch-vs-pixel
+    contrast. Panels: the universal patch and the per-image patch PGD (else the first patch
+    attack crafted on single models), then the first pixel attack."""
+    first: dict[str, tuple[str, tuple[str, int | None]]] = {}  # label -> (kind, panel)
+    for r in records:
+        if r["source"] != "none" and r["source_precision"] != "multibit":
+            first.setdefault(r["attack"], (r["attack_kind"], (r["attack"], r["patch_size"])))
+    patches = [panel for label, (kind, panel) in first.items() if kind == "patch"]
+    preferred = [first[label][1] for label in ("universal", "patch-pgd") if label in first]
+    pixels = [panel for kind, panel in first.values() if kind == "pixel"]
+    if not patches or not pixels:
         return
+    panels = [*(preferred or patches[:1]), pixels[0]]
     page.heading("Patch vs pixel attacks", 3)
     page.figure(
-        figures.side_by_side(records, [kinds["patch"], kinds["pixel"]]),
+        figures.side_by_side(records, panels),
         "patch_vs_pixel",
-        "Left: a patch attack; right: L∞ pixel PGD. Pixel perturbations are reported to transfer "
-        "poorly across bit-widths, patches well; compare the off-diagonal cells.",
+        "Patch attacks (left) next to L∞ pixel PGD (right), each crafted on the row's model. "
+        "Pixel perturbations are reported to transfer poorly across bit-widths, patches well; "
+        "compare the off-diagonal cells of each architecture's block.",
     )
 
 
