@@ -17,6 +17,7 @@ from quantpatch.quant.onnx import (
     OrtModel,
     compare_int8,
     export_onnx,
+    int8_saturates,
     quantize_onnx_int8,
     throughput,
 )
@@ -125,3 +126,17 @@ def test_ort_int8_matches_simulated_w8a8(mnist_lenet, tmp_path: Path) -> None:
     assert result["speedup_vs_fp32"] == pytest.approx(
         result["int8_img_per_s"] / result["fp32_img_per_s"]
     )
+
+
+def test_int8_saturation_check_follows_the_cpu(monkeypatch, tmp_path: Path) -> None:
+    import quantpatch.quant.onnx as ort_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(ort_module.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(ort_module, "Path", lambda _: cpuinfo)
+    cpuinfo.write_text("flags\t: fpu sse2 avx2 fma\n")
+    assert int8_saturates()  # AVX2 without VNNI: int16 sums can saturate
+    cpuinfo.write_text("flags\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert not int8_saturates()
+    monkeypatch.setattr(ort_module.platform, "machine", lambda: "aarch64")
+    assert not int8_saturates()

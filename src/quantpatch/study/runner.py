@@ -155,7 +155,7 @@ def _deployment_check(
 ) -> dict[str, Any]:
     """ORT int8 vs the simulated w8a8 model (agreement) and vs ORT fp32 (speed)."""
     from quantpatch.metrics import Rate
-    from quantpatch.quant.onnx import throughput
+    from quantpatch.quant.onnx import int8_saturates, throughput
 
     images = context.eval_images
     sim = next((t for t in context.targets if t.name == f"{arch}/w8a8"), None)
@@ -170,6 +170,7 @@ def _deployment_check(
         }
         result["speedup_vs_fp32"] = result["int8_img_per_s"] / result["fp32_img_per_s"]
         write_json_atomic(speed_path, result)
+    result["reduce_range"] = int8_saturates()  # 7-bit weights on CPUs without VNNI
     if sim is not None and sim.clean_pred is not None and target.clean_pred is not None:
         agree = int((sim.clean_pred == target.clean_pred).sum())
         result["agreement_with"] = sim.name
