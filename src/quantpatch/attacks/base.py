@@ -7,11 +7,10 @@ batching and the per-image search loop. Each attack file adds only what makes it
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -165,10 +164,7 @@ class Attack(ABC):
         digest = hashlib.sha256(f"{self.seed}:{purpose}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
-    @contextlib.contextmanager
-    def frozen(
-        self, models: Sequence[nn.Module], device: torch.device
-    ) -> Iterator[list[nn.Module]]:
+    def frozen_copies(self, models: Sequence[nn.Module], device: torch.device) -> list[nn.Module]:
         """Fast frozen eval-mode copies of ``models`` on ``device`` (BatchNorm folded,
         channels-last; see ``models.fast``); the caller's models are left untouched."""
         models = list(models)
@@ -179,7 +175,7 @@ class Attack(ABC):
                 raise ConfigError(
                     f"{type(self).__name__} needs differentiable torch models, got {type(m).__name__}"
                 )
-        yield [fast_frozen_copy(m).to(device) for m in models]
+        return [fast_frozen_copy(m).to(device) for m in models]
 
     def attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The class each image's loss refers to: the target class, or the true label."""

@@ -101,8 +101,8 @@ class LaVAN(Attack):
             best, _ = self.search(frozen, self.attack_labels(y), patch, render, update)
             return best
 
-        with self.frozen(models, device) as frozen:
-            return self.per_batch(images, labels, device, attack_batch, "lavan")
+        frozen = self.frozen_copies(models, device)
+        return self.per_batch(images, labels, device, attack_batch, "lavan")
 
     def config(self) -> dict[str, Any]:
         out = super().config()

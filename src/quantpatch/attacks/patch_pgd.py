@@ -71,8 +71,8 @@ class PatchPGD(Attack):
                 best_key[todo[better]] = key[better]
             return best_adv
 
-        with self.frozen(models, device) as frozen:
-            return self.per_batch(images, labels, device, attack_batch, self.name)
+        frozen = self.frozen_copies(models, device)
+        return self.per_batch(images, labels, device, attack_batch, self.name)
 
     def _one_start(
         self,

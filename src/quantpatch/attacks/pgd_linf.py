@@ -73,5 +73,5 @@ class PGDLinf(Attack):
             best, _ = self.search(frozen, self.attack_labels(y), delta, render, update)
             return best
 
-        with self.frozen(models, device) as frozen:
-            return self.per_batch(images, labels, device, attack_batch, self.name)
+        frozen = self.frozen_copies(models, device)
+        return self.per_batch(images, labels, device, attack_batch, self.name)

@@ -93,8 +93,9 @@ def fit_universal(
     optimizer = torch.optim.Adam(
         [patch], lr=attack.lr, maximize=not attack.targeted, fused=device.type == "cuda"
     )
+    frozen = attack.frozen_copies(models, device)
     bar = tqdm(total=steps, desc=f"fit {attack.name}", disable=not attack.progress, leave=False)
-    with attack.frozen(models, device) as frozen, bar:
+    with bar:
         for step in range(steps):
             x = images[index[step]].to(device, non_blocking=True)
             adv = plan[step * batch : (step + 1) * batch](x, make_canvas(patch, mask))
