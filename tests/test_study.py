@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from quantpatch.errors import ConfigError, InvalidSpecError, PatchTooLargeError, UnknownNameError
+from quantpatch.errors import ConfigError, QuantpatchError, InvalidSpecError, PatchTooLargeError, UnknownNameError
+from quantpatch.report import build_report
+from quantpatch.results import load_results
 from quantpatch.study import load_study, run_study
-from quantpatch.study.schema import ResultsFile
 
 
 @pytest.fixture(scope="module")
@@ -18,6 +19,7 @@ def finished_run(tmp_path_factory, tiny_study_settings) -> Path:
     root = tmp_path_factory.mktemp("study")
     config = load_study(None, **tiny_study_settings, cache_dir=root / "cache")
     run_study(config, root / "run", progress=False)
+    build_report(root / "run")
     return root
 
 
@@ -26,8 +28,8 @@ def _results(run: Path) -> dict:
 
 
 def test_results_match_schema_and_cover_the_grid(finished_run: Path) -> None:
+    load_results(finished_run / "run")
     results = _results(finished_run / "run")
-    ResultsFile.model_validate(results)
     targets = {m["name"] for m in results["models"]}
     assert targets == {"lenet/fp32", "lenet/w8a8", "lenet/w2a2", "lenet/ort-int8"}
     universal = [c for c in results["cells"] if c["attack"] == "universal"]
@@ -88,13 +90,30 @@ def test_rerun_reuses_everything(finished_run: Path, tiny_study_settings) -> Non
         ({"n_eval": 0}, ConfigError),
         ({"unknown_field": 1}, ConfigError),
         ({"qat_overrides": {"w0a0": {"epochs": 1}}}, ConfigError),
+        ({"attacks": [{"name": "universal", "params": {"stepz": 10}}]}, ConfigError),
+        ({"attacks": [{"name": "patch-pgd", "params": {"steps": -1}}]}, ConfigError),
+        ({"attacks": [{"name": "universal", "params": {"targeted": True}}]}, ConfigError),
+        (
+            {"attacks": [{"name": "universal", "params": {"targeted": True, "target_class": 10}}]},
+            ConfigError,
+        ),
+        ({"device": "cuda:7"}, QuantpatchError),
     ],
 )
 def test_bad_studies_fail_before_work(tmp_path: Path, overrides, error) -> None:
+    started = time.perf_counter()
     with pytest.raises(error):
         config = load_study(None, **overrides, cache_dir=tmp_path / "cache")
         run_study(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "cache").exists()
+    assert not (tmp_path / "run").exists()
+    assert time.perf_counter() - started < 10
+
+
+def test_attack_typo_names_the_attack_and_the_parameter(tmp_path: Path) -> None:
+    config = load_study(None, attacks=[{"name": "universal", "params": {"stepz": 10}}])
+    with pytest.raises(ConfigError, match=r"attack 'universal'.*stepz"):
+        run_study(config, tmp_path / "run", progress=False)
 
 
 def test_qat_overrides_apply_per_precision_only() -> None:

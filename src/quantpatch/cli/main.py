@@ -79,6 +79,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from quantpatch.report import build_report
     from quantpatch.study import load_study, run_study
 
     attacks = [{"name": name} for name in args.attacks] if args.attacks else None
@@ -101,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / config.name
     results = run_study(config, out, progress=not args.quiet)
     print(f"results: {results}")
-    print(f"report:  {out / 'report.html'}")
+    print(f"report:  {build_report(out)}")
     return 0
 
 
@@ -159,11 +160,15 @@ def _registry(what: str):
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from quantpatch.study import StudyConfig
-    from quantpatch.study.schema import ResultsFile
+    if args.what == "study":
+        from quantpatch.study import StudyConfig
 
-    model = StudyConfig if args.what == "study" else ResultsFile
-    print(json.dumps(model.model_json_schema(), indent=2))
+        schema = StudyConfig.model_json_schema()
+    else:
+        from quantpatch.results import results_schema
+
+        schema = results_schema()
+    print(json.dumps(schema, indent=2))
     return 0
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import matplotlib
 
 matplotlib.use("Agg")
@@ -12,13 +10,13 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.report.tables import (  # noqa: E402
+    ModelOrder,
     PooledRate,
     group,
-    model_order,
     pool,
-    precision_order,
     transfer_matrix,
 )
+from quantpatch.results import CellRecord, ModelRecord  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})  # fmt: skip
@@ -35,22 +33,23 @@ def _errorbar(ax, xs, cells: list[PooledRate | None], label: str, **kwargs) -> N
     ax.errorbar(x, y, yerr=[y - low, high - y], capsize=3, marker="o", label=label, **kwargs)
 
 
-def clean_accuracy_figure(models: list[dict[str, Any]]) -> Figure:
+def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figure:
     """Clean accuracy per precision for each architecture, with Wilson intervals."""
-    archs = sorted({m["arch"] for m in models})
-    precisions = sorted({m["precision"] for m in models}, key=precision_order)
+    archs = sorted({m.arch for m in models})
+    by_precision = {m.precision: order(m.name)[1:] for m in models}
+    precisions = sorted(by_precision, key=lambda p: by_precision[p])
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(precisions), 3))
     width = 0.8 / max(1, len(archs))
     for i, arch in enumerate(archs):
-        rows = {m["precision"]: m["clean"] for m in models if m["arch"] == arch}
+        rows = {m.precision: m.clean for m in models if m.arch == arch}
         xs = [j + i * width for j, p in enumerate(precisions) if p in rows]
         rates = [rows[p] for p in precisions if p in rows]
-        y = np.array([100 * r["rate"] for r in rates])
-        err = [y - [100 * r["ci_low"] for r in rates], [100 * r["ci_high"] for r in rates] - y]
+        y = np.array([100 * r.rate for r in rates])
+        err = [y - [100 * r.ci_low for r in rates], [100 * r.ci_high for r in rates] - y]
         ax.bar(xs, y, width, yerr=err, capsize=2, label=arch)
     ax.set_xticks([j + width * (len(archs) - 1) / 2 for j in range(len(precisions))])
     ax.set_xticklabels(precisions)
-    low = min(100 * m["clean"]["ci_low"] for m in models)
+    low = min(100 * m.clean.ci_low for m in models)
     ax.set_ylim(max(0, low - 5), 100)
     ax.set_ylabel("clean accuracy (%)")
     ax.legend(frameon=False)
@@ -58,27 +57,29 @@ def clean_accuracy_figure(models: list[dict[str, Any]]) -> Figure:
     return fig
 
 
-def asr_vs_bits_figure(records: list[dict[str, Any]], attack: str, size: int | None) -> Figure:
+def asr_vs_bits_figure(
+    records: list[CellRecord], attack: str, size: int | None, order: ModelOrder
+) -> Figure:
     """White-box ASR and fp32->target transfer ASR per precision, one panel per architecture."""
-    chosen = [r for r in records if r["attack"] == attack and r["patch_size"] == size]
-    baseline = [r for r in records if r["attack"] == "random" and r["patch_size"] == size]
-    archs = sorted({r["target_arch"] for r in chosen})
+    chosen = [r for r in records if r.attack == attack and r.patch_size == size]
+    baseline = [r for r in records if r.attack == "random" and r.patch_size == size]
+    archs = sorted({r.target_arch for r in chosen})
     fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
-        rows = [r for r in chosen if r["target_arch"] == arch]
-        precisions = sorted({r["target_precision"] for r in rows}, key=precision_order)
-        xs = list(range(len(precisions)))
+        rows = [r for r in chosen if r.target_arch == arch]
+        targets = sorted({r.target for r in rows}, key=order)
+        xs = list(range(len(targets)))
         by_target = group(rows, "target", "source")
-        white = [pool(by_target.get((f"{arch}/{p}", f"{arch}/{p}"), [])) for p in precisions]
-        fp32 = [pool(by_target.get((f"{arch}/{p}", f"{arch}/fp32"), [])) for p in precisions]
+        white = [pool(by_target.get((t, t), [])) for t in targets]
+        fp32 = [pool(by_target.get((t, f"{arch}/fp32"), [])) for t in targets]
         noise = group(baseline, "target")
-        random = [pool(noise.get((f"{arch}/{p}",), [])) for p in precisions]
+        random = [pool(noise.get((t,), [])) for t in targets]
         _errorbar(ax, xs, white, "white-box")
         _errorbar(ax, xs, fp32, f"{arch}/fp32 → target", linestyle="--")
         if attack != "random":
             _errorbar(ax, xs, random, "random patch (baseline)", linestyle=":", color="gray")
         ax.set_xticks(xs)
-        ax.set_xticklabels(precisions, rotation=30)
+        ax.set_xticklabels([t.partition("/")[2] for t in targets], rotation=30)
         ax.set_ylim(0, 100)
         ax.set_title(f"{arch}: {attack}" + (f", {size}px" if size else ""))
         ax.set_ylabel("ASR (%)")
@@ -87,30 +88,35 @@ def asr_vs_bits_figure(records: list[dict[str, Any]], attack: str, size: int | N
     return fig
 
 
-def transfer_heatmap(records: list[dict[str, Any]], attack: str, size: int | None) -> Figure:
+def transfer_heatmap(
+    records: list[CellRecord], attack: str, size: int | None, order: ModelOrder
+) -> Figure:
     """Source x target ASR matrix; white-box cells on the diagonal are outlined."""
-    sources, targets, _ = transfer_matrix(records, attack, size)
+    sources, targets, _ = transfer_matrix(records, attack, size, order)
     fig, ax = plt.subplots(figsize=(1.6 + 0.62 * len(targets), max(2.6, 1.4 + 0.42 * len(sources))))
-    _draw_transfer(fig, ax, records, attack, size)
+    _draw_transfer(fig, ax, records, attack, size, order)
     fig.tight_layout()
     return fig
 
 
-def side_by_side(records: list[dict[str, Any]], panels: list[tuple[str, int | None]]) -> Figure:
+def side_by_side(
+    records: list[CellRecord], panels: list[tuple[str, int | None]], order: ModelOrder
+) -> Figure:
     """Several transfer matrices in one row (e.g. a patch attack next to pixel PGD)."""
-    width = sum(1.6 + 0.62 * len(transfer_matrix(records, a, s)[1]) for a, s in panels)
-    height = max(max(2.6, 1.4 + 0.42 * len(transfer_matrix(records, a, s)[0])) for a, s in panels)
+    shapes = [transfer_matrix(records, a, s, order)[:2] for a, s in panels]
+    width = sum(1.6 + 0.62 * len(targets) for _, targets in shapes)
+    height = max(max(2.6, 1.4 + 0.42 * len(sources)) for sources, _ in shapes)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, (attack, size) in zip(axes[0], panels, strict=True):
-        _draw_transfer(fig, ax, records, attack, size)
+        _draw_transfer(fig, ax, records, attack, size, order)
     fig.tight_layout()
     return fig
 
 
 def _draw_transfer(
-    fig: Figure, ax, records: list[dict[str, Any]], attack: str, size: int | None
+    fig: Figure, ax, records: list[CellRecord], attack: str, size: int | None, order: ModelOrder
 ) -> None:
-    sources, targets, cells = transfer_matrix(records, attack, size)
+    sources, targets, cells = transfer_matrix(records, attack, size, order)
     matrix = np.full((len(sources), len(targets)), np.nan)
     for (s, t), cell in cells.items():
         matrix[sources.index(s), targets.index(t)] = 100 * cell.rate
@@ -132,9 +138,11 @@ def _draw_transfer(
     fig.colorbar(image, ax=ax, fraction=0.04)
 
 
-def heatmap_grid(maps: dict[str, np.ndarray], title: str, vmax: float = 100) -> Figure:
+def heatmap_grid(
+    maps: dict[str, np.ndarray], title: str, order: ModelOrder, vmax: float = 100
+) -> Figure:
     """Small multiples of 2-D maps (e.g. ASR by patch location), one per model."""
-    names = sorted(maps, key=model_order)
+    names = sorted(maps, key=order)
     cols = min(4, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.3 * rows), squeeze=False)

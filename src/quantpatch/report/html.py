@@ -4,125 +4,52 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 from pathlib import Path
-from typing import Any
 
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
-from pydantic import ValidationError
-
-from quantpatch._io import read_json, write_text_atomic
-from quantpatch.errors import CorruptFileError
+from quantpatch._io import write_text_atomic
 from quantpatch.report import figures
 from quantpatch.report.analysis_sections import analysis_sections
+from quantpatch.report.page import Page
 from quantpatch.report.tables import (
+    ModelOrder,
     attack_sizes,
+    fmt_rate,
     masking_flags,
-    model_order,
     transfer_matrix,
 )
-from quantpatch.study.schema import ResultsFile
-
-CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
-td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}th{background:#f4f4f4}
-td:first-child,th:first-child{text-align:left}.diag{background:#e8f6ff;font-weight:600}
-.flag{color:#b00;font-weight:600}.note{color:#555;font-size:.9em}
-img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
-.patches{display:flex;flex-wrap:wrap;gap:1em}.patches figure{width:130px;margin:0}
-"""
-
-
-class Page:
-    """Accumulates HTML fragments and writes figures next to the report for paper use."""
-
-    def __init__(self, figure_dir: Path) -> None:
-        self.parts: list[str] = []
-        self.figure_dir = figure_dir
-
-    def add(self, fragment: str) -> None:
-        self.parts.append(fragment)
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.add(f"<h{level}>{html.escape(text)}</h{level}>")
-
-    def para(self, text: str, cls: str = "note") -> None:
-        self.add(f'<p class="{cls}">{html.escape(text)}</p>')
-
-    def figure(self, fig: Figure, name: str, caption: str) -> None:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-        self.figure_dir.mkdir(parents=True, exist_ok=True)
-        (self.figure_dir / f"{name}.png").write_bytes(buffer.getvalue())
-        plt.close(fig)
-        data = base64.b64encode(buffer.getvalue()).decode("ascii")
-        self.add(
-            f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-        )
-
-    def table(
-        self, header: list[str], rows: list[list[str]], diag: set[tuple[int, int]] = frozenset()
-    ) -> None:  # noqa: E501
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = []
-        for i, row in enumerate(rows):
-            cells = "".join(
-                f'<td class="diag">{c}</td>' if (i, j) in diag else f"<td>{c}</td>"
-                for j, c in enumerate(row)
-            )
-            body.append(f"<tr>{cells}</tr>")
-        self.add(f"<table><tr>{head}</tr>{''.join(body)}</table>")
-
-    def render(self, title: str) -> str:
-        return (
-            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-            f"</title><style>{CSS}</style></head><body>{''.join(self.parts)}</body></html>"
-        )
-
-
-def load_results(run_dir: Path) -> dict[str, Any]:
-    data = read_json(Path(run_dir) / "results.json")
-    try:
-        ResultsFile.model_validate(data)
-    except ValidationError as exc:
-        raise CorruptFileError(f"{run_dir}/results.json does not match the results schema: "
-                               f"{exc.errors()[0]['msg']}") from None  # fmt: skip
-    return data
+from quantpatch.results import CellRecord, ModelRecord, ResultsFile, load_results
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render ``RUN_DIR/results.json`` (and patch PNGs) into one self-contained HTML file."""
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
+    results = load_results(run_dir / "results.json")
     out = Path(out) if out else run_dir / "report.html"
+    order = ModelOrder(results.models)
     page = Page(run_dir / "figures")
     _header(page, results)
-    _models_section(page, results["models"])
+    _models_section(page, results.models, order)
     _patches_section(page, run_dir)
-    _attack_sections(page, results["cells"])
-    analysis_sections(page, results.get("analyses", {}))
-    write_text_atomic(out, page.render(f"quantpatch: {results['study']}"))
+    _attack_sections(page, results.cells, order)
+    analysis_sections(page, results.analyses, order)
+    write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out
 
 
-def _pct(rate: dict[str, Any]) -> str:
-    return (f"{100 * rate['rate']:.1f}% [{100 * rate['ci_low']:.1f}, {100 * rate['ci_high']:.1f}]"
-            f" n={rate['n']}")  # fmt: skip
-
-
-def _header(page: Page, results: dict[str, Any]) -> None:
-    config, versions = results["config"], results["versions"]
-    page.heading(f"quantpatch study '{results['study']}' on {results['dataset']}", 1)
+def _header(page: Page, results: ResultsFile) -> None:
+    cells, models = results.cells, results.models
+    archs = sorted({m.arch for m in models})
+    precisions = sorted({m.precision for m in models})
+    attacks = sorted({c.attack for c in cells})
+    sizes = sorted({c.patch_size for c in cells if c.patch_size})
+    seeds = sorted({c.seed for c in cells})
+    n_eval = max((m.clean.n for m in models), default=0)
+    versions = ", ".join(f"{k} {v}" for k, v in results.versions.items())
+    page.heading(f"quantpatch study '{results.study}' on {results.dataset}", 1)
     page.para(
-        f"models {', '.join(config['models'])}; precisions {', '.join(config['precisions'])}"
-        f"{' + ORT int8' if config.get('ort_int8') else ''}; attacks "
-        f"{', '.join(a['name'] for a in config['attacks'])}; patch sizes "
-        f"{config['patch_sizes']} px; seeds {config['seeds']}; {config['n_eval']} evaluation "
-        f"images; device {results['device']}; " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        f"models {', '.join(archs)}; precisions {', '.join(precisions)}; attacks "
+        f"{', '.join(attacks)}; patch sizes {sizes} px; seeds {seeds}; {n_eval} evaluation "
+        f"images; device {results.device}; {versions}"
     )
     page.para(
         "Every rate is shown with its 95 % Wilson interval and n. Untargeted ASR counts only "
@@ -131,22 +58,22 @@ def _header(page: Page, results: dict[str, Any]) -> None:
     )
 
 
-def _models_section(page: Page, models: list[dict[str, Any]]) -> None:
+def _models_section(page: Page, models: list[ModelRecord], order: ModelOrder) -> None:
     page.heading("Clean accuracy per precision")
-    models = sorted(models, key=lambda m: model_order(m["name"]))
-    page.figure(figures.clean_accuracy_figure(models), "clean_accuracy",
+    models = sorted(models, key=lambda m: order(m.name))
+    page.figure(figures.clean_accuracy_figure(models, order), "clean_accuracy",
                 "Clean accuracy on the evaluation images (bars: 95 % Wilson interval).")  # fmt: skip
-    page.table(["model", "clean accuracy"], [[m["name"], _pct(m["clean"])] for m in models])
-    deployed = [m for m in models if m.get("deployment")]
+    page.table(["model", "clean accuracy"], [[m.name, fmt_rate(m.clean)] for m in models])
+    deployed = [m for m in models if m.deployment]
     if deployed:
         page.heading("Real int8 deployment (ONNX Runtime, static QDQ, per-channel)", 3)
         rows = []
         for m in deployed:
-            dep = m["deployment"]
-            agree = _pct(dep["agreement"]) if "agreement" in dep else "n/a"
-            rows.append([m["name"], _pct(m["clean"]), f"{agree} vs {dep.get('agreement_with', '-')}",
-                         f"{dep['int8_img_per_s']:.0f}", f"{dep['fp32_img_per_s']:.0f}",
-                         f"{dep['speedup_vs_fp32']:.2f}x"])  # fmt: skip
+            dep = m.deployment
+            agree = fmt_rate(dep.agreement) if dep.agreement else "n/a"
+            rows.append([m.name, fmt_rate(m.clean), f"{agree} vs {dep.reference or '-'}",
+                         f"{dep.int8_img_per_s:.0f}", f"{dep.fp32_img_per_s:.0f}",
+                         f"{dep.speedup_vs_fp32:.2f}x"])  # fmt: skip
         page.table(["model", "accuracy", "top-1 agreement", "int8 img/s", "fp32 img/s",
                     "speed-up"], rows)  # fmt: skip
 
@@ -165,34 +92,35 @@ def _patches_section(page: Page, run_dir: Path) -> None:
     page.add(f'<div class="patches">{"".join(items)}</div>')
 
 
-def _attack_sections(page: Page, records: list[dict[str, Any]]) -> None:
+def _attack_sections(page: Page, records: list[CellRecord], order: ModelOrder) -> None:
     page.heading("Transfer across precisions and architectures")
     for attack, size in attack_sizes(records):
         label = attack + (f", {size} px" if size else "")
         page.heading(label, 3)
-        page.figure(figures.transfer_heatmap(records, attack, size),
+        page.figure(figures.transfer_heatmap(records, attack, size, order),
                     f"transfer_{attack}_{size}",
                     "ASR (%) of adversarial images crafted on the row model, evaluated on the "
                     "column model; outlined: white-box.")  # fmt: skip
-        crafted = any(r["source"] != "none" for r in records if r["attack"] == attack)
+        crafted = any(r.source != "none" for r in records if r.attack == attack)
         if crafted:
-            page.figure(figures.asr_vs_bits_figure(records, attack, size), f"asr_bits_{attack}_{size}",
+            page.figure(figures.asr_vs_bits_figure(records, attack, size, order),
+                        f"asr_bits_{attack}_{size}",
                         "ASR vs precision: white-box, transfer from the fp32 sibling, and a "
                         "random patch of the same size; bars are 95 % Wilson intervals.")  # fmt: skip
-        _transfer_table(page, records, attack, size)
-    _patch_vs_pixel(page, records)
-    _masking_section(page, records)
+        _transfer_table(page, records, attack, size, order)
+    _patch_vs_pixel(page, records, order)
+    _masking_section(page, records, order)
 
 
-def _patch_vs_pixel(page: Page, records: list[dict[str, Any]]) -> None:
+def _patch_vs_pixel(page: Page, records: list[CellRecord], order: ModelOrder) -> None:
     """Patch and pixel transfer matrices side by side: the literature's patch-vs-pixel
     contrast. Panels: the universal patch and the per-image patch PGD (else the first patch
     attack crafted on single models), then the first pixel attack."""
     first: dict[str, tuple[str, tuple[str, int | None]]] = {}  # label -> (kind, panel)
     for r in records:
-        if r["source"] != "none" and r["source_precision"] != "multibit":
-            first.setdefault(r["attack"], (r["attack_kind"], (r["attack"], r["patch_size"])))
-    patches = [panel for label, (kind, panel) in first.items() if kind == "patch"]
+        if r.source != "none" and r.source_precision != "multibit":
+            first.setdefault(r.attack, (r.attack_kind, (r.attack, r.patch_size)))
+    patches = [panel for kind, panel in first.values() if kind == "patch"]
     preferred = [first[label][1] for label in ("universal", "patch-pgd") if label in first]
     pixels = [panel for kind, panel in first.values() if kind == "pixel"]
     if not patches or not pixels:
@@ -200,7 +128,7 @@ def _patch_vs_pixel(page: Page, records: list[dict[str, Any]]) -> None:
     panels = [*(preferred or patches[:1]), pixels[0]]
     page.heading("Patch vs pixel attacks", 3)
     page.figure(
-        figures.side_by_side(records, panels),
+        figures.side_by_side(records, panels, order),
         "patch_vs_pixel",
         "Patch attacks (left) next to L∞ pixel PGD (right), each crafted on the row's model. "
         "Pixel perturbations are reported to transfer poorly across bit-widths, patches well; "
@@ -209,9 +137,9 @@ def _patch_vs_pixel(page: Page, records: list[dict[str, Any]]) -> None:
 
 
 def _transfer_table(
-    page: Page, records: list[dict[str, Any]], attack: str, size: int | None
-) -> None:  # noqa: E501
-    sources, targets, cells = transfer_matrix(records, attack, size)
+    page: Page, records: list[CellRecord], attack: str, size: int | None, order: ModelOrder
+) -> None:
+    sources, targets, cells = transfer_matrix(records, attack, size, order)
     rows, diag = [], set()
     for i, source in enumerate(sources):
         row = [source]
@@ -224,8 +152,8 @@ def _transfer_table(
     page.table(["source \\ target", *targets], rows, diag)
 
 
-def _masking_section(page: Page, records: list[dict[str, Any]]) -> None:
-    flags = masking_flags(records)
+def _masking_section(page: Page, records: list[CellRecord], order: ModelOrder) -> None:
+    flags = masking_flags(records, order)
     if not flags:
         return
     page.heading("Gradient-masking check", 3)

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from quantpatch.metrics import wilson_interval
+from quantpatch.results import CellRecord, ModelRecord, RateRecord
 
 MASKING_MARGIN = 0.05
 
 
-def precision_order(precision: str) -> tuple:
-    """fp32 first, then higher bit-widths first, ORT int8 last."""
-    if precision == "fp32":
-        return (0, 0, 0)
-    if precision == "ort-int8":
-        return (2, 0, 0)
-    match = re.match(r"w(\d+)a(\d+)", precision)
-    if match:
-        return (1, -int(match.group(1)), -int(match.group(2)))
-    return (1, 0, 0)
+class ModelOrder:
+    """Sort key for model names: by architecture, fp32 first, then higher bit-widths first,
+    other runtimes (ORT int8) last; names that are not models (multibit, none) after those.
+    Built from the model records' bits, so no precision name is ever parsed."""
 
+    def __init__(self, models: Iterable[ModelRecord]) -> None:
+        self._rank = {m.name: self._model_rank(m) for m in models}
 
-def model_order(name: str) -> tuple:
-    arch, _, precision = name.partition("/")
-    return (arch, precision_order(precision))
+    @staticmethod
+    def _model_rank(m: ModelRecord) -> tuple:
+        is_float = m.weight_bits is None and m.act_bits is None
+        group = 2 if m.runtime != "torch" else (0 if is_float else 1)
+        return (m.arch, group, -(m.weight_bits or 32), -(m.act_bits or 32), m.precision)
+
+    def __call__(self, name: str) -> tuple:
+        arch, _, precision = name.partition("/")
+        return self._rank.get(name, (arch, 3, 0, 0, precision))
 
 
 @dataclass(frozen=True)
@@ -51,55 +52,56 @@ class PooledRate:
         return f"{100 * self.rate:.1f}%{spread} [{100 * low:.0f}–{100 * high:.0f}] n={self.n}"
 
 
-def pool(records: Iterable[dict[str, Any]]) -> PooledRate | None:
+def pool(records: Iterable[CellRecord]) -> PooledRate | None:
     records = list(records)
     if not records:
         return None
-    rates = [r["rate"] for r in records if r["n"]]
+    rates = [r.rate for r in records if r.n]
     return PooledRate(
         rate=statistics.fmean(rates) if rates else float("nan"),
         spread=statistics.stdev(rates) if len(rates) > 1 else 0.0,
-        successes=sum(r["successes"] for r in records),
-        n=sum(r["n"] for r in records),
-        seeds=len({r["seed"] for r in records}),
+        successes=sum(r.successes for r in records),
+        n=sum(r.n for r in records),
+        seeds=len({r.seed for r in records}),
     )
 
 
-def group(records: Iterable[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
-    grouped: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+def group(records: Iterable[CellRecord], *fields: str) -> dict[tuple, list[CellRecord]]:
+    grouped: dict[tuple, list[CellRecord]] = defaultdict(list)
     for record in records:
-        grouped[tuple(record[k] for k in keys)].append(record)
+        grouped[tuple(getattr(record, f) for f in fields)].append(record)
     return grouped
 
 
 def transfer_matrix(
-    records: list[dict[str, Any]], attack: str, patch_size: int | None
+    records: list[CellRecord], attack: str, patch_size: int | None, order: ModelOrder
 ) -> tuple[list[str], list[str], dict[tuple[str, str], PooledRate]]:
     """Sources x targets for one attack and size; white-box cells sit on the diagonal."""
-    chosen = [r for r in records if r["attack"] == attack and r["patch_size"] == patch_size]
+    chosen = [r for r in records if r.attack == attack and r.patch_size == patch_size]
     cells = {key: pool(rows) for key, rows in group(chosen, "source", "target").items()}
-    sources = sorted({s for s, _ in cells}, key=model_order)
-    targets = sorted({t for _, t in cells}, key=model_order)
+    sources = sorted({s for s, _ in cells}, key=order)
+    targets = sorted({t for _, t in cells}, key=order)
     return sources, targets, cells  # type: ignore[return-value]
 
 
-def attack_sizes(records: list[dict[str, Any]]) -> list[tuple[str, int | None]]:
-    seen = {(r["attack"], r["patch_size"]) for r in records}
+def attack_sizes(records: list[CellRecord]) -> list[tuple[str, int | None]]:
+    seen = {(r.attack, r.patch_size) for r in records}
     return sorted(seen, key=lambda item: (item[0], item[1] or 0))
 
 
-def masking_flags(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Quantized targets where fp32-sibling transfer beats white-box ASR by > 5 points.
+def masking_flags(records: list[CellRecord], order: ModelOrder) -> list[dict]:
+    """Quantized PyTorch targets where fp32-sibling transfer beats white-box ASR by > 5 points.
 
     Straight-through gradients can mislead a white-box attacker (gradient masking); a transfer
     attack from the float sibling that does better is the tell-tale sign."""
+    quantized = {r.target for r in records if r.white_box and r.target_precision != "fp32"}
     flags = []
     for (attack, size), _ in group(records, "attack", "patch_size").items():
-        _, _, cells = transfer_matrix(records, attack, size)
+        _, _, cells = transfer_matrix(records, attack, size, order)
         for (source, target), white in cells.items():
-            arch, _, precision = target.partition("/")
-            if source != target or precision in ("fp32", "ort-int8"):
+            if source != target or target not in quantized:
                 continue
+            arch = target.partition("/")[0]
             transfer = cells.get((f"{arch}/fp32", target))
             if transfer is None:
                 continue
@@ -114,3 +116,8 @@ def masking_flags(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 }
             )
     return flags
+
+
+def fmt_rate(rate: RateRecord) -> str:
+    return (f"{100 * rate.rate:.1f}% [{100 * rate.ci_low:.1f}, {100 * rate.ci_high:.1f}]"
+            f" n={rate.n}")  # fmt: skip

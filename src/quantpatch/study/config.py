@@ -6,16 +6,38 @@ version fully determines a run (and the cache keys derived from it)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from quantpatch.errors import ConfigError, DataNotFoundError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import QuantSpec
 
 ORT_INT8 = "ort-int8"
+
+
+def _as_spec(value: Any) -> QuantSpec:
+    return value if isinstance(value, QuantSpec) else QuantSpec.parse(value)
+
+
+Precision = Annotated[
+    QuantSpec,
+    PlainValidator(_as_spec),
+    PlainSerializer(lambda spec: spec.name, return_type=str),
+    WithJsonSchema({"type": "string", "description": "a precision name: fp32, w8a8, w4a4-ptq..."}),
+]
+"""A ``QuantSpec`` in the config, written as its name in YAML and JSON."""
 
 
 class _Strict(BaseModel):
@@ -64,8 +86,9 @@ class StudyConfig(_Strict):
     download: bool = False
     limit: int | None = Field(None, ge=1)
     models: list[str] = Field(default_factory=lambda: ["lenet", "resnet20"], min_length=1)
-    precisions: list[str] = Field(
-        default_factory=lambda: ["fp32", "w8a8", "w4a4", "w2a2"], min_length=1
+    precisions: list[Precision] = Field(
+        default_factory=lambda: [QuantSpec.parse(p) for p in ("fp32", "w8a8", "w4a4", "w2a2")],
+        min_length=1,
     )
     ort_int8: bool = True
     attacks: list[AttackSettings] = Field(
@@ -80,10 +103,10 @@ class StudyConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
     train_overrides: dict[str, TrainConfig] = Field(default_factory=dict)
     qat: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
-    qat_overrides: dict[str, TrainConfig] = Field(
+    qat_overrides: dict[Precision, TrainConfig] = Field(
         # 2-bit needs a longer, hotter QAT: resnet20 on mnist5k reaches 26 % after 1 epoch at
         # lr 0.01 and 96 % after 3 epochs at lr 0.05 (MSE calibration)
-        default_factory=lambda: {"w2a2": TrainConfig(epochs=3, lr=0.05)},
+        default_factory=lambda: {QuantSpec.parse("w2a2"): TrainConfig(epochs=3, lr=0.05)},
         description="QAT settings per precision name (e.g. w2a2), replacing `qat`",
     )
     calibration: Literal["minmax", "percentile", "mse"] = "mse"
@@ -92,11 +115,6 @@ class StudyConfig(_Strict):
     device: str = "auto"
     cache_dir: Path = Path("runs/.cache")
 
-    @field_validator("precisions")
-    @classmethod
-    def _valid_precisions(cls, values: list[str]) -> list[str]:
-        return [QuantSpec.parse(v).name for v in values]
-
     @field_validator("patch_sizes")
     @classmethod
     def _positive_sizes(cls, values: list[int]) -> list[int]:
@@ -104,20 +122,11 @@ class StudyConfig(_Strict):
             raise ValueError("patch sizes are side lengths in pixels and must be >= 1")
         return values
 
-    @field_validator("qat_overrides")
-    @classmethod
-    def _valid_qat_keys(cls, values: dict[str, TrainConfig]) -> dict[str, TrainConfig]:
-        return {QuantSpec.parse(k).name: v for k, v in values.items()}
-
     def train_config_for(self, arch: str) -> TrainConfig:
         return self.train_overrides.get(arch, self.train)
 
-    def qat_config_for(self, precision: str) -> TrainConfig:
-        return self.qat_overrides.get(QuantSpec.parse(precision).name, self.qat)
-
-    @property
-    def specs(self) -> list[QuantSpec]:
-        return [QuantSpec.parse(p) for p in self.precisions]
+    def qat_config_for(self, spec: QuantSpec) -> TrainConfig:
+        return self.qat_overrides.get(spec, self.qat)
 
 
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:

@@ -1,63 +1,120 @@
-"""Targets: anything a patch is evaluated on (PyTorch models and the ONNX Runtime int8 model)."""
+"""Targets: every model a patch is evaluated on (PyTorch models and ONNX Runtime int8)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from quantpatch._io import read_json, write_json_atomic
+from quantpatch.data import Split
+from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
-from quantpatch.study.artifacts import ArtifactCache, PreparedModel
+from quantpatch.quant import QuantSpec
+from quantpatch.results import DeploymentRecord, ModelRecord, RateRecord
+from quantpatch.study.config import ORT_INT8
+from quantpatch.study.core import PreparedModel, StudyContext, Target
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+CALIBRATION_IMAGES = 512
+"""Training images ONNX Runtime calibrates its int8 activation ranges on."""
 
-
-@dataclass
-class Target:
-    """A named model that maps images to logits; ``model`` is None for non-PyTorch runtimes."""
-
-    arch: str
-    precision: str
-    predict: Predictor
-    key: str
-    model: PreparedModel | None = None
-    clean_pred: torch.Tensor | None = field(default=None, repr=False)
-
-    @property
-    def name(self) -> str:
-        return f"{self.arch}/{self.precision}"
-
-    def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predict(images).argmax(dim=1)
+ORT_SPEC = QuantSpec(8, 8, method="ptq")
+"""What ORT int8 computes: 8-bit weights and activations, quantized after training."""
 
 
 def torch_target(prepared: PreparedModel, device: torch.device) -> Target:
     def predict(images: torch.Tensor) -> torch.Tensor:
         return predict_logits(prepared.module, images, device)
 
-    return Target(prepared.arch, prepared.precision, predict, prepared.key, prepared)
+    return Target(
+        prepared.arch, prepared.precision, prepared.spec, "torch", predict, prepared.key, prepared
+    )
 
 
-def ort_int8_target(
-    base: PreparedModel, calib_images: torch.Tensor, cache: ArtifactCache
-) -> tuple[Target, object, object]:
+def prepare_targets(context: StudyContext) -> None:
+    """Wrap every model as a target with its clean predictions; add ORT int8 targets."""
+    for prepared in context.models.values():
+        add_target(context, torch_target(prepared, context.device))
+    if not context.config.ort_int8:
+        return
+    for arch in context.config.models:
+        target, fp32_ort = ort_int8_target(context, context.fp32(arch))
+        deployment = deployment_check(context, arch, target, fp32_ort)
+        add_target(context, target, deployment)
+
+
+def add_target(
+    context: StudyContext, target: Target, deployment: DeploymentRecord | None = None
+) -> None:
+    target.clean_pred = target.predict_labels(context.eval_images)
+    context.targets.append(target)
+    clean = accuracy(target.clean_pred, context.eval_labels)
+    context.model_records.append(
+        ModelRecord(
+            name=target.name,
+            arch=target.arch,
+            precision=target.precision,
+            runtime=target.runtime,
+            weight_bits=target.spec.weight_bits,
+            act_bits=target.spec.act_bits,
+            key=target.key,
+            clean=RateRecord.of(clean),
+            deployment=deployment,
+        )
+    )
+
+
+def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target, Any]:
     """Export ``base`` to ONNX, quantize it to int8 with ORT static QDQ, and wrap it.
 
-    Returns the target plus the fp32 and int8 ``OrtModel``s (for the deployment check)."""
+    Returns the target and the fp32 ``OrtModel`` (the deployment check's speed reference)."""
     from quantpatch.quant.onnx import OrtModel, export_onnx, int8_saturates, quantize_onnx_int8
 
+    calib = context.dataset.train.images[:CALIBRATION_IMAGES]
     reduce_range = int8_saturates()  # part of the key: the int8 file depends on the CPU kind
-    parts = {"base": base.key, "n_calib": int(calib_images.shape[0])}
-    fp32_path = cache.path("onnx", {**parts, "precision": "fp32"}, "onnx")
-    int8_path = cache.path(
+    parts = {"base": base.key, "n_calib": int(calib.shape[0])}
+    fp32_path = context.cache.path("onnx", {**parts, "precision": "fp32"}, "onnx")
+    int8_path = context.cache.path(
         "onnx", {**parts, "precision": "int8", "reduce_range": reduce_range}, "onnx"
     )
     if not fp32_path.exists():
-        export_onnx(copy.deepcopy(base.module).cpu(), fp32_path, calib_images[:2])
+        export_onnx(copy.deepcopy(base.module).cpu(), fp32_path, calib[:2])
     if not int8_path.exists():
-        quantize_onnx_int8(fp32_path, int8_path, calib_images, reduce_range=reduce_range)
-    fp32_model, int8_model = OrtModel(fp32_path), OrtModel(int8_path)
-    target = Target(base.arch, "ort-int8", int8_model, int8_path.stem)
-    return target, fp32_model, int8_model
+        quantize_onnx_int8(fp32_path, int8_path, calib, reduce_range=reduce_range)
+    int8 = OrtModel(int8_path)
+    target = Target(base.arch, ORT_INT8, ORT_SPEC, "onnxruntime", int8, int8_path.stem)
+    return target, OrtModel(fp32_path)
+
+
+def deployment_check(
+    context: StudyContext, arch: str, target: Target, fp32_ort: Any
+) -> DeploymentRecord:
+    """ORT int8 against the simulated w8a8 model and against ORT fp32 (speed), via
+    ``quant.onnx.compare_int8``; cached, because timing is the slow part of a rerun."""
+    from quantpatch.quant.onnx import compare_int8, int8_saturates
+
+    reference = context.models.get(f"{arch}/w8a8")
+    parts = {"int8": target.key, "reference": reference.key if reference else None,
+             "n": len(context.eval_labels)}  # fmt: skip
+    path = context.cache.path("deployment", parts, "json")
+    if path.exists():
+        return DeploymentRecord.model_validate(read_json(path))
+    check = compare_int8(
+        target.predict,
+        reference.module if reference else None,
+        Split(context.eval_images, context.eval_labels),
+        context.device,
+        fp32=fp32_ort,
+    )
+    record = DeploymentRecord(
+        reference=reference.name if reference else None,
+        agreement=RateRecord.of(check["agreement"]) if reference else None,
+        reference_accuracy=RateRecord.of(check["sim_accuracy"]) if reference else None,
+        reduce_range=int8_saturates(),
+        int8_img_per_s=check["int8_img_per_s"],
+        fp32_img_per_s=check["fp32_img_per_s"],
+        speedup_vs_fp32=check["speedup_vs_fp32"],
+    )
+    write_json_atomic(path, record.model_dump(mode="json"))
+    return record

@@ -9,8 +9,9 @@ from quantpatch.data import load_dataset
 from quantpatch.metrics import Rate
 from quantpatch.models import evaluate_accuracy
 from quantpatch.quant import QuantSpec
-from quantpatch.study.artifacts import ArtifactCache, prepare_fp32, prepare_quantized
+from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
 from quantpatch.study.config import load_study
+from quantpatch.study.core import ArtifactCache, StudyContext
 
 
 def train_one(
@@ -38,18 +39,18 @@ def train_one(
         cache_dir=cache_dir,
         device=device,
     )
+    spec = QuantSpec.parse(precision)
     if epochs is not None:
         config = config.model_copy(
             update={"train": config.train.model_copy(update={"epochs": epochs})}
         )
     if qat_epochs is not None:
-        qat = config.qat_config_for(precision).model_copy(update={"epochs": qat_epochs})
+        qat = config.qat_config_for(spec).model_copy(update={"epochs": qat_epochs})
         config = config.model_copy(update={"qat": qat, "qat_overrides": {}})
     data = load_dataset(config.dataset, config.data_root, download=config.download, limit=limit)
-    cache = ArtifactCache(config.cache_dir)
-    torch_device = resolve_device(config.device)
-    prepared = prepare_fp32(model, data, config, cache, torch_device)
-    spec = QuantSpec.parse(precision)
-    prepared = prepare_quantized(prepared, spec, data, config, cache, torch_device)
-    path = cache.root / "models" / f"{prepared.key}.safetensors"
-    return path, evaluate_accuracy(prepared.module, data.test, torch_device)
+    context = StudyContext(
+        config, Path("."), resolve_device(config.device), data, ArtifactCache(config.cache_dir)
+    )
+    prepared = prepare_quantized(context, prepare_fp32(context, model), spec)
+    path = context.cache.root / "models" / f"{prepared.key}.safetensors"
+    return path, evaluate_accuracy(prepared.module, data.test, context.device)

@@ -1,0 +1,309 @@
+"""The results contract: typed records that results.json, results.csv and the report share.
+
+A study writes these records; the report and any downstream tool read them back with
+``load_results``. Every field is declared once, here: the JSON Schema (``quantpatch schema
+results``), the CSV columns and the report's inputs are all derived from these models, and
+``FORMAT_VERSION`` changes whenever a field changes meaning, so an old file is refused rather
+than misread. This module depends only on pydantic and the metrics (never on the study).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from quantpatch._io import read_json
+from quantpatch.errors import CorruptFileError
+from quantpatch.metrics import Rate
+
+FORMAT_VERSION = 2
+"""Bumped whenever a record gains, loses or redefines a field."""
+
+
+class Record(BaseModel):
+    """Strict, immutable base: unknown fields are refused, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- shared value records ----------------------------------------------------------------------
+
+
+class RateRecord(Record):
+    """k successes out of n with the 95 % Wilson interval (``Rate`` as data)."""
+
+    successes: int = Field(ge=0)
+    n: int = Field(ge=0)
+    rate: float
+    ci_low: float
+    ci_high: float
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RateRecord:
+        if self.successes > self.n:
+            raise ValueError(f"successes ({self.successes}) exceed n ({self.n})")
+        if self.n and not math.isclose(self.rate, self.successes / self.n, abs_tol=1e-9):
+            raise ValueError(f"rate {self.rate} is not successes / n")
+        return self
+
+    @classmethod
+    def of(cls, rate: Rate) -> RateRecord:
+        return cls(**rate.to_dict())
+
+    @property
+    def as_rate(self) -> Rate:
+        return Rate(self.successes, self.n)
+
+
+class MeanCI(Record):
+    """Mean of per-image values with its sample std, n and 95 % Student-t interval."""
+
+    mean: float
+    std: float
+    n: int = Field(ge=0)
+    half_width: float
+    ci_low: float
+    ci_high: float
+
+
+LayerValues = list[tuple[str, float]]
+"""(layer name, value) in forward order."""
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+class DeploymentRecord(Record):
+    """ONNX Runtime int8 against the simulated model it should reproduce, and what it buys."""
+
+    reference: str | None = Field(description="the simulated (fake-quant) model compared with")
+    agreement: RateRecord | None = Field(description="top-1 agreement with the reference")
+    reference_accuracy: RateRecord | None
+    reduce_range: bool = Field(description="7-bit weights (x86 without VNNI)")
+    int8_img_per_s: float
+    fp32_img_per_s: float
+    speedup_vs_fp32: float
+
+
+class ModelRecord(Record):
+    """One evaluated model (a target of the grid): its clean accuracy on the evaluation images."""
+
+    name: str = Field(description="'<arch>/<precision>', e.g. 'lenet/w4a4' or 'lenet/ort-int8'")
+    arch: str
+    precision: str = Field(description="a QuantSpec name such as 'w4a4', or 'ort-int8'")
+    runtime: Literal["torch", "onnxruntime"]
+    weight_bits: int | None = Field(description="None: float weights")
+    act_bits: int | None = Field(description="None: float activations")
+    key: str = Field(description="content key of the cached artifact")
+    clean: RateRecord
+    deployment: DeploymentRecord | None = None
+
+
+# -- cells --------------------------------------------------------------------------------------
+
+
+class Timings(Record):
+    """Seconds spent on one cell (fit is 0 when the patch came from the cache)."""
+
+    fit_s: float = Field(ge=0)
+    perturb_s: float = Field(ge=0)
+    eval_s: float = Field(ge=0)
+
+
+class CellRecord(RateRecord):
+    """One (source, attack, patch size, seed) cell evaluated on one target model.
+
+    Untargeted ASR counts only images the target classifies correctly when clean; targeted ASR
+    only images whose true class is not the target."""
+
+    study: str
+    dataset: str
+    cell: str = Field(description="id of the cell file under cells/")
+    source: str = Field(description="'<arch>/<precision>' the attack was crafted on, 'none'")
+    source_arch: str | None
+    source_precision: str | None
+    target: str
+    target_arch: str
+    target_precision: str
+    white_box: bool
+    attack: str = Field(description="label: attack name plus the settings that set it apart")
+    attack_name: str
+    attack_kind: Literal["patch", "pixel"]
+    targeted: bool
+    target_class: int | None
+    patch_size: int | None = Field(description="patch side in pixels (None for pixel attacks)")
+    patch_area: float | None = Field(description="patch area as a share of the image")
+    seed: int
+    target_clean_accuracy: float
+    timings: Timings
+
+
+def csv_columns() -> list[str]:
+    """CellRecord's fields: what the cell is, then its rate, then the flattened timings."""
+    rate = list(RateRecord.model_fields)
+    identity = [f for f in CellRecord.model_fields if f not in rate and f != "timings"]
+    return identity + rate + list(Timings.model_fields)
+
+
+def cells_to_csv(cells: list[CellRecord]) -> str:
+    """The cell records as one flat CSV table (header from ``csv_columns``)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(), lineterminator="\n")
+    writer.writeheader()
+    for cell in cells:
+        row = cell.model_dump()
+        timings = row.pop("timings")
+        writer.writerow({**row, **timings})
+    return buffer.getvalue()
+
+
+# -- analyses -----------------------------------------------------------------------------------
+
+
+class AlignmentPair(Record):
+    """Input-gradient agreement of two models on the same images, with chance levels."""
+
+    a: str
+    b: str
+    input: Literal["clean", "patched"]
+    cosine: MeanCI
+    cosine_chance: MeanCI
+    edge_iou: MeanCI
+    edge_iou_chance: MeanCI
+    hog_cosine: MeanCI
+    hog_cosine_chance: MeanCI
+
+
+class GradientAlignment(Record):
+    n_images: int
+    patch_size: int
+    pairs: list[AlignmentPair]
+
+
+class FeatureLenses(Record):
+    """CKA against fp32, patch dominance and Grad-CAM mass of one model."""
+
+    cka_clean: LayerValues
+    cka_patched: LayerValues
+    dominance: LayerValues
+    gradcam_layer: str
+    gradcam_mass_clean_class: MeanCI
+    gradcam_mass_patched_class: MeanCI
+    patch_area_share: float
+
+
+class ArchFeatures(Record):
+    n_images: int
+    precisions: dict[str, FeatureLenses]
+
+
+class SpatialMap(Record):
+    """ASR of a fixed patch at every grid position (rows: top, columns: left)."""
+
+    source: str
+    rates: list[list[float]]
+    n: int
+
+
+class SpatialSensitivity(Record):
+    patch_size: int
+    stride: int
+    maps: dict[str, SpatialMap]
+
+
+class SizeRow(RateRecord):
+    arch: str
+    kind: str = Field(description="'white-box fp32' or 'fp32 → <precision>'")
+    fraction: float
+    patch_size: int
+
+
+class SizeCurve(Record):
+    rows: list[SizeRow]
+
+
+class StrengthRow(Record):
+    """One precision of the quantization-strength lens (weights, activations or both)."""
+
+    axis: Literal["weights", "activations", "both"]
+    bits: int
+    precision: str
+    clean_accuracy: float
+    white_box: RateRecord
+    fp32_transfer: RateRecord
+    layer_error: LayerValues
+
+
+class ArchStrength(Record):
+    patch_size: int
+    rows: list[StrengthRow]
+
+
+class Analyses(Record):
+    """The four "why" lenses; each is absent when switched off."""
+
+    gradient_alignment: GradientAlignment | None = None
+    features: dict[str, ArchFeatures] | None = None
+    sensitivity: SpatialSensitivity | None = None
+    size_curve: SizeCurve | None = None
+    quant_strength: dict[str, ArchStrength] | None = None
+
+
+# -- the file -----------------------------------------------------------------------------------
+
+
+class ResultsFile(Record):
+    """The whole of results.json."""
+
+    format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
+    study: str
+    dataset: str
+    config: dict[str, Any] = Field(description="the resolved study configuration, verbatim")
+    versions: dict[str, str]
+    device: str
+    models: list[ModelRecord]
+    cells: list[CellRecord]
+    analyses: Analyses = Field(default_factory=Analyses)
+
+    def model(self, name: str) -> ModelRecord:
+        return next(m for m in self.models if m.name == name)
+
+
+def results_schema() -> dict[str, Any]:
+    """JSON Schema of results.json."""
+    return ResultsFile.model_json_schema()
+
+
+def load_results(path: str | Path) -> ResultsFile:
+    """Read and validate ``results.json`` (or a run folder holding one).
+
+    Raises ``DataNotFoundError`` when missing and ``CorruptFileError`` (naming the first bad
+    field) when the file is not a results file of this format version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    return parse_results(read_json(path), str(path))
+
+
+def parse_results(data: Any, source: str = "results") -> ResultsFile:
+    if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+        raise CorruptFileError(
+            f"{source}: results format {data.get('format_version')!r}, this quantpatch reads "
+            f"format {FORMAT_VERSION}; rerun the study to regenerate it"
+        )
+    try:
+        return ResultsFile.model_validate(data)
+    except ValidationError as exc:
+        raise CorruptFileError(f"{source}: {first_error(exc)}") from None
+
+
+def first_error(exc: ValidationError) -> str:
+    """The first validation error as 'field.path: message'."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "value"
+    return f"{where}: {err['msg']}"

@@ -1,0 +1,166 @@
+"""The study's shared types: the artifact cache, prepared models, targets, cells and the
+context a run hands to every stage. They live apart from the stages (artifacts, cells,
+analyses, records, runner) so that no stage imports another just for a type."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from quantpatch._io import content_key
+from quantpatch.data import Dataset
+from quantpatch.quant import QuantSpec
+from quantpatch.results import ModelRecord
+from quantpatch.study.config import AttackSettings, StudyConfig
+
+CACHE_FORMAT = 1
+"""Part of every cache key: bump it when a cached artifact's meaning changes."""
+
+
+class ArtifactCache:
+    """Maps key dicts to stable file paths under one root folder (content addressing)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
+        key = content_key({"format": CACHE_FORMAT, "kind": kind, **parts})
+        return self.root / kind / f"{key}.{suffix}"
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedModel:
+    """A trained (and possibly quantized) PyTorch model plus what identifies it."""
+
+    arch: str
+    spec: QuantSpec
+    module: nn.Module
+    key: str
+
+    @property
+    def precision(self) -> str:
+        return self.spec.name
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}/{self.precision}"
+
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+Runtime = Literal["torch", "onnxruntime"]
+
+
+@dataclass(eq=False)
+class Target:
+    """Anything a patch is evaluated on: a name, a logits function and its clean predictions.
+
+    ``precision`` is the label in results ('w4a4', 'ort-int8'), ``spec`` the arithmetic it
+    runs; ``model`` is the PyTorch model behind it, None for other runtimes (ONNX Runtime)."""
+
+    arch: str
+    precision: str
+    spec: QuantSpec
+    runtime: Runtime
+    predict: Predictor
+    key: str
+    model: PreparedModel | None = None
+    clean_pred: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}/{self.precision}"
+
+    def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predict(images).argmax(dim=1)
+
+
+@dataclass(frozen=True, eq=False)
+class Source:
+    """What a cell's attack is crafted on: one model, every precision of one architecture
+    (``multibit``), or nothing (``random``)."""
+
+    label: str
+    arch: str | None
+    precision: str | None
+    models: tuple[PreparedModel, ...]
+
+    @classmethod
+    def single(cls, model: PreparedModel) -> Source:
+        return cls(model.name, model.arch, model.precision, (model,))
+
+    @classmethod
+    def ensemble(cls, arch: str, models: tuple[PreparedModel, ...]) -> Source:
+        return cls(f"{arch}/multibit", arch, "multibit", models)
+
+    @classmethod
+    def none(cls) -> Source:
+        return cls("none", None, None, ())
+
+    @property
+    def keys(self) -> list[str]:
+        return [model.key for model in self.models]
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """(source, attack, patch size, seed); ``key`` hashes everything its numbers depend on."""
+
+    source: Source
+    attack: AttackSettings
+    patch_size: int | None
+    seed: int
+    key: str
+
+    @property
+    def cell_id(self) -> str:
+        size = f"p{self.patch_size}" if self.patch_size else "pixel"
+        raw = f"{self.source.label}__{self.attack.label}__{size}__s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw) + f"__{self.key[:8]}"
+
+
+@dataclass
+class StudyContext:
+    """Everything a stage of a run needs, prepared once: config, data, cache, models, targets."""
+
+    config: StudyConfig
+    out: Path
+    device: torch.device
+    dataset: Dataset
+    cache: ArtifactCache
+    progress: bool = True
+    models: dict[str, PreparedModel] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    model_records: list[ModelRecord] = field(default_factory=list)
+
+    @property
+    def eval_images(self) -> torch.Tensor:
+        return self.dataset.test.images[: self.config.n_eval]
+
+    @property
+    def eval_labels(self) -> torch.Tensor:
+        return self.dataset.test.labels[: self.config.n_eval]
+
+    def fp32(self, arch: str) -> PreparedModel:
+        return self.models[f"{arch}/fp32"]
+
+    def siblings(self, arch: str) -> tuple[PreparedModel, ...]:
+        """Every PyTorch precision of one architecture (the multibit attack's sources)."""
+        return tuple(m for m in self.models.values() if m.arch == arch)
+
+    def data_identity(self) -> dict[str, Any]:
+        """What identifies the training data in cache keys."""
+        return {
+            "dataset": self.dataset.name,
+            "limit": self.config.limit,
+            "shape": list(self.dataset.train.images.shape[1:]),
+            "n_train": len(self.dataset.train),
+        }
+
+    def model_record(self, name: str) -> ModelRecord:
+        return next(r for r in self.model_records if r.name == name)

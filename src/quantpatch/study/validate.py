@@ -1,0 +1,45 @@
+"""Checks that fail a study in seconds, before any file is written or any model trained."""
+
+from __future__ import annotations
+
+from quantpatch._runtime import resolve_device
+from quantpatch.attacks import ATTACKS
+from quantpatch.data import Dataset
+from quantpatch.errors import ConfigError, PatchTooLargeError
+from quantpatch.models import MODELS
+from quantpatch.study.cells import make_attack
+from quantpatch.study.config import StudyConfig
+
+
+def validate_study(config: StudyConfig) -> None:
+    """Names, every attack parameter (by building each attack once per patch size) and the
+    device; raises the specific ``QuantpatchError`` naming what is wrong."""
+    for arch in config.models:
+        if not arch.startswith("tv:"):
+            MODELS.get(arch)
+    for settings in config.attacks:
+        cls = ATTACKS.get(settings.name)
+        sizes = config.patch_sizes if cls.kind == "patch" else [None]
+        for size in sizes:
+            try:
+                make_attack(settings, size, config.seeds[0], progress=False)
+            except ConfigError as exc:
+                raise ConfigError(f"attack '{settings.label}': {exc}") from None
+    resolve_device(config.device)
+
+
+def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
+    """What needs the data's shape: patch sizes and target classes."""
+    side = min(dataset.train.images.shape[-2:])
+    too_big = [p for p in config.patch_sizes if p > side]
+    if too_big:
+        raise PatchTooLargeError(
+            f"patch size {too_big[0]} px is larger than the {side} px images of {dataset.name}"
+        )
+    for settings in config.attacks:
+        target_class = settings.params.get("target_class")
+        if isinstance(target_class, int) and target_class >= dataset.num_classes:
+            raise ConfigError(
+                f"attack '{settings.label}': target_class {target_class} but {dataset.name} has "
+                f"{dataset.num_classes} classes"
+            )
