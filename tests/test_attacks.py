@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quantpatch._registry import Registry
 from quantpatch.attacks import (
     ATTACKS,
     EOT,
@@ -172,6 +173,47 @@ def test_sampling_is_seeded_and_prefix_stable():
 
 
 # ---------------------------------------------------------------------------- registry
+def test_registry_takes_names_and_help_from_definitions():
+    registry: Registry = Registry("thing")
+
+    @registry.register
+    class Named:
+        """First line is the help.
+
+        Not this one."""
+
+        name = "named-thing"
+
+    @registry.register
+    def plain_function():
+        """Function help."""
+
+    @registry.register("not-an-identifier", help="explicit help")
+    def explicit():
+        """Ignored when help is given."""
+
+    @registry.register()
+    def empty_call():
+        pass
+
+    assert registry.describe() == [
+        ("empty_call", ""),
+        ("named-thing", "First line is the help."),
+        ("not-an-identifier", "explicit help"),
+        ("plain_function", "Function help."),
+    ]
+    assert registry.get("named-thing") is Named and registry.get("plain_function") is plain_function
+    assert explicit is registry.get("not-an-identifier")  # the decorator returns the factory
+    with pytest.raises(ValueError, match="twice"):
+
+        @registry.register
+        class Forgot(Named):  # inherits "named-thing": a clash, not a silent "Forgot"
+            pass
+
+    with pytest.raises(ValueError, match="non-empty"):
+        registry.register(type("Nameless", (Attack,), {}))
+
+
 def test_registry_lists_all_attacks_with_their_kinds():
     assert set(ATTACKS.names()) == ALL_ATTACKS
     for name in ATTACKS.names():

@@ -25,9 +25,11 @@ MODES = ("universal", "per-image")
 _BETA1, _BETA2 = 0.9, 0.999  # Adam defaults
 
 
-@ATTACKS.register("lavan", help="LaVAN fixed-location patch, universal or per-image")
+@ATTACKS.register
 class LaVAN(Attack):
-    """LaVAN: fixed ``location`` ("center" or (top, left)); ``mode`` universal | per-image.
+    """LaVAN fixed-location patch, universal or per-image.
+
+    ``location``: "center" or (top, left); ``mode``: "universal" | "per-image".
 
     The class attribute ``universal`` describes the default mode; an instance's own attribute
     follows its ``mode``.

@@ -19,9 +19,11 @@ from quantpatch.attacks.base import ATTACKS, SUCCESS_BONUS, Attack, check_int
 from quantpatch.attacks.placement import EOT, make_canvas, prepare_paste, sample_placement
 
 
-@ATTACKS.register("patch-pgd", help="per-image white-box patch PGD with random restarts")
+@ATTACKS.register
 class PatchPGD(Attack):
-    """Per-image patch PGD: ``steps`` signed steps of size ``lr`` per restart.
+    """Per-image white-box patch PGD with random restarts.
+
+    ``steps`` signed steps of size ``lr`` per restart.
 
     ``location``: "random" (seeded, per image), "center" or (top, left); overrides the
     location of ``eot`` (default: no rotation or scaling). ``restarts``: total random starts.

@@ -17,9 +17,9 @@ from quantpatch._runtime import resolve_device
 from quantpatch.attacks.base import ATTACKS, Attack, check_positive
 
 
-@ATTACKS.register("pgd-linf", help="pixel-level L-inf PGD (eps, alpha, steps, random start)")
+@ATTACKS.register
 class PGDLinf(Attack):
-    """L-infinity PGD with ``eps``, ``alpha``, ``steps`` and ``random_start``."""
+    """Pixel-level L-inf PGD (eps, alpha, steps, random start)."""
 
     name = "pgd-linf"
     universal = False

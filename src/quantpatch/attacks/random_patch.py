@@ -14,11 +14,12 @@ from quantpatch.data._types import Split
 from quantpatch.errors import ShapeError
 
 
-@ATTACKS.register("random", help="uniform-noise patch of the same size (seeded baseline)")
+@ATTACKS.register
 class RandomPatch(UniversalPatch):
-    """Uniform noise in [0, 1], no optimisation; needs no source model (``source_free``).
+    """Uniform-noise patch of the same size (seeded baseline).
 
-    With the same seed it equals the universal attack's starting point.
+    Noise in [0, 1], no optimisation, so it needs no source model (``source_free``). With the
+    same seed it equals the universal attack's starting point.
     """
 
     name = "random"

@@ -30,9 +30,7 @@ from quantpatch.errors import ShapeError
 _RESIDENT_BYTES = 1 << 30
 
 
-@ATTACKS.register(
-    "universal", help="Brown et al. 2017 EOT universal patch (Adam, untargeted/targeted)"
-)
+@ATTACKS.register
 class UniversalPatch(Attack):
     """Brown et al. 2017 EOT universal patch: Adam on pixels over random placements.
 
