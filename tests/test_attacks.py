@@ -226,6 +226,30 @@ def test_registry_lists_all_attacks_with_their_kinds():
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).multi_precision] == ["multibit"]
 
 
+def test_per_image_template_gives_attack_batch_frozen_models_and_attack_labels():
+    seen = []
+
+    class Probe(Attack):
+        name = "probe"
+        universal = False
+
+        def attack_batch(self, models, x, y, generator):
+            seen.append((models[0], y.clone(), float(torch.rand(1, generator=generator))))
+            return 1 - x
+
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=28).train()
+    images, labels = torch.rand(7, 1, 28, 28), torch.arange(7)
+    probe = Probe(targeted=True, target_class=2, batch_size=3, progress=False)
+    assert torch.equal(probe.perturb([model], images, labels, CPU), 1 - images)
+    assert [len(y) for _, y, _ in seen] == [3, 3, 1] and all((y == 2).all() for _, y, _ in seen)
+    frozen = seen[0][0]
+    assert frozen is not model and not frozen.training and model.training
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert len({draw for *_, draw in seen}) == 3  # one seeded stream, shared in batch order
+    probe.fit([model], Split(images, labels), CPU)  # per-image: nothing to learn
+    assert probe.patch is None and probe.state_dict() == {}
+
+
 def test_create_attack_rejects_bad_names_and_params():
     with pytest.raises(UnknownNameError, match="universal"):
         create_attack("nope")

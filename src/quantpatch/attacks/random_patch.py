@@ -26,11 +26,13 @@ class RandomPatch(UniversalPatch):
     source_free = True
     default_steps = 0
 
-    def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
+    def learn_patch(
+        self, models: Sequence[nn.Module], train: Split, device: torch.device | str
+    ) -> torch.Tensor:
         del models, device
         if train.images.ndim != 4:
             raise ShapeError(f"images must be (N, C, H, W), got {tuple(train.images.shape)}")
-        self.patch = self.noise(int(train.images.shape[1]))
+        return self.noise(int(train.images.shape[1]))
 
     def perturb(
         self,
@@ -39,6 +41,7 @@ class RandomPatch(UniversalPatch):
         labels: torch.Tensor,
         device: torch.device | str,
     ) -> torch.Tensor:
+        """Paste the noise patch (drawn on first use when ``fit`` was skipped)."""
         if self.patch is None and images.ndim == 4:
             self.patch = self.noise(int(images.shape[1]))
         return super().perturb(models, images, labels, device)
