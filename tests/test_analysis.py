@@ -25,7 +25,6 @@ from quantpatch.analysis import (
     layerwise_cka,
     linear_cka,
     mean_ci,
-    paste_patches,
     patch_dominance,
     patch_size_pixels,
     sobel_edges,
@@ -307,19 +306,6 @@ def test_spatial_asr_map_matches_brute_force(target: int | None) -> None:
     assert n == n_expected
     assert torch.allclose(rates, expected.float(), atol=1e-6)
     assert rates.max() > rates.min()  # position matters, so the comparison is not vacuous
-
-
-def test_paste_patches_exact_and_masked() -> None:
-    images = torch.zeros(3, 2, 6, 7)
-    patch = torch.arange(2 * 2 * 3.0).view(2, 2, 3) + 1
-    tops, lefts = torch.tensor([0, 4, 2]), torch.tensor([4, 0, 2])
-    out = paste_patches(images.clone(), patch, tops, lefts)
-    for k in range(3):
-        top, left = int(tops[k]), int(lefts[k])
-        assert torch.equal(out[k, :, top : top + 2, left : left + 3], patch)
-        assert out[k].sum() == patch.sum()
-    half = paste_patches(torch.ones(3, 2, 6, 7), patch, tops, lefts, torch.full((1, 2, 3), 0.5))
-    assert torch.allclose(half[0, :, 0:2, 4:7], 0.5 + 0.5 * patch)
 
 
 def test_spatial_asr_map_validation_and_patch_size() -> None:

@@ -18,6 +18,7 @@ from quantpatch.attacks import (
     Placement,
     apply_patch,
     create_attack,
+    paste_at,
     patch_mask,
     sample_placement,
 )
@@ -60,6 +61,33 @@ def test_fixed_integer_paste_equals_slicing():
             expected[:, :, top : top + 6, left : left + 6] = patch
             assert torch.equal(apply_patch(images, patch, placement), expected)
     assert prepare_paste(Placement.fixed(5, 3, 7, 6), (20, 24), 6).exact
+
+
+def test_paste_at_is_the_exact_path_out_of_place():
+    images = torch.zeros(3, 2, 6, 7)
+    patch = torch.arange(2 * 2 * 3.0).view(2, 2, 3) + 1  # rectangular
+    tops, lefts = torch.tensor([0, 4, 2]), torch.tensor([4, 0, 2])
+    out = paste_at(images, patch, tops, lefts)
+    assert images.abs().sum() == 0  # never in place
+    for k in range(3):
+        top, left = int(tops[k]), int(lefts[k])
+        assert torch.equal(out[k, :, top : top + 2, left : left + 3], patch)
+        assert out[k].sum() == patch.sum()
+    half = paste_at(torch.ones(3, 2, 6, 7), patch, tops, lefts, torch.full((1, 2, 3), 0.5))
+    assert torch.allclose(half[0, :, 0:2, 4:7], 0.5 + 0.5 * patch)
+    per_channel = torch.stack([torch.ones(2, 3), torch.zeros(2, 3)])  # paste channel 0 only
+    mixed = paste_at(torch.ones(3, 2, 6, 7), patch, tops, lefts, per_channel)
+    assert torch.equal(mixed[0, 0, 0:2, 4:7], patch[0]) and (mixed[:, 1] == 1).all()
+    # the same kernel as apply_patch at integer placements, also for per-image patches
+    square = torch.rand(3, 2, 4, 4)
+    placement = Placement.fixed(3, 1, 2, 4)
+    expected = apply_patch(images, square, placement, patch_mask(4, "circle"))
+    ones = torch.ones(3, dtype=torch.long)
+    assert torch.equal(paste_at(images, square, ones, 2 * ones, patch_mask(4, "circle")), expected)
+    with pytest.raises(PatchTooLargeError):
+        paste_at(images, patch, tops, torch.tensor([5, 0, 0]))  # would wrap into the next row
+    with pytest.raises(ShapeError):
+        paste_at(images, torch.rand(3, 2, 2), tops, lefts)
 
 
 def test_circle_mask_paste_is_exact_inside_and_untouched_outside():

@@ -28,7 +28,6 @@ from quantpatch.analysis.quant_error import layer_quant_error
 from quantpatch.analysis.sensitivity import (
     benchmark_spatial,
     grid_positions,
-    paste_patches,
     patch_size_pixels,
     spatial_asr_map,
 )
@@ -50,7 +49,6 @@ __all__ = [
     "layerwise_cka",
     "linear_cka",
     "mean_ci",
-    "paste_patches",
     "patch_dominance",
     "patch_size_pixels",
     "sobel_edges",
