@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantpatch.analysis import (
+    alignment_metrics,
     benchmark_spatial,
     collect_activations,
     default_layers,
@@ -194,6 +195,25 @@ def test_gradient_alignment_chance_level() -> None:
     assert result["cosine_chance"].abs().mean() < 0.5
     assert result["edge_iou_chance"].mean() < 0.5  # random 15 % masks: about 0.08
     assert (result["hog_cosine_chance"] < result["hog_cosine"]).all()
+
+
+def test_alignment_metrics_is_the_pure_core_of_gradient_alignment() -> None:
+    images, labels = images_labels(5, n=12)
+    model_a, model_b = tiny_cnn(0), tiny_cnn(3)
+    grad_a = input_gradients(model_a, images, labels, CPU)
+    grad_b = input_gradients(model_b, images, labels, CPU)
+    metrics = alignment_metrics(grad_a, grad_b, chance=True)
+    reference = gradient_alignment(model_a, model_b, images, labels, CPU, chance=True)
+    assert metrics.keys() == reference.keys()
+    assert all(torch.equal(metrics[k], reference[k]) for k in metrics)
+    # the chance level pairs image i of a with its neighbour i-1 (cyclic) of b
+    cos = nn.functional.cosine_similarity(grad_a[3].flatten(), grad_b[2].flatten(), dim=0)
+    assert torch.allclose(metrics["cosine_chance"][3], cos)
+    assert set(alignment_metrics(grad_a, grad_b)) == {"cosine", "edge_iou", "hog_cosine"}
+    with pytest.raises(ShapeError):
+        alignment_metrics(grad_a[:1], grad_b[:1], chance=True)
+    with pytest.raises(ShapeError):
+        alignment_metrics(grad_a, grad_b[:3])
 
 
 def test_mean_ci_t_interval() -> None:

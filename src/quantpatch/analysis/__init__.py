@@ -16,6 +16,7 @@ from quantpatch.analysis.features import (
     patch_dominance,
 )
 from quantpatch.analysis.gradients import (
+    alignment_metrics,
     edge_iou,
     gradient_alignment,
     hog_cosine,
@@ -33,6 +34,7 @@ from quantpatch.analysis.sensitivity import (
 )
 
 __all__ = [
+    "alignment_metrics",
     "benchmark_spatial",
     "collect_activations",
     "default_layers",
