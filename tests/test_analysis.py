@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantpatch.analysis import (
+    alignment_metrics,
     benchmark_spatial,
     collect_activations,
     default_layers,
@@ -25,7 +26,6 @@ from quantpatch.analysis import (
     layerwise_cka,
     linear_cka,
     mean_ci,
-    paste_patches,
     patch_dominance,
     patch_size_pixels,
     sobel_edges,
@@ -197,6 +197,25 @@ def test_gradient_alignment_chance_level() -> None:
     assert (result["hog_cosine_chance"] < result["hog_cosine"]).all()
 
 
+def test_alignment_metrics_is_the_pure_core_of_gradient_alignment() -> None:
+    images, labels = images_labels(5, n=12)
+    model_a, model_b = tiny_cnn(0), tiny_cnn(3)
+    grad_a = input_gradients(model_a, images, labels, CPU)
+    grad_b = input_gradients(model_b, images, labels, CPU)
+    metrics = alignment_metrics(grad_a, grad_b, chance=True)
+    reference = gradient_alignment(model_a, model_b, images, labels, CPU, chance=True)
+    assert metrics.keys() == reference.keys()
+    assert all(torch.equal(metrics[k], reference[k]) for k in metrics)
+    # the chance level pairs image i of a with its neighbour i-1 (cyclic) of b
+    cos = nn.functional.cosine_similarity(grad_a[3].flatten(), grad_b[2].flatten(), dim=0)
+    assert torch.allclose(metrics["cosine_chance"][3], cos)
+    assert set(alignment_metrics(grad_a, grad_b)) == {"cosine", "edge_iou", "hog_cosine"}
+    with pytest.raises(ShapeError):
+        alignment_metrics(grad_a[:1], grad_b[:1], chance=True)
+    with pytest.raises(ShapeError):
+        alignment_metrics(grad_a, grad_b[:3])
+
+
 def test_mean_ci_t_interval() -> None:
     stats = mean_ci(torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")]))
     assert stats["n"] == 4 and stats["mean"] == pytest.approx(2.5)
@@ -307,19 +326,6 @@ def test_spatial_asr_map_matches_brute_force(target: int | None) -> None:
     assert n == n_expected
     assert torch.allclose(rates, expected.float(), atol=1e-6)
     assert rates.max() > rates.min()  # position matters, so the comparison is not vacuous
-
-
-def test_paste_patches_exact_and_masked() -> None:
-    images = torch.zeros(3, 2, 6, 7)
-    patch = torch.arange(2 * 2 * 3.0).view(2, 2, 3) + 1
-    tops, lefts = torch.tensor([0, 4, 2]), torch.tensor([4, 0, 2])
-    out = paste_patches(images.clone(), patch, tops, lefts)
-    for k in range(3):
-        top, left = int(tops[k]), int(lefts[k])
-        assert torch.equal(out[k, :, top : top + 2, left : left + 3], patch)
-        assert out[k].sum() == patch.sum()
-    half = paste_patches(torch.ones(3, 2, 6, 7), patch, tops, lefts, torch.full((1, 2, 3), 0.5))
-    assert torch.allclose(half[0, :, 0:2, 4:7], 0.5 + 0.5 * patch)
 
 
 def test_spatial_asr_map_validation_and_patch_size() -> None:

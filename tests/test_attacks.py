@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quantpatch._registry import Registry
 from quantpatch.attacks import (
     ATTACKS,
     EOT,
@@ -17,6 +18,7 @@ from quantpatch.attacks import (
     Placement,
     apply_patch,
     create_attack,
+    paste_at,
     patch_mask,
     sample_placement,
 )
@@ -59,6 +61,33 @@ def test_fixed_integer_paste_equals_slicing():
             expected[:, :, top : top + 6, left : left + 6] = patch
             assert torch.equal(apply_patch(images, patch, placement), expected)
     assert prepare_paste(Placement.fixed(5, 3, 7, 6), (20, 24), 6).exact
+
+
+def test_paste_at_is_the_exact_path_out_of_place():
+    images = torch.zeros(3, 2, 6, 7)
+    patch = torch.arange(2 * 2 * 3.0).view(2, 2, 3) + 1  # rectangular
+    tops, lefts = torch.tensor([0, 4, 2]), torch.tensor([4, 0, 2])
+    out = paste_at(images, patch, tops, lefts)
+    assert images.abs().sum() == 0  # never in place
+    for k in range(3):
+        top, left = int(tops[k]), int(lefts[k])
+        assert torch.equal(out[k, :, top : top + 2, left : left + 3], patch)
+        assert out[k].sum() == patch.sum()
+    half = paste_at(torch.ones(3, 2, 6, 7), patch, tops, lefts, torch.full((1, 2, 3), 0.5))
+    assert torch.allclose(half[0, :, 0:2, 4:7], 0.5 + 0.5 * patch)
+    per_channel = torch.stack([torch.ones(2, 3), torch.zeros(2, 3)])  # paste channel 0 only
+    mixed = paste_at(torch.ones(3, 2, 6, 7), patch, tops, lefts, per_channel)
+    assert torch.equal(mixed[0, 0, 0:2, 4:7], patch[0]) and (mixed[:, 1] == 1).all()
+    # the same kernel as apply_patch at integer placements, also for per-image patches
+    square = torch.rand(3, 2, 4, 4)
+    placement = Placement.fixed(3, 1, 2, 4)
+    expected = apply_patch(images, square, placement, patch_mask(4, "circle"))
+    ones = torch.ones(3, dtype=torch.long)
+    assert torch.equal(paste_at(images, square, ones, 2 * ones, patch_mask(4, "circle")), expected)
+    with pytest.raises(PatchTooLargeError):
+        paste_at(images, patch, tops, torch.tensor([5, 0, 0]))  # would wrap into the next row
+    with pytest.raises(ShapeError):
+        paste_at(images, torch.rand(3, 2, 2), tops, lefts)
 
 
 def test_circle_mask_paste_is_exact_inside_and_untouched_outside():
@@ -172,6 +201,47 @@ def test_sampling_is_seeded_and_prefix_stable():
 
 
 # ---------------------------------------------------------------------------- registry
+def test_registry_takes_names_and_help_from_definitions():
+    registry: Registry = Registry("thing")
+
+    @registry.register
+    class Named:
+        """First line is the help.
+
+        Not this one."""
+
+        name = "named-thing"
+
+    @registry.register
+    def plain_function():
+        """Function help."""
+
+    @registry.register("not-an-identifier", help="explicit help")
+    def explicit():
+        """Ignored when help is given."""
+
+    @registry.register()
+    def empty_call():
+        pass
+
+    assert registry.describe() == [
+        ("empty_call", ""),
+        ("named-thing", "First line is the help."),
+        ("not-an-identifier", "explicit help"),
+        ("plain_function", "Function help."),
+    ]
+    assert registry.get("named-thing") is Named and registry.get("plain_function") is plain_function
+    assert explicit is registry.get("not-an-identifier")  # the decorator returns the factory
+    with pytest.raises(ValueError, match="twice"):
+
+        @registry.register
+        class Forgot(Named):  # inherits "named-thing": a clash, not a silent "Forgot"
+            pass
+
+    with pytest.raises(ValueError, match="non-empty"):
+        registry.register(type("Nameless", (Attack,), {}))
+
+
 def test_registry_lists_all_attacks_with_their_kinds():
     assert set(ATTACKS.names()) == ALL_ATTACKS
     for name in ATTACKS.names():
@@ -182,6 +252,30 @@ def test_registry_lists_all_attacks_with_their_kinds():
     assert ATTACKS.get("pgd-linf").kind == "pixel" and not ATTACKS.get("pgd-linf").universal
     assert not ATTACKS.get("patch-pgd").universal and ATTACKS.get("universal").universal
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).multi_precision] == ["multibit"]
+
+
+def test_per_image_template_gives_attack_batch_frozen_models_and_attack_labels():
+    seen = []
+
+    class Probe(Attack):
+        name = "probe"
+        universal = False
+
+        def attack_batch(self, models, x, y, generator):
+            seen.append((models[0], y.clone(), float(torch.rand(1, generator=generator))))
+            return 1 - x
+
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=28).train()
+    images, labels = torch.rand(7, 1, 28, 28), torch.arange(7)
+    probe = Probe(targeted=True, target_class=2, batch_size=3, progress=False)
+    assert torch.equal(probe.perturb([model], images, labels, CPU), 1 - images)
+    assert [len(y) for _, y, _ in seen] == [3, 3, 1] and all((y == 2).all() for _, y, _ in seen)
+    frozen = seen[0][0]
+    assert frozen is not model and not frozen.training and model.training
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert len({draw for *_, draw in seen}) == 3  # one seeded stream, shared in batch order
+    probe.fit([model], Split(images, labels), CPU)  # per-image: nothing to learn
+    assert probe.patch is None and probe.state_dict() == {}
 
 
 def test_create_attack_rejects_bad_names_and_params():

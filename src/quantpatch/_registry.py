@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, overload
 
 from quantpatch.errors import UnknownNameError
 
@@ -11,23 +11,41 @@ T = TypeVar("T", bound=Callable)
 
 
 class Registry(Generic[T]):
-    """Maps names to factories; unknown names raise ``UnknownNameError`` listing the choices."""
+    """Maps names to factories; unknown names raise ``UnknownNameError`` listing the choices.
+
+    A name is written once: ``@REGISTRY.register`` takes it from the definition (a class's
+    ``name`` attribute, else the ``__name__``), and the help from the docstring's first line.
+    ``@REGISTRY.register("fashion-mnist")`` names it explicitly, for names that are not
+    identifiers.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
         self._help: dict[str, str] = {}
 
-    def register(self, name: str, help: str = "") -> Callable[[T], T]:
-        def decorator(factory: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self._entries[name] = factory
-            doc = (factory.__doc__ or "").strip().splitlines()
-            self._help[name] = help or (doc[0] if doc else "")
-            return factory
+    @overload
+    def register(self, name: T, help: str = "") -> T: ...
 
-        return decorator
+    @overload
+    def register(self, name: str | None = None, help: str = "") -> Callable[[T], T]: ...
+
+    def register(self, name: str | T | None = None, help: str = "") -> T | Callable[[T], T]:
+        """Decorator: ``@register``, ``@register()`` or ``@register("name", help="...")``."""
+        if callable(name):  # bare ``@register``
+            return self._add(name, None, help)
+        return lambda factory: self._add(factory, name, help)
+
+    def _add(self, factory: T, name: str | None, help: str) -> T:
+        name = name if name is not None else _defined_name(factory)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        if name in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        self._entries[name] = factory
+        doc = (factory.__doc__ or "").strip().splitlines()
+        self._help[name] = help or (doc[0] if doc else "")
+        return factory
 
     def get(self, name: str) -> T:
         try:
@@ -49,3 +67,11 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _defined_name(factory: Callable) -> str:
+    """A class's ``name`` attribute, else the ``__name__``. The attribute may be inherited, so
+    a subclass that forgot its own name clashes with its parent ("registered twice") instead
+    of being listed under its Python class name."""
+    name = getattr(factory, "name", None) if isinstance(factory, type) else None
+    return name if isinstance(name, str) else factory.__name__

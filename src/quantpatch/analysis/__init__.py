@@ -16,6 +16,7 @@ from quantpatch.analysis.features import (
     patch_dominance,
 )
 from quantpatch.analysis.gradients import (
+    alignment_metrics,
     edge_iou,
     gradient_alignment,
     hog_cosine,
@@ -28,12 +29,12 @@ from quantpatch.analysis.quant_error import layer_quant_error
 from quantpatch.analysis.sensitivity import (
     benchmark_spatial,
     grid_positions,
-    paste_patches,
     patch_size_pixels,
     spatial_asr_map,
 )
 
 __all__ = [
+    "alignment_metrics",
     "benchmark_spatial",
     "collect_activations",
     "default_layers",
@@ -50,7 +51,6 @@ __all__ = [
     "layerwise_cka",
     "linear_cka",
     "mean_ci",
-    "paste_patches",
     "patch_dominance",
     "patch_size_pixels",
     "sobel_edges",

@@ -156,12 +156,34 @@ def hog_cosine(a: torch.Tensor, b: torch.Tensor, **hog_kwargs: int | float | Non
     return F.cosine_similarity(hog_descriptor(a, **hog_kwargs), hog_descriptor(b, **hog_kwargs))
 
 
-def _alignment(grad_a: torch.Tensor, grad_b: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {
+def alignment_metrics(
+    grad_a: torch.Tensor, grad_b: torch.Tensor, *, chance: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per-image agreement of two stacks of gradient maps (B, C, H, W), each value (B,):
+
+    ``cosine``: cosine of the flattened signed gradients (pointwise agreement);
+    ``edge_iou``: IoU of the top-15 % Sobel edges of |grad| (where the structure is);
+    ``hog_cosine``: cosine of HOG descriptors of |grad| (how the structure is oriented).
+
+    ``chance=True`` adds ``<metric>_chance``: the same metrics with image i of ``grad_a``
+    paired with its neighbour i-1 (cyclic) of ``grad_b`` (needs B >= 2). That is the level
+    two unrelated gradient maps reach, e.g. ~0.08 Edge IoU (random 15 % masks) and a high HOG
+    cosine, because HOG vectors are non-negative and block-normalised; read the real values
+    against it. Pure, so gradients computed once can be paired many times.
+    """
+    if grad_a.shape != grad_b.shape:
+        raise ShapeError(f"need equal shapes, got {tuple(grad_a.shape)} and {tuple(grad_b.shape)}")
+    result = {
         "cosine": F.cosine_similarity(grad_a.flatten(1), grad_b.flatten(1), dim=1),
         "edge_iou": edge_iou(grad_a.abs(), grad_b.abs()),
         "hog_cosine": hog_cosine(grad_a.abs(), grad_b.abs()),
     }
+    if chance:
+        if len(grad_a) < 2:
+            raise ShapeError("the chance level needs at least 2 images")
+        shuffled = alignment_metrics(grad_a, grad_b.roll(1, dims=0))
+        result.update({f"{key}_chance": value for key, value in shuffled.items()})
+    return result
 
 
 def gradient_alignment(
@@ -173,26 +195,13 @@ def gradient_alignment(
     batch_size: int = 256,
     chance: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-image agreement of the two models' input gradients (each value (B,), CPU):
-
-    ``cosine``: cosine of the flattened signed gradients (pointwise agreement);
-    ``edge_iou``: IoU of the top-15 % Sobel edges of |grad| (where the structure is);
-    ``hog_cosine``: cosine of HOG descriptors of |grad| (how the structure is oriented).
-
-    ``chance=True`` adds ``<metric>_chance``: the same metrics with image i of model_a paired
-    with image i+1 of model_b (needs B >= 2). That is the level two unrelated gradient maps
-    reach, e.g. ~0.08 Edge IoU (random 15 % masks) and a high HOG cosine, because HOG vectors
-    are non-negative and block-normalised; read the real values against it.
-    """
+    """``alignment_metrics`` of the two models' input gradients on ``images`` (each value
+    (B,), CPU): cosine, edge_iou, hog_cosine, and with ``chance=True`` their chance levels."""
+    if chance and len(images) < 2:
+        raise ShapeError("the chance level needs at least 2 images")
     grad_a = input_gradients(model_a, images, labels, device, batch_size)
     grad_b = input_gradients(model_b, images, labels, device, batch_size)
-    result = _alignment(grad_a, grad_b)
-    if chance:
-        if len(images) < 2:
-            raise ShapeError("the chance level needs at least 2 images")
-        shuffled = _alignment(grad_a, grad_b.roll(1, dims=0))
-        result.update({f"{key}_chance": value for key, value in shuffled.items()})
-    return result
+    return alignment_metrics(grad_a, grad_b, chance=chance)
 
 
 def _t975(df: int) -> float:

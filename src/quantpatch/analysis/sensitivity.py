@@ -2,8 +2,9 @@
 
 ``spatial_asr_map`` pastes one fixed patch at every position of a stride grid and measures the
 attack success rate per position. Images x positions are evaluated in large flat chunks: each
-chunk gathers its images with one index op and pastes the patch into all of them with one
-``scatter_`` at exact integer offsets, so there is no Python loop over positions.
+chunk gathers its images with one index op and pastes the patch into all of them with the
+attacks' exact-position kernel (``attacks.placement.paste_at``), so there is no Python loop
+over positions.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from quantpatch.analysis._common import batches, check_images, evaluating
+from quantpatch.attacks.placement import paste_at
 from quantpatch.errors import PatchTooLargeError, ShapeError
 
 
@@ -57,35 +59,6 @@ def grid_positions(
     return rows, cols
 
 
-def paste_patches(
-    images: torch.Tensor,
-    patch: torch.Tensor,
-    tops: torch.Tensor,
-    lefts: torch.Tensor,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Paste ``patch`` (C, ph, pw) into each image k at (tops[k], lefts[k]), in place.
-
-    One ``scatter_`` over flattened pixel indices (exact integer placement, no interpolation);
-    with ``mask`` the patch is alpha-blended: image * (1 - mask) + patch * mask.
-    """
-    batch, channels, height, width = images.shape
-    _, p_h, p_w = patch.shape
-    device = images.device
-    offsets = (torch.arange(p_h, device=device)[:, None] * width
-               + torch.arange(p_w, device=device)[None, :]).flatten()  # fmt: skip
-    index = (tops.to(device) * width + lefts.to(device))[:, None] + offsets[None, :]
-    index = index[:, None, :].expand(batch, channels, p_h * p_w)
-    flat = images.view(batch, channels, height * width)
-    source = patch.to(images).reshape(-1, 1, p_h * p_w).transpose(0, 1)
-    source = source.expand(batch, channels, p_h * p_w)
-    if mask is not None:
-        alpha = mask.to(images).reshape(-1, 1, p_h * p_w).transpose(0, 1)
-        source = flat.gather(2, index) * (1 - alpha) + source * alpha
-    flat.scatter_(2, index, source)
-    return images
-
-
 def _predict(model: nn.Module, images: torch.Tensor, device, batch_size: int) -> torch.Tensor:
     out = torch.empty(len(images), dtype=torch.long, device=device)
     for part in batches(len(images), batch_size):
@@ -123,7 +96,7 @@ def spatial_asr_map(
     with evaluating(model), torch.inference_mode():
         images = images.to(device)
         labels = labels.to(device)
-        patch = patch.to(device, images.dtype)
+        patch = patch.to(device, images.dtype).expand(images.shape[1], -1, -1)
         clean = _predict(model, images, device, batch_size)
         eligible = clean == labels if target is None else labels != target
         pool, pool_labels = images[eligible].contiguous(), labels[eligible]
@@ -132,7 +105,7 @@ def spatial_asr_map(
         for part in batches(n * n_loc, batch_size):
             flat = torch.arange(part.start, part.stop, device=device)
             image_idx, loc = flat // n_loc, flat % n_loc
-            batch = paste_patches(pool[image_idx], patch, tops[loc], lefts[loc], mask)
+            batch = paste_at(pool[image_idx], patch, tops[loc], lefts[loc], mask)
             pred = model(batch).argmax(dim=1)
             success = pred != pool_labels[image_idx] if target is None else pred == target
             hits.index_add_(0, loc, success.long())

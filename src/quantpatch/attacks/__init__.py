@@ -9,6 +9,7 @@ from quantpatch.attacks.placement import (
     EOT,
     Placement,
     apply_patch,
+    paste_at,
     patch_mask,
     sample_placement,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "UniversalPatch",
     "apply_patch",
     "create_attack",
+    "paste_at",
     "patch_mask",
     "sample_placement",
 ]

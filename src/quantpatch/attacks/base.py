@@ -1,15 +1,16 @@
 """The ``Attack`` base class, the registry and ``create_attack``.
 
 Like torchattacks, the base owns the boring parts: parameter checks, device and eval mode,
-freezing the models, the targeted/untargeted objective averaged over several models, seeding,
-batching and the per-image search loop. Each attack file adds only what makes it different.
+freezing the models, targeted labels, the objective averaged over several models, seeding,
+batching, the per-image search loop, and the universal fit (EOT + Adam) and paste. A
+universal attack only states its defaults; a per-image attack writes only ``attack_batch``
+(its start and its update step).
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -19,7 +20,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantpatch._registry import Registry
-from quantpatch.attacks.placement import EOT, MASK_SHAPES, patch_mask
+from quantpatch._runtime import resolve_device
+from quantpatch.attacks.placement import (
+    EOT,
+    MASK_SHAPES,
+    apply_patch,
+    make_canvas,
+    patch_mask,
+    prepare_paste,
+    sample_placement,
+)
 from quantpatch.data._types import Split
 from quantpatch.errors import ConfigError, CorruptFileError, QuantpatchError, ShapeError
 from quantpatch.models.fast import fast_frozen_copy
@@ -29,9 +39,14 @@ ATTACKS: Registry = Registry("attack")
 
 # Success outranks any loss value when keeping the best adversarial example per image.
 SUCCESS_BONUS = 1e6
+# Move the whole train split to the device once when it is at most this large.
+_RESIDENT_BYTES = 1 << 30
+
+BatchStep = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+Render = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Attack(ABC):
+class Attack:
     """Base class: universal attacks learn a patch in ``fit``; per-image ones work in ``perturb``.
 
     Common parameters: ``patch_size`` (px), ``shape`` ("square" | "circle"), ``targeted`` and
@@ -44,6 +59,7 @@ class Attack(ABC):
     universal: ClassVar[bool] = True
     kind: ClassVar[Literal["patch", "pixel"]] = "patch"
     multi_precision: ClassVar[bool] = False
+    source_free: ClassVar[bool] = False
     default_steps: ClassVar[int] = 200
     default_lr: ClassVar[float] = 0.05
     default_eot: ClassVar[EOT] = EOT()
@@ -89,9 +105,9 @@ class Attack(ABC):
     # ----------------------------------------------------------------- public API
     def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
         """Learn the universal patch on ``train`` (per-image attacks: nothing to learn)."""
-        del models, train, device
+        if self.universal:
+            self.patch = self.learn_patch(models, train, device)
 
-    @abstractmethod
     def perturb(
         self,
         models: Sequence[nn.Module],
@@ -99,7 +115,27 @@ class Attack(ABC):
         labels: torch.Tensor,
         device: torch.device | str,
     ) -> torch.Tensor:
-        """Adversarial versions of ``images`` (same shape and device), deterministic per seed."""
+        """Adversarial versions of ``images`` (same shape and device), deterministic per seed.
+
+        Universal attacks paste the learned patch at seeded ``paste_eot`` placements and ignore
+        ``models`` (so every target model of a transfer grid sees the same images); per-image
+        attacks run ``attack_batch`` on frozen copies of ``models``, one batch at a time.
+        """
+        check_inputs(images, labels)
+        device = resolve_device(device)
+        step = (
+            self._paste_step(images, device)
+            if self.universal
+            else self._attack_step(models, device)
+        )
+        out = []
+        starts = range(0, len(images), self.batch_size)
+        for start in tqdm(starts, desc=self.name, disable=not self.progress, leave=False):
+            index = slice(start, start + self.batch_size)
+            x = images[index].to(device, non_blocking=True)
+            y = labels[index].to(device, non_blocking=True)
+            out.append(step(x, y, index).detach().to(images.device))
+        return torch.cat(out) if out else images.clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{"patch": (C, p, p)}`` once a universal patch exists, else ``{}``."""
@@ -151,6 +187,93 @@ class Attack(ABC):
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"{type(self).__name__}({args})"
 
+    # ----------------------------------------------------------------- what subclasses change
+    @property
+    def paste_eot(self) -> EOT:
+        """Where ``perturb`` pastes a universal patch: by default where it was learned."""
+        return self.eot
+
+    def attack_batch(
+        self,
+        models: Sequence[nn.Module],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """Per-image attacks: adversarial versions of one batch ``x`` (on the device).
+
+        ``models`` are frozen fast copies; ``y`` are the ``attack_labels``; ``generator`` is
+        the seeded "perturb" stream, shared by the batches in order.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is per-image but has no attack_batch")
+
+    def learn_patch(
+        self, models: Sequence[nn.Module], train: Split, device: torch.device | str
+    ) -> torch.Tensor:
+        """Learn a (C, p, p) patch on ``train``: Adam on the batch-mean cross-entropy averaged
+        over ``models`` (of the target class when targeted, else of the true class, maximised)
+        and over placements drawn from ``eot``; returns it on the CPU.
+
+        All randomness is drawn up front from the seeded "fit" stream, so the loop itself is
+        just paste + forward + backward.
+        """
+        device = resolve_device(device)
+        if len(train) == 0:
+            raise ShapeError("cannot fit a universal patch on an empty train split")
+        _, channels, height, width = train.images.shape
+        p, steps, batch = self.patch_size, self.steps, self.batch_size
+        gen = self.generator("fit")
+        patch = torch.rand(channels, p, p, generator=gen)
+        index = torch.randint(len(train), (steps, batch), generator=gen)
+        placements = sample_placement(steps * batch, (height, width), p, self.eot, gen)
+        plan = prepare_paste(placements, (height, width), p, device)
+        images, labels = _resident(train, device)
+        index = index.to(images.device)
+        labels = self.attack_labels(labels[index].to(device))  # (steps, batch), gathered once
+        patch = patch.to(device).requires_grad_(True)
+        mask = self.mask(device)
+        optimizer = torch.optim.Adam(
+            [patch], lr=self.lr, maximize=not self.targeted, fused=device.type == "cuda"
+        )
+        frozen = self.frozen_copies(models, device)
+        bar = tqdm(total=steps, desc=f"fit {self.name}", disable=not self.progress, leave=False)
+        with bar:
+            for step in range(steps):
+                x = images[index[step]].to(device, non_blocking=True)
+                adv = plan[step * batch : (step + 1) * batch](x, make_canvas(patch, mask))
+                loss = self.mean_ce(frozen, adv, labels[step])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    patch.clamp_(0.0, 1.0)
+                if self.progress and (step % 25 == 0 or step == steps - 1):
+                    bar.set_postfix(ce=f"{float(loss):.3f}", refresh=False)
+                bar.update(1)
+        return patch.detach().cpu()
+
+    # ----------------------------------------------------------------- the two perturb steps
+    def _paste_step(self, images: torch.Tensor, device: torch.device) -> BatchStep:
+        """Paste ``self.patch`` at placements drawn from ``paste_eot`` with the seeded
+        "perturb" stream: image i's placement depends only on the seed and i."""
+        patch = require_patch(self, images).to(device)
+        _, _, height, width = images.shape
+        placements = sample_placement(
+            len(images), (height, width), self.patch_size, self.paste_eot, self.generator("perturb")
+        )
+        mask = self.mask(device)
+
+        @torch.no_grad()
+        def paste(x: torch.Tensor, _: torch.Tensor, index: slice) -> torch.Tensor:
+            return apply_patch(x, patch, placements[index], mask)
+
+        return paste
+
+    def _attack_step(self, models: Sequence[nn.Module], device: torch.device) -> BatchStep:
+        frozen = self.frozen_copies(models, device)
+        generator = self.generator("perturb")
+        return lambda x, y, _: self.attack_batch(frozen, x, self.attack_labels(y), generator)
+
     # ----------------------------------------------------------------- helpers for subclasses
     def mask(self, device: torch.device | None = None) -> torch.Tensor | None:
         """The patch mask, or ``None`` for squares (the paste is then cheaper)."""
@@ -197,6 +320,23 @@ class Attack(ABC):
         assert total is not None
         return total if len(models) == 1 else total / len(models)
 
+    def random_patches(
+        self, x: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, Render]:
+        """A uniform-noise patch per image at placements drawn from ``eot``, and the render
+        ``(rows, idx) -> images idx with their patch rows pasted`` for ``search``."""
+        n, c, height, width = x.shape
+        p = self.patch_size
+        placement = sample_placement(n, (height, width), p, self.eot, generator)
+        plan = prepare_paste(placement, (height, width), p, x.device)
+        patches = torch.rand(n, c, p, p, generator=generator).to(x.device)
+        mask = self.mask(x.device)
+
+        def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return plan[idx](x[idx], make_canvas(rows, mask))
+
+        return patches, render
+
     def _check_target(self, logits: torch.Tensor) -> None:
         if self.targeted and self.target_class >= logits.shape[1]:  # type: ignore[operator]
             raise ConfigError(
@@ -228,7 +368,7 @@ class Attack(ABC):
         models: Sequence[nn.Module],
         labels: torch.Tensor,
         variable: torch.Tensor,
-        render: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        render: Render,
         update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-image gradient ascent on ``variable`` (row i belongs to image i); returns the
@@ -263,26 +403,6 @@ class Attack(ABC):
         assert best_adv is not None
         return best_adv, best_key
 
-    def per_batch(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        device: torch.device,
-        fn: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor],
-        desc: str,
-    ) -> torch.Tensor:
-        """Run ``fn(images_on_device, labels_on_device, index)`` per batch; reassemble on the
-        images' device."""
-        check_inputs(images, labels)
-        out = []
-        starts = range(0, len(images), self.batch_size)
-        for start in tqdm(starts, desc=desc, disable=not self.progress, leave=False):
-            index = slice(start, start + self.batch_size)
-            x = images[index].to(device, non_blocking=True)
-            y = labels[index].to(device, non_blocking=True)
-            out.append(fn(x, y, index).detach().to(images.device))
-        return torch.cat(out) if out else images.clone()
-
 
 def check_inputs(images: torch.Tensor, labels: torch.Tensor) -> None:
     if images.ndim != 4:
@@ -303,6 +423,13 @@ def check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _resident(train: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split on ``device`` when it is small enough, else left where it is (batches move)."""
+    if train.images.numel() * train.images.element_size() <= _RESIDENT_BYTES:
+        return train.images.to(device), train.labels.to(device)
+    return train.images, train.labels
 
 
 def create_attack(name: str, **params: Any) -> Attack:

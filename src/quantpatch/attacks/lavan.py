@@ -1,8 +1,9 @@
 """``lavan``: LaVAN (Karmon et al. 2018), localized and visible adversarial noise.
 
 The patch sits at one fixed location with no rotation or scaling. ``mode="universal"`` learns
-one patch on the train split (Adam, like ``universal`` but without EOT); ``mode="per-image"``
-optimises a patch per image (Adam, batched) at that location in ``perturb``.
+one patch on the train split (the base class's universal fit: Adam, like ``universal`` but
+without EOT); ``mode="per-image"`` optimises a patch per image (Adam, batched) at that
+location in ``perturb``.
 """
 
 from __future__ import annotations
@@ -14,20 +15,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch._runtime import resolve_device
 from quantpatch.attacks.base import ATTACKS, Attack
-from quantpatch.attacks.placement import EOT, make_canvas, prepare_paste, sample_placement
-from quantpatch.attacks.universal import fit_universal, paste_universal
-from quantpatch.data._types import Split
+from quantpatch.attacks.placement import EOT
 from quantpatch.errors import ConfigError
 
 MODES = ("universal", "per-image")
 _BETA1, _BETA2 = 0.9, 0.999  # Adam defaults
 
 
-@ATTACKS.register("lavan", help="LaVAN fixed-location patch, universal or per-image")
+@ATTACKS.register
 class LaVAN(Attack):
-    """LaVAN: fixed ``location`` ("center" or (top, left)); ``mode`` universal | per-image.
+    """LaVAN fixed-location patch, universal or per-image.
+
+    ``location``: "center" or (top, left); ``mode``: "universal" | "per-image".
 
     The class attribute ``universal`` describes the default mode; an instance's own attribute
     follows its ``mode``.
@@ -60,49 +60,29 @@ class LaVAN(Attack):
         self.mode = mode
         self.universal = mode == "universal"  # type: ignore[misc]  # instance follows mode
 
-    def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
-        if self.universal:
-            self.patch = fit_universal(self, models, train, device, self.eot)
-
-    def perturb(
+    def attack_batch(
         self,
         models: Sequence[nn.Module],
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        device: torch.device | str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
     ) -> torch.Tensor:
-        if self.universal:
-            return paste_universal(self, images, labels, device, self.eot)
-        device = resolve_device(device)
-        gen = self.generator("perturb")
-        mask = self.mask(device)
-        p = self.patch_size
+        """Per-image mode: Adam ascent on each image's own patch at the fixed location."""
+        patches, render = self.random_patches(x, generator)
+        moment1, moment2 = torch.zeros_like(patches), torch.zeros_like(patches)
 
-        def attack_batch(x: torch.Tensor, y: torch.Tensor, _: slice) -> torch.Tensor:
-            n, c, height, width = x.shape
-            placement = sample_placement(n, (height, width), p, self.eot, gen)
-            plan = prepare_paste(placement, (height, width), p, device)
-            patch = torch.rand(n, c, p, p, generator=gen).to(device)
-            moment1, moment2 = torch.zeros_like(patch), torch.zeros_like(patch)
+        def update(
+            rows: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, step: int
+        ) -> torch.Tensor:
+            """Adam ascent, per row (rows leave the batch once their image is fooled)."""
+            moment1[idx] = _BETA1 * moment1[idx] + (1 - _BETA1) * grad
+            moment2[idx] = _BETA2 * moment2[idx] + (1 - _BETA2) * grad * grad
+            m_hat = moment1[idx] / (1 - _BETA1 ** (step + 1))
+            v_hat = moment2[idx] / (1 - _BETA2 ** (step + 1))
+            return (rows + self.lr * m_hat / (v_hat.sqrt() + 1e-8)).clamp(0.0, 1.0)
 
-            def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                return plan[idx](x[idx], make_canvas(rows, mask))
-
-            def update(
-                rows: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, step: int
-            ) -> torch.Tensor:
-                """Adam ascent, per row (rows leave the batch once their image is fooled)."""
-                moment1[idx] = _BETA1 * moment1[idx] + (1 - _BETA1) * grad
-                moment2[idx] = _BETA2 * moment2[idx] + (1 - _BETA2) * grad * grad
-                m_hat = moment1[idx] / (1 - _BETA1 ** (step + 1))
-                v_hat = moment2[idx] / (1 - _BETA2 ** (step + 1))
-                return (rows + self.lr * m_hat / (v_hat.sqrt() + 1e-8)).clamp(0.0, 1.0)
-
-            best, _ = self.search(frozen, self.attack_labels(y), patch, render, update)
-            return best
-
-        frozen = self.frozen_copies(models, device)
-        return self.per_batch(images, labels, device, attack_batch, "lavan")
+        best, _ = self.search(models, y, patches, render, update)
+        return best
 
     def config(self) -> dict[str, Any]:
         out = super().config()

@@ -11,9 +11,9 @@ from quantpatch.attacks.base import ATTACKS
 from quantpatch.attacks.universal import UniversalPatch
 
 
-@ATTACKS.register("multibit", help="universal EOT patch against the mean loss over precisions")
+@ATTACKS.register
 class MultibitPatch(UniversalPatch):
-    """Universal EOT patch over every precision of the source architecture at once."""
+    """Universal EOT patch against the mean loss over every precision of the source model."""
 
     name = "multibit"
     multi_precision = True

@@ -13,13 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch._runtime import resolve_device
 from quantpatch.attacks.base import ATTACKS, Attack, check_positive
 
 
-@ATTACKS.register("pgd-linf", help="pixel-level L-inf PGD (eps, alpha, steps, random start)")
+@ATTACKS.register
 class PGDLinf(Attack):
-    """L-infinity PGD with ``eps``, ``alpha``, ``steps`` and ``random_start``."""
+    """Pixel-level L-inf PGD (eps, alpha, steps, random start)."""
 
     name = "pgd-linf"
     universal = False
@@ -43,35 +42,29 @@ class PGDLinf(Attack):
     def step_size(self) -> float:
         return self.alpha if self.alpha is not None else 2.5 * self.eps / max(self.steps, 1)
 
-    def perturb(
+    def attack_batch(
         self,
         models: Sequence[nn.Module],
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        device: torch.device | str,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
     ) -> torch.Tensor:
-        device = resolve_device(device)
-        gen = self.generator("perturb")
+        """Signed steps on a per-image perturbation ``delta``, projected onto the eps-ball."""
         eps, alpha = self.eps, self.step_size
+        if self.random_start:
+            noise = torch.rand(x.shape, generator=generator).to(x.device, x.dtype) * (2 * eps) - eps
+            delta = (x + noise).clamp(0.0, 1.0) - x
+        else:
+            delta = torch.zeros_like(x)
 
-        def attack_batch(x: torch.Tensor, y: torch.Tensor, _: slice) -> torch.Tensor:
-            if self.random_start:
-                noise = torch.rand(x.shape, generator=gen).to(device, x.dtype) * (2 * eps) - eps
-                delta = (x + noise).clamp(0.0, 1.0) - x
-            else:
-                delta = torch.zeros_like(x)
+        def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return (x[idx] + rows).clamp(0.0, 1.0)
 
-            def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-                return (x[idx] + rows).clamp(0.0, 1.0)
+        def update(
+            rows: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, _: int
+        ) -> torch.Tensor:
+            stepped = (rows + alpha * grad.sign()).clamp(-eps, eps)
+            return (x[idx] + stepped).clamp(0.0, 1.0) - x[idx]
 
-            def update(
-                rows: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, _: int
-            ) -> torch.Tensor:
-                stepped = (rows + alpha * grad.sign()).clamp(-eps, eps)
-                return (x[idx] + stepped).clamp(0.0, 1.0) - x[idx]
-
-            best, _ = self.search(frozen, self.attack_labels(y), delta, render, update)
-            return best
-
-        frozen = self.frozen_copies(models, device)
-        return self.per_batch(images, labels, device, attack_batch, self.name)
+        best, _ = self.search(models, y, delta, render, update)
+        return best

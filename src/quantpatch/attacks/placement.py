@@ -6,7 +6,9 @@ Geometry uses continuous pixel coordinates: pixel ``i`` spans ``[i, i + 1)``, so
 changes, so all work is O(window): the (patch, mask) canvas is resampled into the window with
 one ``grid_sample`` (skipped for unrotated, unscaled patches at integer positions, which makes
 that path pixel-identical to slicing), alpha-blended with the gathered window pixels, and
-scattered back into a copy of the images.
+scattered back into a copy of the images. ``paste_at`` is that exact path for integer
+positions given directly (e.g. every position of a grid): the one paste kernel of attacks and
+analyses, never in place.
 """
 
 from __future__ import annotations
@@ -259,6 +261,43 @@ def apply_patch(
     return plan(images, make_canvas(patch, mask))
 
 
+def paste_at(
+    images: torch.Tensor,
+    patch: torch.Tensor,
+    tops: torch.Tensor,
+    lefts: torch.Tensor,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Paste ``patch`` into image k with its top-left pixel at ``(tops[k], lefts[k])``.
+
+    The exact path of ``apply_patch`` for integer positions, also for rectangular patches:
+    ``patch`` (C, ph, pw) shared or (N, C, ph, pw) per image; ``mask`` (1 or C, ph, pw) blends
+    ``images * (1 - mask) + patch * mask``. Returns a new tensor (``images`` is never written,
+    so it may be a view of a dataset) and is differentiable w.r.t. ``patch``.
+    """
+    if images.ndim != 4:
+        raise ShapeError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+    n, channels, height, width = images.shape
+    if patch.ndim not in (3, 4) or patch.shape[-3] != channels:
+        raise ShapeError(f"patch must be ({channels}, ph, pw) or (N, {channels}, ph, pw), got "
+                         f"{tuple(patch.shape)}")  # fmt: skip
+    if patch.ndim == 4 and patch.shape[0] != n:
+        raise ShapeError(f"{patch.shape[0]} per-image patches for {n} images")
+    p_h, p_w = (int(v) for v in patch.shape[-2:])
+    if p_h > height or p_w > width:
+        raise PatchTooLargeError(f"a {p_h}x{p_w} patch does not fit a {height}x{width} image")
+    tops, lefts = tops.to(images.device), lefts.to(images.device)
+    if tops.shape != (n,) or lefts.shape != (n,):
+        raise ShapeError(f"need {n} tops and lefts, got {tuple(tops.shape)}, {tuple(lefts.shape)}")
+    if n and not bool(
+        (tops.min() >= 0) & (lefts.min() >= 0) & (tops.max() <= height - p_h)
+        & (lefts.max() <= width - p_w)
+    ):  # fmt: skip
+        raise PatchTooLargeError(f"a {p_h}x{p_w} patch leaves the {height}x{width} image")
+    plan = PastePlan(tops.long() * width + lefts.long(), (p_h, p_w), (height, width), None)
+    return plan(images, make_canvas(patch.to(device=images.device, dtype=images.dtype), mask))
+
+
 @dataclass(frozen=True)
 class PastePlan:
     """Everything a batch of pastes needs except the pixels, precomputed once.
@@ -293,20 +332,19 @@ class PastePlan:
         return PastePlan(offset, self.window, self.image_hw, theta)
 
     def __call__(self, images: torch.Tensor, canvas: torch.Tensor) -> torch.Tensor:
-        """Blend ``canvas`` (1 or N, C + 1, p, p), from ``make_canvas``, into ``images``."""
-        n, k, p = images.shape[0], canvas.shape[1], canvas.shape[-1]
+        """Blend ``canvas`` (1 or N, C + k, ph, pw), from ``make_canvas``, into ``images``."""
+        n = images.shape[0]
         if tuple(images.shape[-2:]) != self.image_hw or n != len(self):
             raise ShapeError(
                 f"plan for {len(self)} images of {self.image_hw}, got {tuple(images.shape)}"
             )
+        canvas = canvas.expand(n, -1, -1, -1)
         if self.theta is None:
-            window = canvas.expand(n, k, p, p)
+            window = canvas
         else:
             theta = self.theta.to(device=images.device, dtype=images.dtype)
             grid = _affine_grid(theta, *self.window)
-            window = F.grid_sample(
-                canvas.expand(n, k, p, p), grid, "bilinear", "zeros", align_corners=False
-            )
+            window = F.grid_sample(canvas, grid, "bilinear", "zeros", align_corners=False)
         return _blend_window(images, window, self.offset)
 
 
@@ -354,9 +392,9 @@ def _base_grid(height: int, width: int, device: torch.device, dtype: torch.dtype
 
 
 @functools.lru_cache(maxsize=32)
-def _ones(p: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A cached (1, 1, p, p) square mask, so the hot loop allocates nothing for it."""
-    return torch.ones(1, 1, p, p, device=device, dtype=dtype)
+def _ones(p_h: int, p_w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached (1, 1, ph, pw) full mask, so the hot loop allocates nothing for it."""
+    return torch.ones(1, 1, p_h, p_w, device=device, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=32)
@@ -377,7 +415,7 @@ def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def _blend_window(images: torch.Tensor, window: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """``images * (1 - m) + patch * m`` inside each image's window, via one gather and one
-    out-of-place scatter; ``window = [patch * m, m]`` (premultiplied)."""
+    out-of-place scatter; ``window = [patch * m, m]`` (premultiplied; m has 1 or C channels)."""
     n, c, height, width = images.shape
     sy, sx = window.shape[-2:]
     base = _window_index(sy, sx, width, images.device)
@@ -385,9 +423,9 @@ def _blend_window(images: torch.Tensor, window: torch.Tensor, offset: torch.Tens
     index = (offset[:, None] + base).view(n, 1, sy * sx).expand(n, c, sy * sx)
     flat = images.reshape(n, c, height * width)
     region = flat.gather(2, index)
-    premultiplied, alpha = window.split([c, 1], dim=1)
+    premultiplied, alpha = window.split([c, window.shape[1] - c], dim=1)
     # the mask is never learned: no gradient through it saves several backward kernels
-    keep = 1 - alpha.detach().reshape(n, 1, sy * sx)
+    keep = 1 - alpha.detach().reshape(n, -1, sy * sx)
     blended = torch.addcmul(premultiplied.reshape(n, c, sy * sx), region, keep)
     return flat.scatter(2, index, blended).view(n, c, height, width)
 
@@ -415,18 +453,21 @@ def _check_fits(patch_size: int, height: int, width: int) -> None:
 
 
 def make_canvas(patch: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """(1 or N, C + 1, p, p): the mask-premultiplied patch with the mask as an extra channel.
+    """(1 or N, C + k, ph, pw): the mask-premultiplied patch with the mask (k = 1 channel, or
+    C for a per-channel mask) as extra channels.
 
     The mask is treated as a constant: ``apply_patch`` passes no gradient to it."""
     batched = patch if patch.ndim == 4 else patch.unsqueeze(0)
-    p = batched.shape[-1]
+    n, c, p_h, p_w = batched.shape
     if mask is None:
-        alpha = _ones(p, batched.device, batched.dtype).expand(batched.shape[0], 1, p, p)
+        alpha = _ones(p_h, p_w, batched.device, batched.dtype).expand(n, 1, p_h, p_w)
         return torch.cat([batched, alpha], dim=1)
     if mask.ndim == 3:
         mask = mask.unsqueeze(0)
-    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (p, p):
-        raise ShapeError(f"mask must be (1, {p}, {p}) or (N, 1, {p}, {p}), got {tuple(mask.shape)}")
+    if mask.ndim != 4 or mask.shape[1] not in (1, c) or mask.shape[-2:] != (p_h, p_w):
+        raise ShapeError(
+            f"mask must be (1 or {c}, {p_h}, {p_w}), optionally per image, got {tuple(mask.shape)}"
+        )
     mask = mask.to(device=batched.device, dtype=batched.dtype)
     premultiplied = batched * mask
-    return torch.cat([premultiplied, mask.expand(premultiplied.shape[0], 1, p, p)], dim=1)
+    return torch.cat([premultiplied, mask.expand(premultiplied.shape[0], -1, -1, -1)], dim=1)

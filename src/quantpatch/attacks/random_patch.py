@@ -14,22 +14,25 @@ from quantpatch.data._types import Split
 from quantpatch.errors import ShapeError
 
 
-@ATTACKS.register("random", help="uniform-noise patch of the same size (seeded baseline)")
+@ATTACKS.register
 class RandomPatch(UniversalPatch):
-    """Uniform noise in [0, 1], no optimisation; needs no source model (``source_free``).
+    """Uniform-noise patch of the same size (seeded baseline).
 
-    With the same seed it equals the universal attack's starting point.
+    Noise in [0, 1], no optimisation, so it needs no source model (``source_free``). With the
+    same seed it equals the universal attack's starting point.
     """
 
     name = "random"
     source_free = True
     default_steps = 0
 
-    def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
+    def learn_patch(
+        self, models: Sequence[nn.Module], train: Split, device: torch.device | str
+    ) -> torch.Tensor:
         del models, device
         if train.images.ndim != 4:
             raise ShapeError(f"images must be (N, C, H, W), got {tuple(train.images.shape)}")
-        self.patch = self.noise(int(train.images.shape[1]))
+        return self.noise(int(train.images.shape[1]))
 
     def perturb(
         self,
@@ -38,6 +41,7 @@ class RandomPatch(UniversalPatch):
         labels: torch.Tensor,
         device: torch.device | str,
     ) -> torch.Tensor:
+        """Paste the noise patch (drawn on first use when ``fit`` was skipped)."""
         if self.patch is None and images.ndim == 4:
             self.patch = self.noise(int(images.shape[1]))
         return super().perturb(models, images, labels, device)

@@ -166,7 +166,7 @@ def _load_cifar(
     )
 
 
-@DATASETS.register("cifar10", help="CIFAR-10 binary version under <root>/cifar-10-batches-bin")
+@DATASETS.register
 def cifar10(
     root: Path | None,
     *,
@@ -179,7 +179,7 @@ def cifar10(
     return _load_cifar("cifar10", root, download, seed, image_size, limit)
 
 
-@DATASETS.register("cifar100", help="CIFAR-100 binary version under <root>/cifar-100-binary")
+@DATASETS.register
 def cifar100(
     root: Path | None,
     *,

@@ -59,7 +59,7 @@ def _load(folder, limit: int | None, seed: int, batch_size: int = 64) -> Split:
     )
 
 
-@DATASETS.register("imagefolder", help="class-per-folder images under <root>/train and <root>/val")
+@DATASETS.register
 def imagefolder(
     root: Path | None,
     *,

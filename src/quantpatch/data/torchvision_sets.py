@@ -150,7 +150,7 @@ def _load_idx_dataset(
     )
 
 
-@DATASETS.register("mnist", help="MNIST idx files under <root>/MNIST/raw (torchvision layout)")
+@DATASETS.register
 def mnist(
     root: Path | None,
     *,
@@ -189,10 +189,7 @@ FASHION_CLASSES = (
 )
 
 
-@DATASETS.register(
-    "fashion-mnist",
-    help="Fashion-MNIST idx files under <root>/FashionMNIST/raw (torchvision layout)",
-)
+@DATASETS.register("fashion-mnist")  # not an identifier, so named explicitly
 def fashion_mnist(
     root: Path | None,
     *,
@@ -252,7 +249,7 @@ def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.transpose(X, (3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W), as torchvision
 
 
-@DATASETS.register("svhn", help="SVHN train_32x32.mat / test_32x32.mat under <root>")
+@DATASETS.register
 def svhn(
     root: Path | None,
     *,

@@ -13,8 +13,12 @@ from quantpatch.defenses.base import DEFENSES
 from quantpatch.errors import ConfigError
 
 
-@DEFENSES.register("median", help="k x k median filter (removes salt-and-pepper-like patches)")
+@DEFENSES.register
 class MedianFilter(nn.Module):
+    """k x k median filter (removes salt-and-pepper-like patches)."""
+
+    name = "median"
+
     def __init__(self, kernel_size: int = 3) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -28,8 +32,12 @@ class MedianFilter(nn.Module):
         return windows.median(dim=2).values.view(b, c, h, w)
 
 
-@DEFENSES.register("lgs", help="Local Gradient Smoothing (Naseer et al. 2019)")
+@DEFENSES.register
 class LocalGradientSmoothing(nn.Module):
+    """Local Gradient Smoothing (Naseer et al. 2019)."""
+
+    name = "lgs"
+
     def __init__(self, window: int = 5, threshold: float = 0.1, strength: float = 2.3) -> None:
         super().__init__()
         if window < 1 or not 0 <= threshold <= 1 or strength < 0:

@@ -32,7 +32,7 @@ class LeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-@MODELS.register("lenet")
+@MODELS.register
 def lenet(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Small CNN conv32-conv64-maxpool-fc128-fc (1.2M params at 28 px; MNIST-class data)."""
     check_args("lenet", in_channels, num_classes, image_size, min_size=6)

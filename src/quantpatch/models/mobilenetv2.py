@@ -91,7 +91,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@MODELS.register("mobilenetv2")
+@MODELS.register
 def mobilenetv2(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """MobileNetV2 x0.5, CIFAR strides (3 downsamples; 0.7M params)."""
     check_args("mobilenetv2", in_channels, num_classes, image_size, min_size=8)

@@ -68,14 +68,14 @@ def _init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
 
-@MODELS.register("resnet20")
+@MODELS.register
 def resnet20(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """CIFAR ResNet-20 (0.27M params; option-B 1x1 projection shortcuts)."""
     check_args("resnet20", in_channels, num_classes, image_size, min_size=8)
     return CifarResNet(3, in_channels, num_classes)
 
 
-@MODELS.register("resnet56")
+@MODELS.register
 def resnet56(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """CIFAR ResNet-56 (0.86M params; option-B 1x1 projection shortcuts)."""
     check_args("resnet56", in_channels, num_classes, image_size, min_size=8)

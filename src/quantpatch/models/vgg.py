@@ -43,7 +43,7 @@ class VGG(nn.Module):
         return self.classifier(self.pool(self.features(x)))
 
 
-@MODELS.register("vgg11_bn")
+@MODELS.register
 def vgg11_bn(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Narrow VGG-11-BN, 3 pools + GAP (2.3M params; for 28-32 px)."""
     check_args("vgg11_bn", in_channels, num_classes, image_size, min_size=8)

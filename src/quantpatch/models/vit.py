@@ -82,7 +82,7 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(self.blocks(x))[:, 0])
 
 
-@MODELS.register("vit_tiny")
+@MODELS.register
 def vit_tiny(in_channels: int, num_classes: int, image_size: int) -> nn.Module:
     """Tiny ViT: patch 4, dim 96, depth 6, 3 heads, MLP x2 (0.47M params; size % 4 == 0)."""
     check_args("vit_tiny", in_channels, num_classes, image_size, min_size=8)
