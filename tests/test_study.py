@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from quantpatch.errors import ConfigError, QuantpatchError, InvalidSpecError, PatchTooLargeError, UnknownNameError
+from quantpatch.errors import (
+    ConfigError,
+    InvalidSpecError,
+    PatchTooLargeError,
+    QuantpatchError,
+    UnknownNameError,
+)
+from quantpatch.quant import QuantSpec
 from quantpatch.report import build_report
-from quantpatch.results import load_results
+from quantpatch.results import csv_columns, load_results
 from quantpatch.study import load_study, run_study
 
 
@@ -64,7 +71,8 @@ def test_report_and_files_written(finished_run: Path) -> None:
     for section in ("Transfer across", "Spatial sensitivity", "Patch size", "Gradient alignment",
                     "Feature representations", "Quantization strength"):  # fmt: skip
         assert section in html
-    assert (run / "results.csv").read_text().startswith("study,dataset,source,target")
+    header = (run / "results.csv").read_text().splitlines()[0]
+    assert header.split(",") == csv_columns()
     assert list((run / "patches").glob("*.png"))
     assert list((run / "figures").glob("*.png"))
 
@@ -118,8 +126,8 @@ def test_attack_typo_names_the_attack_and_the_parameter(tmp_path: Path) -> None:
 
 def test_qat_overrides_apply_per_precision_only() -> None:
     config = load_study(None, qat={"epochs": 1}, qat_overrides={"W2A2": {"epochs": 4, "lr": 0.1}})
-    assert config.qat_config_for("w2a2").epochs == 4
-    assert config.qat_config_for("w4a4").epochs == 1
+    assert config.qat_config_for(QuantSpec.parse("w2a2")).epochs == 4
+    assert config.qat_config_for(QuantSpec.parse("w4a4")).epochs == 1
 
 
 def test_invalid_spec_is_specific() -> None:
