@@ -20,7 +20,9 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     denom = 1.0 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds, no rounding dust
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return (low, high)
 
 
 @dataclass(frozen=True)
@@ -66,15 +68,16 @@ def attack_success(
     """ASR over the images the attack can honestly claim.
 
     Untargeted: among images the model gets right when clean, the share it gets wrong when
-    attacked. Targeted: among images whose true class is not the target, the share predicted
-    as the target.
+    attacked. Targeted: among images the model gets right when clean and whose true class is
+    not the target, the share predicted as the target (an image the model already gets wrong
+    is no evidence of a targeted attack's strength).
     """
     _check(clean_pred, labels)
     _check(adv_pred, labels)
+    eligible = clean_pred == labels
     if target is None:
-        eligible = clean_pred == labels
         success = eligible & (adv_pred != labels)
     else:
-        eligible = labels != target
+        eligible = eligible & (labels != target)
         success = eligible & (adv_pred == target)
     return Rate(int(success.sum()), int(eligible.sum()))
