@@ -31,7 +31,7 @@ def _cell(**overrides) -> CellRecord:
         **RateRecord.of(Rate(3, 10)).model_dump(),
         "study": "s", "dataset": "d", "cell": "c", "source": "lenet/fp32",
         "source_arch": "lenet", "source_precision": "fp32", "target": "lenet/w4a4",
-        "target_arch": "lenet", "target_precision": "w4a4", "white_box": False,
+        "target_arch": "lenet", "target_precision": "w4a4", "white_box": False, "threat": "transfer",
         "attack": "universal", "attack_name": "universal", "attack_kind": "patch",
         "targeted": False, "target_class": None, "patch_size": 7, "patch_area": 0.06,
         "seed": 0, "target_clean_accuracy": 0.9,

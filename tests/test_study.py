@@ -187,6 +187,8 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
         "universal", "universal-targeted", "lavan-universal", "lavan-per-image", "patch-pgd",
         "multibit", "pgd-linf", "random",
     }  # fmt: skip
+    multibit = {c["target"]: c["threat"] for c in cells if c["attack"] == "multibit"}
+    assert multibit == {"lenet/fp32": "white-box ensemble", "lenet/w2a2": "white-box ensemble"}
     per_image = [c["rate"] for c in cells if c["attack"] == "patch-pgd" and c["white_box"]]
     noise = [c["rate"] for c in cells if c["attack"] == "random"]
     assert min(per_image) > max(noise)

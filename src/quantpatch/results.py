@@ -130,7 +130,11 @@ class CellRecord(RateRecord):
     target: str
     target_arch: str
     target_precision: str
-    white_box: bool
+    white_box: bool = Field(description="crafted on the target model itself")
+    threat: Literal["white-box", "white-box ensemble", "transfer", "source-free"] = Field(
+        description="'white-box ensemble': crafted on several models, the target among them "
+        "(multibit); 'source-free': needs no model (random patch)"
+    )
     attack: str = Field(description="label: attack name plus the settings that set it apart")
     attack_name: str
     attack_kind: Literal["patch", "pixel"]

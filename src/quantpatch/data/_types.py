@@ -30,6 +30,34 @@ class Split:
     def head(self, n: int) -> Split:
         return Split(self.images[:n], self.labels[:n])
 
+    def stratified(self, n: int, seed: int) -> Split:
+        """A seeded subset of ``n`` images whose class shares follow the split's (largest
+        remainder), in a seeded order; the first ``k`` of ``stratified(n)`` are themselves
+        stratified. Use it for evaluation and calibration subsets, never ``head``: files are
+        often sorted by class."""
+        return Split(
+            *(t[stratified_indices(self.labels, n, seed)] for t in (self.images, self.labels))
+        )
+
+
+def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices of a seeded, class-stratified subset of size ``min(n, len(labels))``.
+
+    Each index is keyed by its rank within its class in a seeded shuffle, divided by the
+    class size; sorting by that key interleaves the classes in proportion, so every prefix is
+    stratified too."""
+    if n < 0:
+        raise ShapeError(f"subset size must be >= 0, got {n}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    shuffled = labels[order]
+    rank = torch.empty(len(labels), dtype=torch.float64)
+    for cls in torch.unique(shuffled):
+        members = (shuffled == cls).nonzero().squeeze(1)
+        rank[members] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
+    keep = torch.sort(rank, stable=True).indices[:n]
+    return order[keep]
+
 
 @dataclass(frozen=True)
 class Dataset:

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.report.tables import (  # noqa: E402
     ModelOrder,
-    PooledRate,
+    SeedRate,
     group,
     pool,
     transfer_matrix,
@@ -22,7 +22,7 @@ plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False
                      "axes.spines.right": False})  # fmt: skip
 
 
-def _errorbar(ax, xs, cells: list[PooledRate | None], label: str, **kwargs) -> None:
+def _errorbar(ax, xs, cells: list[SeedRate | None], label: str, **kwargs) -> None:
     points = [(x, c) for x, c in zip(xs, cells, strict=True) if c is not None]
     if not points:
         return

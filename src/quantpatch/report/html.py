@@ -158,10 +158,10 @@ def _masking_section(page: Page, records: list[CellRecord], order: ModelOrder) -
         return
     page.heading("Gradient-masking check", 3)
     page.para("For each quantized target: white-box ASR (straight-through gradients) vs transfer "
-              "from its fp32 sibling. Transfer beating white-box by more than 5 points flags "
+              "from its fp32 sibling. Transfer beating white-box beyond the 95 % intervals flags "
               "possible gradient masking.")  # fmt: skip
-    rows = [[f["target"], f"{f['attack']} {f['patch_size'] or ''}", f"{100 * f['white_box']:.1f}%",
-             f"{100 * f['fp32_transfer']:.1f}%",
+    rows = [[f["target"], f"{f['attack']} {f['patch_size'] or ''}", f["white_box"].fmt(),
+             f["fp32_transfer"].fmt(),
              '<span class="flag">possible masking</span>' if f["flagged"] else "ok"]
             for f in flags]  # fmt: skip
     page.table(["target", "attack", "white-box", "fp32 transfer", "flag"], rows)

@@ -7,10 +7,8 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from quantpatch.metrics import wilson_interval
+from quantpatch.metrics import Rate, wilson_interval
 from quantpatch.results import CellRecord, ModelRecord, RateRecord
-
-MASKING_MARGIN = 0.05
 
 
 class ModelOrder:
@@ -33,36 +31,47 @@ class ModelOrder:
 
 
 @dataclass(frozen=True)
-class PooledRate:
-    """A rate pooled over seeds: mean over seeds, spread, pooled Wilson interval."""
+class SeedRate:
+    """One cell's rate over seeds that reuse the same evaluation images.
+
+    ``rate`` is the mean over seeds; ``n`` the images per seed (seeds are not more images, so
+    they are never summed into n); ``ci`` the Wilson interval at that n; ``spread`` the
+    sample standard deviation across seeds; ``per_seed`` each seed's own rate."""
 
     rate: float
-    spread: float
-    successes: int
     n: int
-    seeds: int
+    spread: float
+    per_seed: tuple[Rate, ...]
+
+    @property
+    def seeds(self) -> int:
+        return len(self.per_seed)
 
     @property
     def ci(self) -> tuple[float, float]:
-        return wilson_interval(self.successes, self.n)
+        successes = round(self.rate * self.n) if self.n else 0
+        return wilson_interval(successes, self.n)
 
     def fmt(self) -> str:
         low, high = self.ci
-        spread = f" ±{100 * self.spread:.1f}" if self.seeds > 1 else ""
-        return f"{100 * self.rate:.1f}%{spread} [{100 * low:.0f}–{100 * high:.0f}] n={self.n}"
+        spread = f" ±{100 * self.spread:.1f} sd over {self.seeds} seeds" if self.seeds > 1 else ""
+        return f"{100 * self.rate:.1f}% [{100 * low:.0f}–{100 * high:.0f}] n={self.n}{spread}"
 
 
-def pool(records: Iterable[CellRecord]) -> PooledRate | None:
-    records = list(records)
+def pool(records: Iterable[CellRecord]) -> SeedRate | None:
+    """The records of one (source, target, attack, size) over its seeds."""
+    records = sorted(records, key=lambda r: r.seed)
     if not records:
         return None
-    rates = [r.rate for r in records if r.n]
-    return PooledRate(
+    if len({r.seed for r in records}) != len(records):
+        raise ValueError("pool() takes one record per seed; group by attack label and size first")
+    per_seed = tuple(Rate(r.successes, r.n) for r in records)
+    rates = [r.rate for r in per_seed if r.n]
+    return SeedRate(
         rate=statistics.fmean(rates) if rates else float("nan"),
+        n=max(r.n for r in per_seed),
         spread=statistics.stdev(rates) if len(rates) > 1 else 0.0,
-        successes=sum(r.successes for r in records),
-        n=sum(r.n for r in records),
-        seeds=len({r.seed for r in records}),
+        per_seed=per_seed,
     )
 
 
@@ -75,7 +84,7 @@ def group(records: Iterable[CellRecord], *fields: str) -> dict[tuple, list[CellR
 
 def transfer_matrix(
     records: list[CellRecord], attack: str, patch_size: int | None, order: ModelOrder
-) -> tuple[list[str], list[str], dict[tuple[str, str], PooledRate]]:
+) -> tuple[list[str], list[str], dict[tuple[str, str], SeedRate]]:
     """Sources x targets for one attack and size; white-box cells sit on the diagonal."""
     chosen = [r for r in records if r.attack == attack and r.patch_size == patch_size]
     cells = {key: pool(rows) for key, rows in group(chosen, "source", "target").items()}
@@ -90,7 +99,8 @@ def attack_sizes(records: list[CellRecord]) -> list[tuple[str, int | None]]:
 
 
 def masking_flags(records: list[CellRecord], order: ModelOrder) -> list[dict]:
-    """Quantized PyTorch targets where fp32-sibling transfer beats white-box ASR by > 5 points.
+    """Quantized PyTorch targets where fp32-sibling transfer beats white-box ASR beyond the
+    intervals (transfer's lower bound above white-box's upper bound).
 
     Straight-through gradients can mislead a white-box attacker (gradient masking); a transfer
     attack from the float sibling that does better is the tell-tale sign."""
@@ -110,9 +120,9 @@ def masking_flags(records: list[CellRecord], order: ModelOrder) -> list[dict]:
                     "attack": attack,
                     "patch_size": size,
                     "target": target,
-                    "white_box": white.rate,
-                    "fp32_transfer": transfer.rate,
-                    "flagged": transfer.rate - white.rate > MASKING_MARGIN,
+                    "white_box": white,
+                    "fp32_transfer": transfer,
+                    "flagged": transfer.ci[0] > white.ci[1],
                 }
             )
     return flags

@@ -34,7 +34,14 @@ from quantpatch.results import (
 from quantpatch.study.artifacts import prepare_quantized
 from quantpatch.study.cells import fit_cached, make_attack
 from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import Cell, PreparedModel, Source, StudyContext
+from quantpatch.study.core import (
+    EVAL_CODE,
+    Cell,
+    PreparedModel,
+    Source,
+    StudyContext,
+    code_fingerprint,
+)
 
 Lens = Callable[[StudyContext, AttackSettings], object]
 
@@ -74,6 +81,7 @@ def _cached(context: StudyContext, name: str, compute: Callable[[], object]) -> 
             "n_eval": config.n_eval,
             "qat": config.qat.model_dump(),
             "qat_overrides": config.model_dump(mode="json")["qat_overrides"],
+            "code": code_fingerprint(*EVAL_CODE),
         }
     )
     path = context.out / "analyses" / f"{name}.json"
@@ -120,7 +128,7 @@ def _first_cell(context: StudyContext) -> tuple[int, int]:
 
 def _lens_archs(context: StudyContext) -> list[str]:
     """Architectures of the costly lenses (size curve, quantization strength)."""
-    return [a for a in context.config.analyses.models if a in context.config.models]
+    return context.config.lens_models
 
 
 def gradient_alignment(context: StudyContext, settings: AttackSettings) -> GradientAlignment:

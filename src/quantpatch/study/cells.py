@@ -12,7 +12,7 @@ from quantpatch.attacks import ATTACKS, Attack, create_attack
 from quantpatch.metrics import attack_success
 from quantpatch.results import CellRecord, Timings
 from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import Cell, Source, StudyContext
+from quantpatch.study.core import EVAL_CODE, Cell, Source, StudyContext, code_fingerprint
 from quantpatch.study.records import cell_record, save_patch_png
 
 
@@ -35,6 +35,7 @@ def expand_cells(context: StudyContext) -> list[Cell]:
                         "n_eval": config.n_eval,
                         "data": context.data_identity(),
                         "targets": target_keys,
+                        "code": code_fingerprint(*EVAL_CODE),
                     }
                     cells.append(Cell(source, settings, size, seed, content_key(parts)))
     return cells

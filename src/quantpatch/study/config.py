@@ -5,6 +5,7 @@ version fully determines a run (and the cache keys derived from it)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from quantpatch.errors import ConfigError, DataNotFoundError
@@ -44,18 +46,54 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+"""Seeds are non-negative and fit in 64 bits (torch.Generator.manual_seed)."""
+
+STUDY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+"""A study name becomes a folder under runs/: no separators, no leading dot."""
+
+
 class AttackSettings(_Strict):
-    """One attack of the grid; ``params`` go to the attack's constructor."""
+    """One attack of the grid; ``params`` go to the attack's constructor.
+
+    ``label`` names it in results; left out, the study derives a label from the name and the
+    settings that set it apart from the study's other attacks of the same name."""
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
 
-    @property
-    def label(self) -> str:
-        targeted = self.params.get("targeted")
+    def base_label(self) -> str:
         mode = self.params.get("mode")
-        suffix = "".join(f"-{v}" for v in (mode,) if v)
-        return f"{self.name}{suffix}{'-targeted' if targeted else ''}"
+        targeted = "-targeted" if self.params.get("targeted") else ""
+        return f"{self.name}{f'-{mode}' if mode else ''}{targeted}"
+
+
+def _unique_labels(attacks: list[AttackSettings]) -> list[AttackSettings]:
+    """Fill in missing labels: the base label, plus ``-<param><value>`` for every parameter
+    whose value differs among attacks sharing that base label, so settings that change results
+    never merge into one label (and are never pooled as seeds)."""
+    groups: dict[str, list[AttackSettings]] = {}
+    for attack in attacks:
+        groups.setdefault(attack.base_label(), []).append(attack)
+    labelled = []
+    for attack in attacks:
+        if attack.label is None:
+            peers = groups[attack.base_label()]
+            differing = sorted(
+                {k for peer in peers for k in {*peer.params, *attack.params}
+                 if peer.params.get(k) != attack.params.get(k)}
+            )  # fmt: skip
+            suffix = "".join(f"-{k}{_compact(attack.params[k])}" for k in differing
+                             if k in attack.params)  # fmt: skip
+            attack = attack.model_copy(update={"label": attack.base_label() + suffix})
+        labelled.append(attack)
+    return labelled
+
+
+def _compact(value: Any) -> str:
+    text = str(value)
+    return re.sub(r"[^A-Za-z0-9.=-]+", "", text.replace(" ", "")) or "x"
 
 
 class AnalysisSettings(_Strict):
@@ -69,22 +107,50 @@ class AnalysisSettings(_Strict):
     size_fractions: list[float] = Field(default_factory=lambda: [0.02, 0.04, 0.06, 0.10, 0.16])
     quant_strength: bool = True
     strength_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
-    models: list[str] = Field(
-        default_factory=lambda: ["lenet"],
-        description="architectures for the costly lenses (size curve, quantization strength)",
+    models: list[str] | None = Field(
+        None,
+        description="architectures for the costly lenses (size curve, quantization strength); "
+        "default: the study's first",
     )
     n_images: int = Field(256, ge=8, description="images used by the gradient/feature analyses")
     spatial_images: int = Field(64, ge=8, description="images per location in spatial maps")
+
+    @field_validator("size_fractions")
+    @classmethod
+    def _fractions(cls, values: list[float]) -> list[float]:
+        if any(not 0 < v < 1 for v in values):
+            raise ValueError("size fractions are shares of the image area, in (0, 1)")
+        return _distinct(values, "size fraction")
+
+    @field_validator("strength_bits")
+    @classmethod
+    def _bits(cls, values: list[int]) -> list[int]:
+        if any(not 1 <= v <= 8 for v in values):
+            raise ValueError("strength bits must be in 1..8")
+        return _distinct(values, "bit-width")
+
+
+def _distinct(values: list, what: str) -> list:
+    seen = set()
+    for value in values:
+        key = value.name if isinstance(value, QuantSpec) else value
+        if key in seen:
+            raise ValueError(f"{what} {key} is listed twice")
+        seen.add(key)
+    return values
 
 
 class StudyConfig(_Strict):
     """A full study: dataset x models x precisions x attacks x patch sizes x seeds."""
 
-    name: str = "demo"
+    name: str = Field("demo", pattern=STUDY_NAME)
     dataset: str = "mnist5k"
     data_root: Path | None = None
     download: bool = False
     limit: int | None = Field(None, ge=1)
+    data_seed: Seed = Field(
+        0, description="seeds the dataset split and the evaluation and calibration subsets"
+    )
     models: list[str] = Field(default_factory=lambda: ["lenet", "resnet20"], min_length=1)
     precisions: list[Precision] = Field(
         default_factory=lambda: [QuantSpec.parse(p) for p in ("fp32", "w8a8", "w4a4", "w2a2")],
@@ -95,13 +161,16 @@ class StudyConfig(_Strict):
         default_factory=lambda: [
             AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
             AttackSettings(name="random"),
-        ]
+        ],
+        min_length=1,
     )
     patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     n_eval: int = Field(500, ge=1, description="test images every patch is evaluated on")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
-    train_overrides: dict[str, TrainConfig] = Field(default_factory=dict)
+    train_overrides: dict[str, TrainConfig] = Field(
+        default_factory=dict, description="training settings per architecture, replacing `train`"
+    )
     qat: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
     qat_overrides: dict[Precision, TrainConfig] = Field(
         # 2-bit needs a longer, hotter QAT: resnet20 on mnist5k reaches 26 % after 1 epoch at
@@ -120,10 +189,56 @@ class StudyConfig(_Strict):
     def _positive_sizes(cls, values: list[int]) -> list[int]:
         if any(v < 1 for v in values):
             raise ValueError("patch sizes are side lengths in pixels and must be >= 1")
-        return values
+        return _distinct(values, "patch size")
+
+    @field_validator("models")
+    @classmethod
+    def _distinct_models(cls, values: list[str]) -> list[str]:
+        return _distinct(values, "model")
+
+    @field_validator("precisions")
+    @classmethod
+    def _distinct_precisions(cls, values: list[QuantSpec]) -> list[QuantSpec]:
+        return _distinct(values, "precision")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, values: list[int]) -> list[int]:
+        return _distinct(values, "seed")
+
+    @field_validator("attacks")
+    @classmethod
+    def _labelled_attacks(cls, values: list[AttackSettings]) -> list[AttackSettings]:
+        labelled = _unique_labels(values)
+        _distinct([a.label for a in labelled], "attack (label)")
+        return labelled
+
+    @model_validator(mode="after")
+    def _known_keys(self) -> StudyConfig:
+        """Override tables and analysis lists may only name what the study has (a typo
+        would otherwise be ignored silently)."""
+        checks = (
+            ("train_overrides", list(self.train_overrides), self.models),
+            ("qat_overrides", [s.name for s in self.qat_overrides], [p.name for p in self.precisions]),
+            ("analyses.models", self.analyses.models or [], self.models),
+        )  # fmt: skip
+        for where, names, known in checks:
+            if where.partition(".")[0] not in self.model_fields_set:
+                continue  # defaults may name what this study leaves out
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise ValueError(
+                    f"{where} names {', '.join(unknown)}, not in the study ({', '.join(known)})"
+                )
+        return self
 
     def train_config_for(self, arch: str) -> TrainConfig:
         return self.train_overrides.get(arch, self.train)
+
+    @property
+    def lens_models(self) -> list[str]:
+        """Architectures of the costly lenses."""
+        return self.analyses.models if self.analyses.models is not None else self.models[:1]
 
     def qat_config_for(self, spec: QuantSpec) -> TrainConfig:
         return self.qat_overrides.get(spec, self.qat)

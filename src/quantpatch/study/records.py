@@ -62,6 +62,7 @@ def cell_record(
         target_arch=target.arch,
         target_precision=target.precision,
         white_box=cell.source.label == target.name,
+        threat=_threat(cell, target),
         attack=cell.attack.label,
         attack_name=cell.attack.name,
         attack_kind=attack.kind,
@@ -73,6 +74,16 @@ def cell_record(
         target_clean_accuracy=context.model_record(target.name).clean.rate,
         timings=timings,
     )
+
+
+def _threat(cell: Cell, target: Target) -> str:
+    if not cell.source.models:
+        return "source-free"
+    if cell.source.label == target.name:
+        return "white-box"
+    if target.model is not None and target.model in cell.source.models:
+        return "white-box ensemble"
+    return "transfer"
 
 
 def save_patch_png(path: Path, patch: torch.Tensor, upscale: int = 8) -> None:

@@ -43,7 +43,11 @@ def prepare(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyCo
     """Load the data, then train, quantize and wrap every model of the study."""
     seed_everything(config.seeds[0])
     dataset = load_dataset(
-        config.dataset, config.data_root, download=config.download, limit=config.limit
+        config.dataset,
+        config.data_root,
+        download=config.download,
+        seed=config.data_seed,
+        limit=config.limit,
     )
     validate_against_data(config, dataset)
     out.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,7 @@ def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target,
     Returns the target and the fp32 ``OrtModel`` (the deployment check's speed reference)."""
     from quantpatch.quant.onnx import OrtModel, export_onnx, int8_saturates, quantize_onnx_int8
 
-    calib = context.dataset.train.images[:CALIBRATION_IMAGES]
+    calib = context.calibration_images(CALIBRATION_IMAGES)
     reduce_range = int8_saturates()  # part of the key: the int8 file depends on the CPU kind
     parts = {"base": base.key, "n_calib": int(calib.shape[0])}
     fp32_path = context.cache.path("onnx", {**parts, "precision": "fp32"}, "onnx")

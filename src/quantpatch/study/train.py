@@ -10,7 +10,7 @@ from quantpatch.metrics import Rate
 from quantpatch.models import evaluate_accuracy
 from quantpatch.quant import QuantSpec
 from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
-from quantpatch.study.config import load_study
+from quantpatch.study.config import StudyConfig, load_study
 from quantpatch.study.core import ArtifactCache, StudyContext
 
 
@@ -40,17 +40,28 @@ def train_one(
         device=device,
     )
     spec = QuantSpec.parse(precision)
+    updates: dict = {}
     if epochs is not None:
-        config = config.model_copy(
-            update={"train": config.train.model_copy(update={"epochs": epochs})}
-        )
+        updates["train"] = {**config.train.model_dump(), "epochs": epochs}
     if qat_epochs is not None:
-        qat = config.qat_config_for(spec).model_copy(update={"epochs": qat_epochs})
-        config = config.model_copy(update={"qat": qat, "qat_overrides": {}})
-    data = load_dataset(config.dataset, config.data_root, download=config.download, limit=limit)
+        updates["qat"] = {**config.qat_config_for(spec).model_dump(), "epochs": qat_epochs}
+        updates["qat_overrides"] = {}
+    if updates:  # validated like a study file: negative epochs are refused, not trained
+        config = _revalidate(config, updates)
+    data = load_dataset(
+        config.dataset,
+        config.data_root,
+        download=config.download,
+        seed=config.data_seed,
+        limit=config.limit,
+    )
     context = StudyContext(
         config, Path("."), resolve_device(config.device), data, ArtifactCache(config.cache_dir)
     )
     prepared = prepare_quantized(context, prepare_fp32(context, model), spec)
     path = context.cache.root / "models" / f"{prepared.key}.safetensors"
     return path, evaluate_accuracy(prepared.module, data.test, context.device)
+
+
+def _revalidate(config: StudyConfig, updates: dict) -> StudyConfig:
+    return load_study(None, **{**config.model_dump(mode="json", exclude_unset=True), **updates})

@@ -29,7 +29,12 @@ def validate_study(config: StudyConfig) -> None:
 
 
 def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
-    """What needs the data's shape: patch sizes and target classes."""
+    """What needs the data: evaluation size, patch sizes and target classes."""
+    if config.n_eval > len(dataset.test):
+        raise ConfigError(
+            f"n_eval {config.n_eval} is more than the {len(dataset.test)} test images of "
+            f"{dataset.name}"
+        )
     side = min(dataset.train.images.shape[-2:])
     too_big = [p for p in config.patch_sizes if p > side]
     if too_big:

@@ -1,0 +1,120 @@
+"""Study configuration: labels, subsets and cache keys that keep results honest."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from quantpatch.data import Split
+from quantpatch.errors import ConfigError
+from quantpatch.report.tables import SeedRate, pool
+from quantpatch.study import load_study
+from quantpatch.study.core import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
+
+
+def test_attacks_that_differ_in_a_parameter_get_different_labels() -> None:
+    config = load_study(
+        None,
+        attacks=[
+            {"name": "pgd-linf", "params": {"eps": 0.1}},
+            {"name": "pgd-linf", "params": {"eps": 0.2, "steps": 5}},
+            {"name": "universal", "params": {"targeted": True, "target_class": 3}},
+            {"name": "universal", "params": {"targeted": True, "target_class": 4}},
+            {"name": "random"},
+            {"name": "lavan", "params": {"mode": "per-image"}, "label": "mine"},
+        ],
+    )
+    labels = [a.label for a in config.attacks]
+    assert labels == [
+        "pgd-linf-eps0.1",
+        "pgd-linf-eps0.2-steps5",
+        "universal-targeted-target_class3",
+        "universal-targeted-target_class4",
+        "random",
+        "mine",
+    ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"attacks": [{"name": "random"}, {"name": "random"}]},
+        {"attacks": []},
+        {"seeds": [0, 0]},
+        {"seeds": [2**64]},
+        {"seeds": [-1]},
+        {"patch_sizes": [7, 7]},
+        {"models": ["lenet", "lenet"]},
+        {"precisions": ["w4a4", "W4A4"]},
+        {"name": "../escape"},
+        {"name": "/abs"},
+        {"name": ""},
+        {"name": ".hidden"},
+        {"train_overrides": {"lenett": {"epochs": 1}}},
+        {"qat_overrides": {"w4a4": {"epochs": 1}}, "precisions": ["fp32", "w2a2"]},
+        {"analyses": {"models": ["resnet"]}},
+        {"analyses": {"size_fractions": [1.5]}},
+        {"analyses": {"strength_bits": [0]}},
+    ],
+)
+def test_impossible_or_ambiguous_studies_are_refused(settings: dict) -> None:
+    with pytest.raises(ConfigError):
+        load_study(None, **settings)
+
+
+def test_defaults_may_name_what_a_study_leaves_out() -> None:
+    config = load_study(None, models=["resnet20"], precisions=["fp32", "w4a4"])
+    assert config.lens_models == ["resnet20"]
+
+
+def test_stratified_subsets_follow_class_shares_and_the_seed() -> None:
+    labels = torch.arange(10).repeat_interleave(torch.tensor([50] * 5 + [10] * 5))  # skewed
+    split = Split(torch.zeros(len(labels), 1, 2, 2), labels)
+    subset = split.stratified(60, seed=3)
+    counts = torch.bincount(subset.labels, minlength=10)
+    assert counts[:5].tolist() == [10] * 5 and counts[5:].tolist() == [2] * 5
+    assert torch.equal(subset.labels, split.stratified(60, seed=3).labels)
+    assert not torch.equal(subset.labels, split.stratified(60, seed=4).labels)
+    assert torch.equal(split.stratified(20, seed=3).labels, subset.labels[:20])  # prefixes
+
+
+def test_code_changes_change_the_right_cache_keys(tmp_path: Path) -> None:
+    copy = tmp_path / "quantpatch"
+    shutil.copytree(PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = (code_fingerprint(*MODEL_CODE, root=copy), code_fingerprint(*EVAL_CODE, root=copy))
+    attack = copy / "attacks" / "base.py"
+    attack.write_text(attack.read_text() + "\n# a fix\n")
+    code_fingerprint.cache_clear()  # fingerprints are cached per process
+    after = (code_fingerprint(*MODEL_CODE, root=copy), code_fingerprint(*EVAL_CODE, root=copy))
+    assert after[0] == before[0]  # trained models stay valid
+    assert after[1] != before[1]  # patches, cells and analyses are recomputed
+    report = copy / "report" / "html.py"
+    report.write_text(report.read_text() + "\n# wording\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint(*EVAL_CODE, root=copy) == after[1]  # the report computes nothing
+
+
+def test_seeds_are_not_pooled_as_more_images() -> None:
+    from quantpatch.metrics import Rate
+    from quantpatch.results import CellRecord, RateRecord, Timings
+
+    def cell(seed: int, successes: int) -> CellRecord:
+        return CellRecord(
+            **RateRecord.of(Rate(successes, 100)).model_dump(),
+            study="s", dataset="d", cell="c", source="a/fp32", source_arch="a",
+            source_precision="fp32", target="a/w4a4", target_arch="a", target_precision="w4a4",
+            white_box=False, threat="transfer", attack="universal", attack_name="universal",
+            attack_kind="patch", targeted=False, target_class=None, patch_size=7,
+            patch_area=0.1, seed=seed, target_clean_accuracy=0.9,
+            timings=Timings(fit_s=0, perturb_s=0, eval_s=0),
+        )  # fmt: skip
+
+    one = pool([cell(0, 40)])
+    three = pool([cell(0, 40), cell(1, 40), cell(2, 40)])
+    assert isinstance(three, SeedRate) and three.n == 100 and three.seeds == 3
+    assert three.ci == one.ci  # same images: the interval does not shrink with seeds
+    spread = pool([cell(0, 30), cell(1, 50)])
+    assert spread.rate == pytest.approx(0.4) and spread.spread > 0.1
