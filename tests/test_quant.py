@@ -257,6 +257,25 @@ def test_weight_levels_per_channel(nbits: int, grid: str) -> None:
         torch.testing.assert_close(out, torch.sign(weight) * a)
 
 
+@pytest.mark.parametrize("method", CALIBRATIONS.names())
+def test_full_range_2bit_weights_take_four_levels_where_narrow_takes_three(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 5))  # 400 weights per output channel
+    x = torch.rand(4, 16, 8, 8)
+    levels = {}
+    for name in ("w2a2", "w2a2-full"):
+        spec = QuantSpec.parse(name)
+        assert spec.name == name and QuantSpec.parse(spec.name) == spec
+        q = calibrate(quantize(model, spec, first_last_bits=None), x, method, "cpu")
+        weight = q[0].quantized_weight().detach()
+        levels[name] = {len(weight[c].unique()) for c in range(8)}
+    assert levels == {"w2a2": {3}, "w2a2-full": {4}}
+    with pytest.raises(InvalidSpecError, match="full"):  # no old flag value to collide with
+        _ = QuantSpec.parse("w2a2-full").symmetric
+    with pytest.raises(InvalidSpecError, match="w1a1-full"):
+        QuantSpec.parse("w1a1-full")
+
+
 @pytest.mark.parametrize("nbits", range(1, 9))
 def test_activation_levels_per_tensor(nbits: int) -> None:
     q = FakeQuantizer(QuantizerSpec(nbits).make_grid())

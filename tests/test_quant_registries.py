@@ -78,12 +78,10 @@ def test_grid_codes_and_range(grid: Grid) -> None:
     assert scale.shape == zero_point.shape == low.shape and bool((scale > 0).all())
     if not grid.shifted:
         assert torch.equal(zero_point, zero_point.round())
-    # the range ends land on the grid or at most half a step outside it
+    # the range ends land on the grid or at most one step outside it
     for end in (low, high):
         code = end / scale + zero_point
-        assert bool(
-            (code >= grid.qmin - 0.5 - 1e-5).all() and (code <= grid.qmax + 0.5 + 1e-5).all()
-        )
+        assert bool((code >= grid.qmin - 1 - 1e-5).all() and (code <= grid.qmax + 1 + 1e-5).all())
 
 
 @pytest.mark.parametrize("grid", GRID_CASES)

@@ -151,6 +151,31 @@ def narrow(bits: int) -> Grid:
     return Binary(bits) if bits == 1 else SignedNarrow(bits)
 
 
+@GRIDS.register("full")
+@dataclass(frozen=True)
+class SignedFull(Grid):
+    """Signed, zero point 0, every code ``[-2^(b-1), 2^(b-1) - 1]``: one more level than
+    ``narrow`` (2 bit: {-2, -1, 0, 1} * s) at the price of symmetry. ``s = max|w| / 2^(b-1)``
+    puts the largest magnitude on the extra code, so that code is in use and a negative end is
+    exact; a positive end past ``qmax`` clips by up to one step (MSE calibration weighs that).
+    A scale that keeps both ends within half a step (``max|w| / 1.5`` at 2 bit) leaves the
+    extra code unused wherever the largest weight is positive."""
+
+    min_bits: ClassVar[int] = 2
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def qparams(self, low: torch.Tensor, high: torch.Tensor) -> Range:
+        bound = _bound(low, high)
+        return bound / -self.qmin, torch.zeros_like(bound)
+
+
 @GRIDS.register(ACTIVATION_GRID)
 @dataclass(frozen=True)
 class Affine(Grid):

@@ -3,9 +3,10 @@
 Names are ``fp32`` or ``w<W>a<A>`` with W, A in 1..8 or 32 (32 = that side stays float), then
 optional suffixes for non-default settings: ``-ptq`` (post-training quantization instead of
 QAT), ``-pt`` (per-tensor instead of per-channel weights) and the name of a registered weight
-grid other than the default ``narrow`` (``quantpatch.quant.grids.GRIDS``), e.g. ``-asym``
-(asymmetric weights with a zero point). ``QuantSpec.parse(spec.name) == spec`` for every valid
-spec, so the name can key caches and appear in configs and reports.
+grid other than the default ``narrow`` (``quantpatch.quant.grids.GRIDS``): ``-asym``
+(asymmetric weights with a zero point) or ``-full`` (all signed codes: 2 bit = 4 levels).
+``QuantSpec.parse(spec.name) == spec`` for every valid spec, so the name can key caches and
+appear in configs and reports.
 """
 
 from __future__ import annotations
@@ -70,9 +71,13 @@ class QuantizerSpec:
 class QuantSpec:
     """Weight and activation bit-widths (``None`` = float) plus how the weights are quantized.
 
-    ``per_channel`` and ``weight_grid`` describe the weight quantizer; activations are always
-    per-tensor on the ``asym`` grid. ``symmetric`` is the older two-way choice between the
-    default grid (``True``) and ``asym`` (``False``); it is accepted and readable, not stored.
+    ``per_channel`` and ``weight_grid`` describe the weight quantizer: ``narrow`` (default;
+    signed, zero point 0, ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, so 2 bit is ternary {-1, 0, 1}·s
+    and 1 bit binary), ``full`` (signed, zero point 0, ``[-2^(b-1), 2^(b-1) - 1]``: 2 bit is
+    {-2, -1, 0, 1}·s; ``w2a2-full``; 2 bits or more) or ``asym`` (affine with a zero point,
+    as activations); activations are always per-tensor on the ``asym`` grid. ``symmetric`` is
+    the older two-way choice between ``narrow`` (``True``) and ``asym`` (``False``); it is
+    accepted and readable for those two, not stored.
     Settings that cannot matter (e.g. the method of a float spec) are normalised to their
     defaults so that equal behaviour means equal, equally hashed values.
     """
