@@ -12,9 +12,12 @@ from torch import nn
 
 from quantpatch.errors import InvalidSpecError, UnknownNameError
 from quantpatch.quant import (
+    CALIBRATIONS,
     FP32,
+    GRIDS,
     FakeQuantizer,
     QuantConv2d,
+    QuantizerSpec,
     QuantLinear,
     QuantSpec,
     build_quantized,
@@ -22,22 +25,39 @@ from quantpatch.quant import (
     quantize,
     set_learnable,
 )
+from quantpatch.quant.layers import init_weight_quantizer
 
 # -- QuantSpec ------------------------------------------------------------------------------------
 
+
+def _takes(grid: str, nbits: int | None) -> bool:
+    """Whether the weight grid ``grid`` exists at ``nbits`` (float weights take any grid)."""
+    if nbits is None:
+        return True
+    try:
+        GRIDS.get(grid)(nbits)
+    except InvalidSpecError:
+        return False
+    return True
+
+
 bits = st.one_of(st.none(), st.integers(1, 8))
-specs = st.builds(
-    QuantSpec,
-    weight_bits=bits,
-    act_bits=bits,
-    per_channel=st.booleans(),
-    symmetric=st.booleans(),
-    method=st.sampled_from(["ptq", "qat"]),
-)
+
+
+@st.composite
+def specs(draw: st.DrawFn) -> QuantSpec:
+    grid = draw(st.sampled_from(GRIDS.names()))
+    return QuantSpec(
+        weight_bits=draw(bits.filter(lambda b: _takes(grid, b))),
+        act_bits=draw(bits),
+        per_channel=draw(st.booleans()),
+        method=draw(st.sampled_from(["ptq", "qat"])),
+        weight_grid=grid,
+    )
 
 
 @settings(max_examples=300, derandomize=True, deadline=None)
-@given(specs)
+@given(specs())
 def test_name_parse_round_trip(spec: QuantSpec) -> None:
     assert QuantSpec.parse(spec.name) == spec
     assert QuantSpec.parse(spec.name.upper()) == spec
@@ -57,11 +77,20 @@ def test_name_parse_round_trip(spec: QuantSpec) -> None:
         (QuantSpec(None, 8), "w32a8"),
         (QuantSpec(8, 8, method="ptq"), "w8a8-ptq"),
         (QuantSpec(4, 4, per_channel=False, symmetric=False), "w4a4-pt-asym"),
+        (QuantSpec(4, 4, weight_grid="asym"), "w4a4-asym"),
+        (QuantSpec(1, 1, symmetric=True), "w1a1"),
     ],
 )
 def test_short_names(spec: QuantSpec, name: str) -> None:
     assert spec.name == name
     assert QuantSpec.parse(name) == spec
+
+
+def test_symmetric_flag_still_reads_and_builds_the_two_old_grids() -> None:
+    assert QuantSpec(4, 4, symmetric=False) == QuantSpec.parse("w4a4-asym")
+    assert QuantSpec(4, 4, True, False) == QuantSpec(4, 4, weight_grid="asym")  # old positions
+    assert QuantSpec.parse("w4a4").symmetric and not QuantSpec.parse("w4a4-asym").symmetric
+    assert FP32.symmetric and QuantSpec(None, 8, symmetric=False) == QuantSpec(None, 8)
 
 
 def test_parse_aliases_and_float() -> None:
@@ -114,6 +143,10 @@ def test_parse_message_lists_accepted_form() -> None:
         {"weight_bits": True, "act_bits": 8},
         {"weight_bits": 4.0, "act_bits": 4},
         {"weight_bits": 4, "act_bits": 4, "method": "dynamic"},
+        {"weight_bits": 4, "act_bits": 4, "weight_grid": "nope"},
+        {"weight_bits": 4, "act_bits": 4, "symmetric": False, "weight_grid": "narrow"},
+        {"weight_bits": 4, "act_bits": 4, "symmetric": True, "weight_grid": "asym"},
+        {"weight_bits": 4, "act_bits": 4, "per_channel": None},
     ],
 )
 def test_constructor_validates(kwargs: dict) -> None:
@@ -148,11 +181,14 @@ def _grad_fn_names(t: torch.Tensor) -> set[str]:
 def _unclipped(x: torch.Tensor, q: FakeQuantizer) -> torch.Tensor:
     """Where the integer code round(x / s) + zp lies inside the grid (native STE mask)."""
     code = torch.round(x.detach() / q.scale.detach()) + q.zero_point
-    return (code >= q.quant_min) & (code <= q.quant_max)
+    return (code >= q.grid.qmin) & (code <= q.grid.qmax)
+
+
+W4A4 = QuantSpec(4, 4)
 
 
 def test_straight_through_gradient_elementwise() -> None:
-    q = FakeQuantizer(4, signed=False)
+    q = FakeQuantizer(QuantizerSpec(4).make_grid())
     q.set_range(torch.tensor(-1.0), torch.tensor(1.0))
     x = torch.linspace(-2, 2, 401, requires_grad=True)
     (grad,) = torch.autograd.grad(q(x).sum(), x)
@@ -166,7 +202,7 @@ def test_straight_through_gradient_elementwise() -> None:
 def test_layer_input_gradient_is_float_gradient_where_not_clipped(learnable: bool) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 8, 3, padding=1)
-    layer = QuantConv2d.from_float(conv, weight_bits=4, act_bits=4)
+    layer = QuantConv2d.from_float(conv, weight_spec=W4A4.weights, act_spec=W4A4.activations)
     layer.act_quant.set_range(torch.tensor(-1.0), torch.tensor(1.0))
     layer.act_quant.set_learnable(learnable)
     layer.weight_quant.set_learnable(learnable)
@@ -187,7 +223,9 @@ def test_layer_input_gradient_is_float_gradient_where_not_clipped(learnable: boo
 
 
 def test_frozen_scales_use_cheap_op_and_learnable_scales_get_gradients() -> None:
-    layer = QuantLinear.from_float(nn.Linear(16, 4), weight_bits=4, act_bits=4)
+    layer = QuantLinear.from_float(
+        nn.Linear(16, 4), weight_spec=W4A4.weights, act_spec=W4A4.activations
+    )
     x = torch.randn(8, 16, requires_grad=True)
     names = _grad_fn_names(layer(x))
     assert not any("Learnable" in n for n in names)
@@ -202,26 +240,45 @@ def test_frozen_scales_use_cheap_op_and_learnable_scales_get_gradients() -> None
 
 
 @pytest.mark.parametrize("nbits", range(1, 9))
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_weight_levels_per_channel(nbits: int, symmetric: bool) -> None:
+@pytest.mark.parametrize("grid", GRIDS.names())
+def test_weight_levels_per_channel(nbits: int, grid: str) -> None:
+    if not _takes(grid, nbits):
+        pytest.skip(f"grid {grid} has no {nbits}-bit form")
     torch.manual_seed(nbits)
     weight = torch.randn(6, 3, 5, 5) * torch.linspace(0.1, 2.0, 6).view(6, 1, 1, 1)
-    q = FakeQuantizer(nbits, channels=6, signed=symmetric)
-    from quantpatch.quant.layers import init_weight_quantizer
-
-    init_weight_quantizer(q, weight, "max")
+    q = FakeQuantizer(GRIDS.get(grid)(nbits), channels=6)
+    init_weight_quantizer(q, weight)
     out = q(weight)
     for c in range(6):
         levels = out[c].unique()
-        assert 2 <= len(levels) <= 2**nbits
-    if nbits == 1 and symmetric:  # binary {-a, +a}, a = mean|w|, sign kept
+        assert 2 <= len(levels) <= q.grid.qmax - q.grid.qmin + 1 <= 2**nbits
+    if nbits == 1 and grid == "narrow":  # binary {-a, +a}, a = mean|w|, sign kept
         a = weight.abs().mean(dim=(1, 2, 3)).view(6, 1, 1, 1)
         torch.testing.assert_close(out, torch.sign(weight) * a)
 
 
+@pytest.mark.parametrize("method", CALIBRATIONS.names())
+def test_full_range_2bit_weights_take_four_levels_where_narrow_takes_three(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 8, 5))  # 400 weights per output channel
+    x = torch.rand(4, 16, 8, 8)
+    levels = {}
+    for name in ("w2a2", "w2a2-full"):
+        spec = QuantSpec.parse(name)
+        assert spec.name == name and QuantSpec.parse(spec.name) == spec
+        q = calibrate(quantize(model, spec, first_last_bits=None), x, method, "cpu")
+        weight = q[0].quantized_weight().detach()
+        levels[name] = {len(weight[c].unique()) for c in range(8)}
+    assert levels == {"w2a2": {3}, "w2a2-full": {4}}
+    with pytest.raises(InvalidSpecError, match="full"):  # no old flag value to collide with
+        _ = QuantSpec.parse("w2a2-full").symmetric
+    with pytest.raises(InvalidSpecError, match="w1a1-full"):
+        QuantSpec.parse("w1a1-full")
+
+
 @pytest.mark.parametrize("nbits", range(1, 9))
 def test_activation_levels_per_tensor(nbits: int) -> None:
-    q = FakeQuantizer(nbits, signed=False)
+    q = FakeQuantizer(QuantizerSpec(nbits).make_grid())
     x = torch.randn(4096)
     q.set_range(x.min(), x.max())
     out = q(x)
@@ -232,7 +289,10 @@ def test_activation_levels_per_tensor(nbits: int) -> None:
 
 
 def test_binary_gradient_flows() -> None:
-    layer = QuantConv2d.from_float(nn.Conv2d(2, 4, 3), weight_bits=1, act_bits=1)
+    w1a1 = QuantSpec(1, 1)
+    layer = QuantConv2d.from_float(
+        nn.Conv2d(2, 4, 3), weight_spec=w1a1.weights, act_spec=w1a1.activations
+    )
     x = torch.rand(2, 2, 6, 6, requires_grad=True)
     layer.act_quant.set_range(torch.tensor(0.0), torch.tensor(1.0))
     (grad,) = torch.autograd.grad(layer(x).sum(), x)
@@ -336,7 +396,7 @@ def test_calibrate_sets_sane_scales() -> None:
     w = q.body[1].weight.detach()
     torch.testing.assert_close(q.body[1].weight_quant.scale, w.abs().amax(dim=(1, 2, 3)) / 127)
     # clipping methods never widen the min-max range
-    for method in ("percentile", "mse"):
+    for method in CALIBRATIONS.names():
         clipped = calibrate(quantize(model, QuantSpec(4, 4)), x, method, "cpu")
         assert (
             float(clipped.fc1.act_quant.scale)
@@ -352,7 +412,7 @@ def test_calibrate_sets_sane_scales() -> None:
 
 
 def test_calibrate_rejects_unknown_method() -> None:
-    with pytest.raises(UnknownNameError, match="minmax, percentile, mse"):
+    with pytest.raises(UnknownNameError, match="calibration method 'kl'.*minmax, mse, percentile"):
         calibrate(quantize(TinyNet(), QuantSpec(8, 8)), torch.rand(4, 1, 8, 8), "kl", "cpu")
 
 
