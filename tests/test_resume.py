@@ -22,6 +22,7 @@ def _settings(tiny: dict) -> dict:
         "train": {"epochs": 2, "lr": 0.05, "batch_size": 64},
         "precisions": ["fp32", "w4a4"],
         "ort_int8": False,
+        "controls": False,
         "seeds": [0, 1],
         "attacks": [
             {"name": "universal", "params": {"steps": 15, "batch_size": 32}},

@@ -38,14 +38,23 @@ def test_results_match_schema_and_cover_the_grid(finished_run: Path) -> None:
     load_results(finished_run / "run")
     results = _results(finished_run / "run")
     targets = {m["name"] for m in results["models"]}
-    assert targets == {"lenet/fp32", "lenet/w8a8", "lenet/w2a2", "lenet/ort-int8"}
+    torch_models = ("lenet/fp32", "lenet/fp32-ft", "lenet/w8a8", "lenet/w2a2")
+    assert targets == {*torch_models, "lenet/ort-int8"}
     universal = [c for c in results["cells"] if c["attack"] == "universal"]
     assert {(c["source"], c["target"]) for c in universal} == {
-        (s, t) for s in ("lenet/fp32", "lenet/w8a8", "lenet/w2a2") for t in targets
+        (s, t) for s in torch_models for t in targets
     }
     for cell in results["cells"]:
         assert 0 <= cell["ci_low"] <= cell["rate"] <= cell["ci_high"] <= 1
         assert cell["n"] > 0
+
+
+def test_fp32_control_gets_the_qat_schedule(finished_run: Path) -> None:
+    """The control repeats the quantized models' extra training in float (one schedule here)."""
+    models = {m["name"]: m for m in _results(finished_run / "run")["models"]}
+    assert models["lenet/fp32-ft"]["control_of"] == ["lenet/w8a8", "lenet/w2a2"]
+    assert models["lenet/fp32-ft"]["key"] != models["lenet/fp32"]["key"]
+    assert models["lenet/w8a8"]["control_of"] == []
 
 
 def test_trained_patch_beats_random_noise(finished_run: Path) -> None:
@@ -168,6 +177,7 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
         **tiny_study_settings,
         "precisions": ["fp32", "w2a2"],  # models come from the module's cache
         "ort_int8": False,
+        "controls": False,
         "attacks": attacks,
         "n_eval": 64,
         "analyses": {

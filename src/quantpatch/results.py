@@ -101,6 +101,11 @@ class ModelRecord(Record):
     act_bits: int | None = Field(description="None: float activations")
     key: str = Field(description="content key of the cached artifact")
     clean: RateRecord
+    control_of: list[str] = Field(
+        default_factory=list,
+        description="for an fp32 control fine-tuned on a QAT schedule: the quantized models "
+        "that got the same extra training",
+    )
     deployment: DeploymentRecord | None = None
 
 

@@ -30,7 +30,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _header(page, results)
     _models_section(page, results.models, order)
     _patches_section(page, run_dir)
-    _attack_sections(page, results.cells, order)
+    _attack_sections(page, results, order)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out
@@ -92,7 +92,8 @@ def _patches_section(page: Page, run_dir: Path) -> None:
     page.add(f'<div class="patches">{"".join(items)}</div>')
 
 
-def _attack_sections(page: Page, records: list[CellRecord], order: ModelOrder) -> None:
+def _attack_sections(page: Page, results: ResultsFile, order: ModelOrder) -> None:
+    records = results.cells
     page.heading("Transfer across precisions and architectures")
     for attack, size in attack_sizes(records):
         label = attack + (f", {size} px" if size else "")
@@ -109,7 +110,7 @@ def _attack_sections(page: Page, records: list[CellRecord], order: ModelOrder) -
                         "random patch of the same size; bars are 95 % Wilson intervals.")  # fmt: skip
         _transfer_table(page, records, attack, size, order)
     _patch_vs_pixel(page, records, order)
-    _masking_section(page, records, order)
+    _masking_section(page, records, results.models, order)
 
 
 def _patch_vs_pixel(page: Page, records: list[CellRecord], order: ModelOrder) -> None:
@@ -152,8 +153,10 @@ def _transfer_table(
     page.table(["source \\ target", *targets], rows, diag)
 
 
-def _masking_section(page: Page, records: list[CellRecord], order: ModelOrder) -> None:
-    flags = masking_flags(records, order)
+def _masking_section(
+    page: Page, records: list[CellRecord], models: list[ModelRecord], order: ModelOrder
+) -> None:
+    flags = masking_flags(records, models, order)
     if not flags:
         return
     page.heading("Gradient-masking check", 3)

@@ -22,12 +22,13 @@ class ModelOrder:
     @staticmethod
     def _model_rank(m: ModelRecord) -> tuple:
         is_float = m.weight_bits is None and m.act_bits is None
-        group = 2 if m.runtime != "torch" else (0 if is_float else 1)
+        group = 3 if m.runtime != "torch" else (0 if is_float and not m.control_of else 1)
+        group = 2 if not is_float and group == 1 else group  # fp32, controls, quantized, ORT
         return (m.arch, group, -(m.weight_bits or 32), -(m.act_bits or 32), m.precision)
 
     def __call__(self, name: str) -> tuple:
         arch, _, precision = name.partition("/")
-        return self._rank.get(name, (arch, 3, 0, 0, precision))
+        return self._rank.get(name, (arch, 4, 0, 0, precision))
 
 
 @dataclass(frozen=True)
@@ -98,13 +99,15 @@ def attack_sizes(records: list[CellRecord]) -> list[tuple[str, int | None]]:
     return sorted(seen, key=lambda item: (item[0], item[1] or 0))
 
 
-def masking_flags(records: list[CellRecord], order: ModelOrder) -> list[dict]:
+def masking_flags(
+    records: list[CellRecord], models: list[ModelRecord], order: ModelOrder
+) -> list[dict]:
     """Quantized PyTorch targets where fp32-sibling transfer beats white-box ASR beyond the
     intervals (transfer's lower bound above white-box's upper bound).
 
     Straight-through gradients can mislead a white-box attacker (gradient masking); a transfer
     attack from the float sibling that does better is the tell-tale sign."""
-    quantized = {r.target for r in records if r.white_box and r.target_precision != "fp32"}
+    quantized = {m.name for m in models if m.runtime == "torch" and (m.weight_bits or m.act_bits)}
     flags = []
     for (attack, size), _ in group(records, "attack", "patch_size").items():
         _, _, cells = transfer_matrix(records, attack, size, order)

@@ -280,7 +280,9 @@ def quant_strength(context: StudyContext, settings: AttackSettings) -> dict[str,
         rows = []
         for axis, bits in itertools.product(("weights", "activations", "both"), cfg.strength_bits):
             spec = _axis_spec(axis, bits)
-            model = prepare_quantized(context, fp32, spec)
+            # one identical QAT per bit-width: the schedule of quantizing both sides
+            qat = context.config.qat_config_for(_axis_spec("both", bits))
+            model = prepare_quantized(context, fp32, spec, qat)
             clean = _predict(context, model, context.eval_images)
             own_patch = universal_patch(context, model, settings, size, seed)
             rows.append(

@@ -5,11 +5,14 @@ the file and any changed setting produces a new one. Files are written atomicall
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 from quantpatch import __version__
 from quantpatch.models import (
+    TrainConfig,
     create_model,
     evaluate_accuracy,
     load_checkpoint,
@@ -45,15 +48,20 @@ def prepare_fp32(context: StudyContext, arch: str) -> PreparedModel:
     return PreparedModel(arch, FP32, model, path.stem)
 
 
-def prepare_quantized(context: StudyContext, base: PreparedModel, spec: QuantSpec) -> PreparedModel:
-    """Quantize ``base`` to ``spec`` (calibrate, then QAT when asked), cached by content."""
+def prepare_quantized(
+    context: StudyContext, base: PreparedModel, spec: QuantSpec, qat: TrainConfig | None = None
+) -> PreparedModel:
+    """Quantize ``base`` to ``spec`` (calibrate, then QAT when asked), cached by content.
+
+    ``qat`` replaces the study's QAT settings for this spec (the quantization-strength lens
+    gives weights-only, activations-only and both the same QAT)."""
     if spec.is_float:
         return base
     config = context.config
-    qat = config.qat_config_for(spec)
+    qat = qat or config.qat_config_for(spec)
     parts = {
         "base": base.key,
-        "spec": [spec.weight_bits, spec.act_bits, spec.per_channel, spec.symmetric, spec.method],
+        "spec": spec.name,  # the canonical name: every setting of the spec, grid included
         "qat": qat.model_dump() if spec.method == "qat" else None,
         "calibration": config.calibration,
         "first_last_bits": config.first_last_bits,
@@ -92,3 +100,36 @@ def _save(
         "torch_version": torch.__version__,
     }
     save_checkpoint(path, model, metadata)
+
+
+def prepare_control(
+    context: StudyContext, base: PreparedModel, schedule: TrainConfig, tag: str
+) -> PreparedModel:
+    """``base`` fine-tuned in float on a QAT ``schedule``: the control that gives fp32 the same
+    extra training a quantized model got, so their differences are quantization's alone."""
+    parts = {"base": base.key, "finetune": schedule.model_dump()}
+    path = context.cache.path("models", parts, "safetensors")
+    model = copy.deepcopy(base.module)
+    if path.exists():
+        load_checkpoint(path, model)
+    else:
+        desc = f"fine-tune {base.arch} ({tag})"
+        train_model(model, context.dataset.train, schedule, context.device, context.progress, desc)
+        _save(context, path, model, base.arch, FP32, schedule.seed)
+    model.to(context.device).eval()
+    return PreparedModel(base.arch, FP32, model, path.stem, tag=tag)
+
+
+def control_schedules(context: StudyContext) -> dict[str, TrainConfig]:
+    """One fine-tuning schedule per distinct QAT schedule of the study, by control tag:
+    'ft' for the default QAT, 'ft-<precision>' for a precision's own override."""
+    config = context.config
+    schedules: dict[str, TrainConfig] = {}
+    for spec in config.precisions:
+        if spec.is_float or spec.method != "qat":
+            continue
+        schedule = config.qat_config_for(spec)
+        tag = "ft" if schedule == config.qat else f"ft-{spec.name}"
+        if schedule not in schedules.values():
+            schedules[tag] = schedule
+    return schedules

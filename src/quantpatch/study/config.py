@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import yaml
 from pydantic import (
@@ -24,7 +24,7 @@ from pydantic import (
 
 from quantpatch.errors import ConfigError, DataNotFoundError
 from quantpatch.models import TrainConfig
-from quantpatch.quant import QuantSpec
+from quantpatch.quant import CALIBRATIONS, QuantSpec
 
 ORT_INT8 = "ort-int8"
 
@@ -157,6 +157,11 @@ class StudyConfig(_Strict):
         min_length=1,
     )
     ort_int8: bool = True
+    controls: bool = Field(
+        True,
+        description="add, per architecture and QAT schedule, the fp32 model fine-tuned on that "
+        "schedule ('fp32-ft'), so differences to the quantized models are quantization's alone",
+    )
     attacks: list[AttackSettings] = Field(
         default_factory=lambda: [
             AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
@@ -178,7 +183,7 @@ class StudyConfig(_Strict):
         default_factory=lambda: {QuantSpec.parse("w2a2"): TrainConfig(epochs=3, lr=0.05)},
         description="QAT settings per precision name (e.g. w2a2), replacing `qat`",
     )
-    calibration: Literal["minmax", "percentile", "mse"] = "mse"
+    calibration: str = Field("mse", description="a registered calibration method")
     first_last_bits: int | None = Field(8, ge=1, le=8)
     analyses: AnalysisSettings = Field(default_factory=AnalysisSettings)
     device: str = "auto"
@@ -190,6 +195,12 @@ class StudyConfig(_Strict):
         if any(v < 1 for v in values):
             raise ValueError("patch sizes are side lengths in pixels and must be >= 1")
         return _distinct(values, "patch size")
+
+    @field_validator("calibration")
+    @classmethod
+    def _known_calibration(cls, value: str) -> str:
+        CALIBRATIONS.get(value)
+        return value
 
     @field_validator("models")
     @classmethod

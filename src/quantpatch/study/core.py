@@ -74,10 +74,12 @@ class PreparedModel:
     spec: QuantSpec
     module: nn.Module
     key: str
+    tag: str = ""
+    """Set on controls: 'ft' is the fp32 model fine-tuned like the QAT models."""
 
     @property
     def precision(self) -> str:
-        return self.spec.name
+        return f"{self.spec.name}-{self.tag}" if self.tag else self.spec.name
 
     @property
     def name(self) -> str:
@@ -170,6 +172,8 @@ class StudyContext:
     models: dict[str, PreparedModel] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
     model_records: list[ModelRecord] = field(default_factory=list)
+    control_of: dict[str, list[str]] = field(default_factory=dict)
+    """Control name -> the quantized models whose QAT schedule it repeats in float."""
 
     def __post_init__(self) -> None:
         # a seeded, stratified subset: test files are often sorted by class
@@ -191,8 +195,12 @@ class StudyContext:
         return self.models[f"{arch}/fp32"]
 
     def siblings(self, arch: str) -> tuple[PreparedModel, ...]:
-        """Every PyTorch precision of one architecture (the multibit attack's sources)."""
-        return tuple(m for m in self.models.values() if m.arch == arch)
+        """Every PyTorch precision of one architecture (the multibit attack's sources);
+        controls are not precisions."""
+        return tuple(m for m in self.models.values() if m.arch == arch and not m.tag)
+
+    def controls(self, arch: str) -> tuple[PreparedModel, ...]:
+        return tuple(m for m in self.models.values() if m.arch == arch and m.tag)
 
     def data_identity(self) -> dict[str, Any]:
         """What identifies the training data in cache keys."""

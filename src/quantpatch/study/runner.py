@@ -19,10 +19,15 @@ from quantpatch.data import load_dataset
 from quantpatch.errors import QuantpatchError
 from quantpatch.results import CellRecord
 from quantpatch.study.analyses import run_analyses
-from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
+from quantpatch.study.artifacts import (
+    control_schedules,
+    prepare_control,
+    prepare_fp32,
+    prepare_quantized,
+)
 from quantpatch.study.cells import expand_cells, run_cell
 from quantpatch.study.config import StudyConfig
-from quantpatch.study.core import ArtifactCache, Cell, StudyContext
+from quantpatch.study.core import ArtifactCache, Cell, PreparedModel, StudyContext
 from quantpatch.study.records import write_results
 from quantpatch.study.targets import prepare_targets
 from quantpatch.study.validate import validate_against_data, validate_study
@@ -71,8 +76,23 @@ def prepare_models(context: StudyContext) -> None:
             if not spec.is_float:
                 prepared = prepare_quantized(context, base, spec)
                 context.models[prepared.name] = prepared
+        if context.config.controls:
+            _prepare_controls(context, base)
         if context.progress:
             tqdm.write(f"models for {arch} ready in {time.perf_counter() - started:.1f} s")
+
+
+def _prepare_controls(context: StudyContext, base: PreparedModel) -> None:
+    config = context.config
+    for tag, schedule in control_schedules(context).items():
+        control = prepare_control(context, base, schedule, tag)
+        context.models[control.name] = control
+        context.control_of[control.name] = [
+            m.name
+            for m in context.siblings(base.arch)
+            if m.spec.method == "qat" and not m.spec.is_float
+            and config.qat_config_for(m.spec) == schedule
+        ]  # fmt: skip
 
 
 def run_cells(context: StudyContext, cells: list[Cell]) -> list[CellRecord]:

@@ -60,6 +60,7 @@ def add_target(
             act_bits=target.spec.act_bits,
             key=target.key,
             clean=RateRecord.of(clean),
+            control_of=context.control_of.get(target.name, []),
             deployment=deployment,
         )
     )
