@@ -39,7 +39,7 @@ MAX_IMAGE_PIXELS = 64_000_000  # an 8000x8000 photo; PIL only refuses beyond ~17
 MAX_ASPECT = 64  # longer side / shorter side
 
 
-def open_image(path: str):
+def _open_image(path: str):
     """Decode one image as RGB after checking its header against the pixel and aspect limits;
     any failure is a ``CorruptFileError`` naming the file (the ``ImageFolder`` loader)."""
     from PIL import Image
@@ -71,7 +71,7 @@ def _folder(path: Path, transform, target_transform=None):
 
     try:
         return ImageFolder(
-            str(path), transform=transform, target_transform=target_transform, loader=open_image
+            str(path), transform=transform, target_transform=target_transform, loader=_open_image
         )
     except OSError as exc:  # no class folders, a class folder without images, no permission
         raise DataNotFoundError(f"imagefolder: {path}: {exc}; expected {LAYOUT}") from None
