@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -55,13 +57,71 @@ def test_corrupt_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
     args = ["train", "--model", "lenet", "--limit", "300", "--epochs", "1",
             "--cache-dir", str(cache), "--device", "cpu"]  # fmt: skip
-    assert main(args) == 0
-    capsys.readouterr()  # drop the training progress bar
+    out = tmp_path / "copies" / "lenet.safetensors"
+    old_umask = os.umask(0o022)
+    try:
+        assert main([*args, "--out", str(out)]) == 0
+    finally:
+        os.umask(old_umask)
+    assert f"checkpoint: {out}" in capsys.readouterr().out
     checkpoint = next((cache / "models").glob("*.safetensors"))
+    assert out.read_bytes() == checkpoint.read_bytes()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
+    assert [p.name for p in out.parent.iterdir()] == ["lenet.safetensors"]  # no temp left
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "corrupt" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["train", "--model", "lenet", "--epochs", "-5"], "--epochs: must be at least 1"),
+        (["run", "--limit", "ten"], "--limit: expected an integer, got 'ten'"),
+        (["run", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["list"], "required: what"),
+    ],
+)
+def test_usage_errors_are_one_line_with_a_help_hint(capsys, args, needle) -> None:
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("quantpatch: error: ")
+    assert needle in lines[0] and f"(see 'quantpatch {args[0]} --help')" in lines[0]
+    assert captured.out == ""  # no usage dump either
+
+
+def test_help_and_version_still_exit_0(capsys) -> None:
+    for args in (["--help"], ["train", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as done:
+            main(args)
+        assert done.value.code == 0
+    assert "--epochs" in capsys.readouterr().out
+
+
+def test_os_errors_while_writing_are_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    import quantpatch.report
+
+    def disk_full(run_dir, out=None):
+        raise OSError(28, "No space left on device", str(tmp_path / "report.html"))
+
+    monkeypatch.setattr(quantpatch.report, "build_report", disk_full)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"quantpatch: error: {tmp_path / 'report.html'}: No space left on device\n"
+
+
+def test_train_checks_its_output_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
+    import quantpatch.study
+
+    def trained(**kwargs):
+        raise AssertionError("trained before checking --out")
+
+    monkeypatch.setattr(quantpatch.study, "train_one", trained)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    assert main(["train", "--model", "lenet", "--out", str(tmp_path / "taken" / "m.st")]) == 2
+    assert "checkpoint file" in capsys.readouterr().err
 
 
 def test_console_entry_point_runs_as_module() -> None:

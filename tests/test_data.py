@@ -91,7 +91,7 @@ def make_cifar100_root(root: Path, n_train=7, n_test=4, seed=0) -> dict:
     return out
 
 
-def make_svhn_root(root: Path, n_train=9, n_test=5, seed=0) -> dict:
+def make_svhn_root(root: Path, n_train=9, n_test=5, seed=0, compress=False) -> dict:
     scipy_io = pytest.importorskip("scipy.io")
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,8 @@ def make_svhn_root(root: Path, n_train=9, n_test=5, seed=0) -> dict:
         X = rng.integers(0, 256, (32, 32, 3, n)).astype(np.uint8)  # (H, W, C, N) as in SVHN
         digits = np.arange(n) % 10  # guarantees a 0 (stored as 10)
         y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
-        scipy_io.savemat(str(root / f"{split}_32x32.mat"), {"X": X, "y": y})
+        path = str(root / f"{split}_32x32.mat")
+        scipy_io.savemat(path, {"X": X, "y": y}, do_compression=compress)
         out[split] = (X, digits)
     return out
 
@@ -575,6 +576,26 @@ def test_svhn_matches_torchvision_reading(tmp_path, monkeypatch):
     assert ours.train.labels.tolist() == theirs.labels.tolist()
 
 
+def test_svhn_compressed_mat_loads_the_same(tmp_path):
+    """The official files compress X (miCOMPRESSED); the inflation check must accept them."""
+    make_svhn_root(tmp_path / "a")
+    plain = load_dataset("svhn", tmp_path / "a")
+    make_svhn_root(tmp_path / "b", compress=True)
+    packed = load_dataset("svhn", tmp_path / "b")
+    assert torch.equal(plain.train.images, packed.train.images)
+    assert torch.equal(plain.test.labels, packed.test.labels)
+
+
+def test_svhn_extra_variables_are_ignored(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io")
+    data = make_svhn_root(tmp_path)
+    X, digits = data["train"]
+    y = np.where(digits == 0, 10, digits).reshape(-1, 1)
+    extra = {"notes": np.zeros((500, 500)), "X": X, "y": y}  # a big variable before X
+    scipy_io.savemat(str(tmp_path / "train_32x32.mat"), extra, do_compression=True)
+    assert load_dataset("svhn", tmp_path).train.labels.tolist() == digits.tolist()
+
+
 def test_svhn_missing_test_file(tmp_path):
     make_svhn_root(tmp_path)
     (tmp_path / "test_32x32.mat").unlink()
@@ -651,6 +672,19 @@ def test_imagefolder_grayscale_becomes_rgb(tmp_path):
     ds = load_dataset("imagefolder", tmp_path, image_size=6)
     assert ds.train.images.shape == (1, 3, 6, 6)
     assert torch.allclose(ds.train.images, torch.full((1, 3, 6, 6), 100 / 255))
+
+
+def test_imagefolder_accepts_the_widest_allowed_image(tmp_path):
+    from PIL import Image
+
+    from quantpatch.data.imagefolder import MAX_ASPECT
+
+    for split in ("train", "val"):
+        d = tmp_path / split / "wide"
+        d.mkdir(parents=True)
+        Image.new("RGB", (MAX_ASPECT, 1), (10, 20, 30)).save(d / "x.png")
+    ds = load_dataset("imagefolder", tmp_path, image_size=4)
+    assert ds.train.images.shape == (1, 3, 4, 4)
 
 
 def test_imagefolder_missing_val(tmp_path):

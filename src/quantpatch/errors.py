@@ -34,3 +34,8 @@ class CorruptFileError(QuantpatchError):
 
 class ConfigError(QuantpatchError, ValueError):
     """A study config that fails validation."""
+
+
+class OutputPathError(QuantpatchError, OSError):
+    """An output file or folder that cannot be written (not a folder, a kernel pseudo-filesystem,
+    no permission), refused before any work so no run dies at its last step."""

@@ -1,4 +1,8 @@
-"""argparse front end. Bad input -> one line on stderr and exit code 2, never a traceback."""
+"""argparse front end. Bad input -> one line on stderr and exit code 2, never a traceback.
+
+That covers usage errors (argparse's multi-line usage dump is replaced by one line and a
+``--help`` hint), impossible counts (refused by the argument types), unwritable outputs (checked
+before any work) and any ``OSError`` (a full disk, a folder removed mid-run)."""
 
 from __future__ import annotations
 
@@ -8,19 +12,56 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from quantpatch import __version__
+from quantpatch._io import atomic_path, require_writable_dir, require_writable_file
 from quantpatch.errors import QuantpatchError
 
 EXIT_BAD_INPUT = 2
 
 
+class _UsageError(QuantpatchError):
+    """A command line argparse refused (reported like any other bad input)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line plus a ``--help`` hint."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """argparse type: a non-empty comma-separated list of names."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {value!r}")
+    return names
+
+
+def _count(value: str) -> int:
+    """argparse type: a positive integer (epochs, images, pixels)."""
+    return _int_at_least(value, 1)
+
+
+def _seed(value: str) -> int:
+    """argparse type: a non-negative integer (numpy refuses negative seeds)."""
+    return _int_at_least(value, 0)
+
+
+def _int_at_least(value: str, low: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantpatch",
         description="Measure how adversarial patches attack quantized neural networks.",
     )
@@ -33,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--models", type=_csv, help="comma-separated architectures")
     run.add_argument("--precisions", type=_csv, help="e.g. fp32,w8a8,w4a4,w2a2")
     run.add_argument("--attacks", type=_csv, help="comma-separated attack names")
-    run.add_argument("--patch-size", type=int, action="append", dest="patch_sizes", help="px")
-    run.add_argument("--seed", type=int, action="append", dest="seeds")
-    run.add_argument("--n-eval", type=int, help="test images each patch is evaluated on")
+    run.add_argument("--patch-size", type=_count, action="append", dest="patch_sizes", help="px")
+    run.add_argument("--seed", type=_seed, action="append", dest="seeds")
+    run.add_argument("--n-eval", type=_count, help="test images each patch is evaluated on")
     run.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime int8 target")
     run.add_argument("--out", type=Path, help="run folder (default runs/<study name>)")
     run.add_argument("--cache-dir", type=Path)
@@ -47,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True)
     _add_data_args(train)
     train.add_argument("--precision", default="fp32")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--qat-epochs", type=int)
+    train.add_argument("--epochs", type=_count)
+    train.add_argument("--qat-epochs", type=_count)
     train.add_argument("--out", type=Path, help="copy the checkpoint here (.safetensors)")
     train.add_argument("--cache-dir", type=Path)
     train.add_argument("--device", default=None)
@@ -75,7 +116,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--download", action="store_true", default=None, help="allow downloading the dataset"
     )
-    parser.add_argument("--limit", type=int, help="cap images per split (quick runs)")
+    parser.add_argument("--limit", type=_count, help="cap images per split (quick runs)")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -99,7 +140,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         device=args.device,
     )
-    out = args.out or Path("runs") / config.name
+    out = require_writable_dir(args.out or Path("runs") / config.name, "run folder")
+    require_writable_dir(config.cache_dir, "cache folder")
     results = run_study(config, out, progress=not args.quiet)
     print(f"results: {results}")
     print(f"report:  {build_report(out)}")
@@ -107,8 +149,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from quantpatch.study import train_one
+    from quantpatch.study import StudyConfig, train_one
 
+    out = require_writable_file(args.out, "checkpoint file") if args.out else None
+    cache_dir = args.cache_dir or StudyConfig.model_fields["cache_dir"].default
+    require_writable_dir(cache_dir, "cache folder")
     path, clean = train_one(
         model=args.model,
         precision=args.precision,
@@ -121,10 +166,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         device=args.device,
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, args.out)
-        path = args.out
+    if out:
+        with atomic_path(out) as tmp:
+            shutil.copyfile(path, tmp)
+        path = out
     print(f"{args.model}/{args.precision}: clean accuracy {clean}")
     print(f"checkpoint: {path}")
     return 0
@@ -133,7 +178,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from quantpatch.report import build_report
 
-    print(f"report: {build_report(args.run_dir, args.out)}")
+    out = require_writable_file(args.out, "report file") if args.out else None
+    print(f"report: {build_report(args.run_dir, out)}")
     return 0
 
 
@@ -173,15 +219,32 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = _parse(argv)
         return args.handler(args)
     except QuantpatchError as exc:
-        print(f"quantpatch: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _fail(str(exc))
+    except OSError as exc:  # the disk or a path, not a bug: one line as well
+        return _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
     except KeyboardInterrupt:
         print("quantpatch: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
         return 130
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; unknown options get the subcommand's ``--help`` hint (argparse would
+    report them from the top-level parser)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        raise _UsageError(
+            f"unrecognized arguments: {' '.join(unknown)} (see 'quantpatch {args.command} --help')"
+        )
+    return args
+
+
+def _fail(message: str) -> int:
+    print(f"quantpatch: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

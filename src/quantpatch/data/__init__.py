@@ -14,6 +14,7 @@ from quantpatch.data._types import Dataset, Split
 # Importing the loader modules registers them (mnist5k first: it is the default).
 from quantpatch.data import mnist5k as _mnist5k  # noqa: F401  isort: skip
 from quantpatch.data import torchvision_sets as _torchvision_sets  # noqa: F401  isort: skip
+from quantpatch.data import svhn as _svhn  # noqa: F401  isort: skip
 from quantpatch.data import cifar as _cifar  # noqa: F401  isort: skip
 from quantpatch.data import imagefolder as _imagefolder  # noqa: F401  isort: skip
 

@@ -14,6 +14,11 @@ from quantpatch.errors import ConfigError, DataNotFoundError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+MAX_SPLIT_BYTES = 2**31
+"""Most uint8 bytes one data file (or one decoded split) may hold; float32 in memory is 4x.
+The real files are far smaller (CIFAR-100 train: 154 MB), so a header or file claiming more is
+refused before it is read instead of ending in a MemoryError."""
+
 
 def require_root(name: str, root: Path | None, layout: str, *, download: bool = False) -> Path:
     """Return ``root`` as a Path, or raise ``DataNotFoundError`` if it is ``None`` or (unless we

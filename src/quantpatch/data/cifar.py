@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantpatch.data._common import require_root, uint8_split
+from quantpatch.data._common import MAX_SPLIT_BYTES, require_root, uint8_split
 from quantpatch.data._registry import DATASETS
 from quantpatch.data._types import Dataset
 from quantpatch.errors import CorruptFileError, DataNotFoundError
@@ -55,6 +55,7 @@ CIFAR100_CLASSES = (
     "willow_tree", "wolf", "woman", "worm",
 )
 # fmt: on
+CIFAR100_COARSE_CLASSES = 20
 
 _SPECS = {
     "cifar10": dict(
@@ -86,25 +87,36 @@ _SPECS = {
 }
 
 
+MAX_NAMES_BYTES = 64 * 2**10  # a class-name file is a few hundred bytes
+
+
 def read_cifar_bin(path: Path, label_bytes: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3, 32, 32) uint8 images and (N,) labels from one CIFAR binary file.
 
-    The last label byte of each record is the class (CIFAR-100: the fine label)."""
+    The last label byte of each record is the class (CIFAR-100: the fine label, whose coarse
+    label byte must be < 20). The size is checked before anything is read."""
     record = label_bytes + PIXELS
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        size = path.stat().st_size
+        if size == 0 or size % record:
+            raise CorruptFileError(
+                f"{path}: {size} bytes is not a whole number of {record}-byte CIFAR records"
+            )
+        if size > MAX_SPLIT_BYTES:
+            raise CorruptFileError(f"{path}: larger than {MAX_SPLIT_BYTES >> 30} GiB")
+        data = np.fromfile(path, dtype=np.uint8, count=size)
     except OSError as exc:
-        raise CorruptFileError(f"cannot read {path}: {exc}") from exc
-    if data.size == 0 or data.size % record:
-        raise CorruptFileError(
-            f"{path}: {data.size} bytes is not a whole number of {record}-byte CIFAR records"
-        )
+        raise CorruptFileError(f"cannot read {path}: {exc}") from None
+    if data.size != size:
+        raise CorruptFileError(f"{path}: changed while being read")
     rows = data.reshape(-1, record)
     labels = rows[:, label_bytes - 1].astype(np.int64)
     if labels.max() >= num_classes:
         raise CorruptFileError(
             f"{path}: label {int(labels.max())} out of range 0..{num_classes - 1}"
         )
+    if label_bytes == 2 and rows[:, 0].max() >= CIFAR100_COARSE_CLASSES:
+        raise CorruptFileError(f"{path}: coarse label {int(rows[:, 0].max())} out of range 0..19")
     return rows[:, label_bytes:].reshape(-1, 3, 32, 32), labels
 
 
@@ -112,11 +124,18 @@ def _read_names(path: Path, default: tuple[str, ...]) -> tuple[str, ...]:
     if not path.is_file():
         return default
     try:
-        names = tuple(line.strip() for line in path.read_text("utf-8").splitlines() if line.strip())
+        with path.open("rb") as f:
+            raw = f.read(MAX_NAMES_BYTES + 1)
+        if len(raw) > MAX_NAMES_BYTES:
+            raise CorruptFileError(f"{path}: larger than {MAX_NAMES_BYTES >> 10} KiB")
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"cannot read class names from {path}: {exc}") from exc
+        raise CorruptFileError(f"cannot read class names from {path}: {exc}") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if len(names) != len(default):
         raise CorruptFileError(f"{path}: {len(names)} class names, expected {len(default)}")
+    if len(set(names)) != len(names):
+        raise CorruptFileError(f"{path}: class names repeat")
     return names
 
 

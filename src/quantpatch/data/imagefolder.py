@@ -6,10 +6,16 @@ class must also exist under train. Images are converted to RGB, resized (shorter
 centre-cropped to ``image_size`` (default 224), and loaded into memory in batches through a
 single-process ``DataLoader`` (fine for modest sizes; use ``limit`` for quick runs). Mean/std
 are the ImageNet defaults.
+
+Images are untrusted input: each header is checked before its pixels are decoded (at most
+``MAX_IMAGE_PIXELS`` pixels and a side ratio of at most ``MAX_ASPECT``, so neither the decode
+nor the shorter-side resize can blow up), every decode failure is a ``CorruptFileError`` naming
+the file, and a split whose decoded size would pass ``MAX_SPLIT_BYTES`` is refused up front.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,42 +24,76 @@ import torch
 from quantpatch.data._common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    MAX_SPLIT_BYTES,
     check_image_size,
     limit_indices,
     require_root,
 )
 from quantpatch.data._registry import DATASETS
 from quantpatch.data._types import Dataset, Split
-from quantpatch.errors import CorruptFileError, DataNotFoundError
+from quantpatch.errors import ConfigError, CorruptFileError, DataNotFoundError
 
 DEFAULT_IMAGE_SIZE = 224
 LAYOUT = "<root>/train/<class>/<image> and <root>/val/<class>/<image> (or <root>/test/...)"
+MAX_IMAGE_PIXELS = 64_000_000  # an 8000x8000 photo; PIL only refuses beyond ~179 M
+MAX_ASPECT = 64  # longer side / shorter side
+
+
+def _open_image(path: str):
+    """Decode one image as RGB after checking its header against the pixel and aspect limits;
+    any failure is a ``CorruptFileError`` naming the file (the ``ImageFolder`` loader)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            image = Image.open(f)
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise CorruptFileError(
+                    f"imagefolder: {path} is {width}x{height} pixels, more than the "
+                    f"{MAX_IMAGE_PIXELS // 10**6} megapixel limit"
+                )
+            if max(width, height) > MAX_ASPECT * min(width, height):
+                raise CorruptFileError(
+                    f"imagefolder: {path} is {width}x{height} pixels, sides more than "
+                    f"{MAX_ASPECT}:1 apart"
+                )
+            return image.convert("RGB")
+    except CorruptFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types (bomb, truncation, syntax)
+        raise CorruptFileError(f"imagefolder: cannot decode {path}: {exc}") from None
 
 
 def _folder(path: Path, transform, target_transform=None):
     from torchvision.datasets import ImageFolder
 
     try:
-        return ImageFolder(str(path), transform=transform, target_transform=target_transform)
-    except FileNotFoundError as exc:  # no class folders, or a class folder without images
-        raise DataNotFoundError(f"imagefolder: {path}: {exc}; expected {LAYOUT}") from exc
+        return ImageFolder(
+            str(path), transform=transform, target_transform=target_transform, loader=_open_image
+        )
+    except OSError as exc:  # no class folders, a class folder without images, no permission
+        raise DataNotFoundError(f"imagefolder: {path}: {exc}; expected {LAYOUT}") from None
 
 
-def _load(folder, limit: int | None, seed: int, batch_size: int = 64) -> Split:
+def _load(folder, limit: int | None, seed: int, size: int, batch_size: int = 64) -> Split:
     from torch.utils.data import DataLoader, Subset
 
     idx = limit_indices(len(folder), limit, seed)
+    n = len(folder) if idx is None else len(idx)
+    if n * 3 * size * size > MAX_SPLIT_BYTES:
+        raise ConfigError(
+            f"imagefolder: {n} images of {size}x{size} under {folder.root} would need "
+            f"{n * 3 * size * size * 4 / 2**30:.0f} GiB in memory; pass a limit of at most "
+            f"{MAX_SPLIT_BYTES // (3 * size * size)} (--limit) or a smaller image size"
+        )
     source = folder if idx is None else Subset(folder, [int(i) for i in idx])
     loader = DataLoader(source, batch_size=batch_size, shuffle=False, num_workers=0)
     images, labels = [], []
-    try:
-        for x, y in loader:
-            images.append(x)
-            labels.append(y)
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError, truncation
-        raise CorruptFileError(
-            f"imagefolder: cannot decode an image under {folder.root}: {exc}"
-        ) from exc
+    for x, y in loader:
+        images.append(x)
+        labels.append(y)
     return Split(
         torch.cat(images).to(torch.float32).contiguous(), torch.cat(labels).to(torch.int64)
     )
@@ -94,8 +134,8 @@ def imagefolder(
     test = _folder(test_dir, transform, target_transform=lambda t: int(remap[t]))
     return Dataset(
         name="imagefolder",
-        train=_load(train, limit, seed),
-        test=_load(test, limit, seed + 1),
+        train=_load(train, limit, seed, size),
+        test=_load(test, limit, seed + 1, size),
         classes=tuple(train.classes),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import gzip
 import io
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,7 @@ def _raw() -> tuple[np.ndarray, np.ndarray]:
         try:
             with gzip.open(path, "rb") as f:
                 table = np.loadtxt(io.BytesIO(f.read()), delimiter=",", dtype=np.int64)
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zlib.error) as exc:
             raise CorruptFileError(f"mnist5k: cannot parse {path}: {exc}") from exc
         X, y = table[:, :-1], table[:, -1]
     else:  # layout changed upstream: fall back to the public function

@@ -1,4 +1,4 @@
-"""``mnist``, ``fashion-mnist`` and ``svhn`` from their standard on-disk formats.
+"""``mnist`` and ``fashion-mnist`` from torchvision's on-disk idx files (SVHN: ``svhn.py``).
 
 * MNIST / Fashion-MNIST: the idx files torchvision uses, ``<root>/MNIST/raw/`` and
   ``<root>/FashionMNIST/raw/`` (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -6,20 +6,19 @@
   The idx files are parsed here with numpy (strict size checks) instead of through
   ``torchvision.datasets.MNIST``, whose constructor prefers a legacy ``processed/*.pt`` file
   and would ``torch.load`` (unpickle) it. Downloads use torchvision's mirror list and MD5s.
-* SVHN: ``<root>/train_32x32.mat`` and ``<root>/test_32x32.mat`` read with
-  ``scipy.io.loadmat`` (MATLAB v5 format, no unpickling) exactly as
-  ``torchvision.datasets.SVHN`` does, minus its MD5 check (so re-packed files also load);
-  label 10 means digit 0.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from quantpatch.data._common import require_root, uint8_split
+from quantpatch.data._common import MAX_SPLIT_BYTES, require_root, uint8_split
 from quantpatch.data._registry import DATASETS
 from quantpatch.data._types import Dataset
 from quantpatch.errors import CorruptFileError, DataNotFoundError
@@ -27,39 +26,56 @@ from quantpatch.errors import CorruptFileError, DataNotFoundError
 # --------------------------------------------------------------------------- idx (MNIST)
 
 _IDX_UBYTE = 0x08
+MNIST_SHAPE = (28, 28)
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_idx(path: Path, item_shape: tuple[int, ...]) -> np.ndarray:
+    """Read an idx file of unsigned bytes holding N items of ``item_shape`` (``()`` for labels).
+
+    The header is checked before the payload is read, and at most the byte count it implies
+    (+1, to detect trailing data) is read or decompressed: a truncated, padded or
+    decompression-bomb ``.gz`` is a ``CorruptFileError`` naming the file, never a MemoryError."""
+    ndim = 1 + len(item_shape)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise CorruptFileError(f"cannot read {path}: {exc}") from exc
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] != _IDX_UBYTE or magic[3] != ndim:
+                raise CorruptFileError(
+                    f"{path}: not an idx{ndim}-ubyte file (magic {magic.hex()}, "
+                    f"expected 0000{_IDX_UBYTE:02x}{ndim:02x})"
+                )
+            dims = f.read(4 * ndim)
+            if len(dims) < 4 * ndim:
+                raise CorruptFileError(f"{path}: truncated idx header")
+            shape = struct.unpack(f">{ndim}I", dims)
+            size = _check_idx_shape(path, shape, item_shape)
+            data = f.read(size + 1)
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise CorruptFileError(f"cannot read {path}: {exc}") from None
+    if len(data) != size:
+        problem = "truncated" if len(data) < size else "has data after"
+        raise CorruptFileError(
+            f"{path}: {problem} the {size} bytes its header shape {shape} describes"
+        )
+    return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(shape)
 
 
-def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an idx file of unsigned bytes with ``ndim`` dimensions (strict size check)."""
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise CorruptFileError(f"{path}: too short for an idx header ({len(data)} bytes)")
-    zero, dtype_code, nd = int.from_bytes(data[0:2], "big"), data[2], data[3]
-    if zero != 0 or dtype_code != _IDX_UBYTE or nd != ndim:
+def _check_idx_shape(path: Path, shape: tuple[int, ...], item_shape: tuple[int, ...]) -> int:
+    """The payload size ``shape`` implies, after refusing empty, misshapen or absurd headers."""
+    if tuple(shape[1:]) != item_shape:
+        items = "x".join(map(str, shape[1:]))
         raise CorruptFileError(
-            f"{path}: not an idx{ndim}-ubyte file (magic {data[:4].hex()}, "
-            f"expected 0000{_IDX_UBYTE:02x}{ndim:02x})"
+            f"{path}: items are {items}, expected {'x'.join(map(str, item_shape))}"
         )
-    header = 4 + 4 * nd
-    if len(data) < header:
-        raise CorruptFileError(f"{path}: truncated idx header")
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd))
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
+    if shape[0] == 0:
+        raise CorruptFileError(f"{path}: the header says it holds no items")
+    size = math.prod(shape)
+    if size > MAX_SPLIT_BYTES:
         raise CorruptFileError(
-            f"{path}: {len(data)} bytes but header shape {shape} needs {expected}"
+            f"{path}: header shape {shape} claims {size} bytes, more than the "
+            f"{MAX_SPLIT_BYTES >> 30} GiB limit"
         )
-    return np.frombuffer(bytearray(data), dtype=np.uint8, offset=header).reshape(shape)
+    return size
 
 
 def _idx_file(raw: Path, stem: str) -> Path | None:
@@ -128,14 +144,18 @@ def _load_idx_dataset(
         )
 
     def split(prefix: str, split_seed: int):
-        images = read_idx(files[f"{prefix}-images-idx3-ubyte"], 3)
-        labels = read_idx(files[f"{prefix}-labels-idx1-ubyte"], 1)
+        images_file = files[f"{prefix}-images-idx3-ubyte"]
+        labels_file = files[f"{prefix}-labels-idx1-ubyte"]
+        images, labels = read_idx(images_file, MNIST_SHAPE), read_idx(labels_file, ())
         if images.shape[0] != labels.shape[0]:
             raise CorruptFileError(
-                f"{name}: {prefix} has {images.shape[0]} images but {labels.shape[0]} labels"
+                f"{name}: {images_file} has {images.shape[0]} images but {labels_file} has "
+                f"{labels.shape[0]} labels"
             )
-        if labels.size and int(labels.max()) >= len(classes):
-            raise CorruptFileError(f"{name}: {prefix} label {int(labels.max())} out of range")
+        if int(labels.max()) >= len(classes):
+            raise CorruptFileError(
+                f"{labels_file}: label {int(labels.max())} out of range 0..{len(classes) - 1}"
+            )
         return uint8_split(
             images[:, None], labels, limit=limit, seed=split_seed, image_size=image_size
         )
@@ -211,79 +231,4 @@ def fashion_mnist(
         seed,
         image_size,
         limit,
-    )
-
-
-# --------------------------------------------------------------------------- SVHN
-
-SVHN_LAYOUT = "<root>/train_32x32.mat and <root>/test_32x32.mat (SVHN format 2, MATLAB v5)"
-
-
-def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3, 32, 32) uint8 images and (N,) labels in 0..9 from an SVHN ``.mat`` file."""
-    try:
-        import scipy.io as sio
-    except ImportError as exc:
-        raise DataNotFoundError("svhn: reading .mat files needs scipy (pip install scipy)") from exc
-    try:
-        mat = sio.loadmat(str(path), variable_names=["X", "y"])
-    except NotImplementedError as exc:  # MATLAB v7.3 (HDF5) files
-        raise CorruptFileError(f"svhn: {path} is a MATLAB v7.3 file; expected v5: {exc}") from exc
-    except Exception as exc:  # noqa: BLE001 - scipy raises many types for bad files
-        raise CorruptFileError(f"svhn: cannot read {path}: {exc}") from exc
-    if "X" not in mat or "y" not in mat:
-        raise CorruptFileError(f"svhn: {path} lacks the X and y variables")
-    X, y = np.asarray(mat["X"]), np.asarray(mat["y"])
-    if X.ndim != 4 or X.shape[:3] != (32, 32, 3):
-        raise CorruptFileError(f"svhn: {path} X has shape {X.shape}, expected (32, 32, 3, N)")
-    y = y.reshape(-1).astype(np.int64)
-    if y.shape[0] != X.shape[3]:
-        raise CorruptFileError(f"svhn: {path} has {X.shape[3]} images but {y.shape[0]} labels")
-    if y.size and (y.min() < 0 or y.max() > 10):
-        raise CorruptFileError(f"svhn: {path} labels outside 0..10")
-    y[y == 10] = 0  # SVHN stores digit 0 as label 10
-    if X.dtype != np.uint8:
-        if X.size and (X.min() < 0 or X.max() > 255):
-            raise CorruptFileError(f"svhn: {path} pixels outside 0..255")
-        X = X.astype(np.uint8)
-    return np.transpose(X, (3, 2, 0, 1)), y  # (H, W, C, N) -> (N, C, H, W), as torchvision
-
-
-@DATASETS.register
-def svhn(
-    root: Path | None,
-    *,
-    download: bool = False,
-    seed: int = 0,
-    image_size: int | None = None,
-    limit: int | None = None,
-) -> Dataset:
-    """SVHN cropped digits (73,257/26,032 32x32 RGB) from <root>/{train,test}_32x32.mat."""
-    root = require_root("svhn", root, SVHN_LAYOUT, download=download)
-    if download:
-        from torchvision.datasets import SVHN
-        from torchvision.datasets.utils import download_url
-
-        for split_name in ("train", "test"):
-            url, filename, md5 = SVHN.split_list[split_name]
-            if not (root / filename).is_file():
-                download_url(url, str(root), filename, md5)
-    splits = []
-    for offset, filename in enumerate(("train_32x32.mat", "test_32x32.mat")):
-        path = root / filename
-        if not path.is_file():
-            raise DataNotFoundError(
-                f"svhn: expected {SVHN_LAYOUT}; missing {path} (pass --download to fetch)"
-            )
-        images, labels = _read_svhn_mat(path)
-        splits.append(
-            uint8_split(images, labels, limit=limit, seed=seed + offset, image_size=image_size)
-        )
-    return Dataset(
-        name="svhn",
-        train=splits[0],
-        test=splits[1],
-        classes=tuple(str(i) for i in range(10)),
-        mean=(0.4377, 0.4438, 0.4728),
-        std=(0.1980, 0.2010, 0.1970),
     )
