@@ -11,10 +11,8 @@ what must come out:
   included, is compared before and after), and no training or other work started (creating the
   artifact cache raises ``ReachedWork``), which also keeps the table fast.
 
-Append rows to ``CASES``. Rows waiting for study-level validation are marked ``STUDY_LEVEL``,
-rows waiting for ``load_study`` to read files with ``load_yaml_mapping`` are marked ``WIRING``
-(both strict xfail): they turn into failures the day the check lands, so the marker is removed
-with it.
+Append rows to ``CASES``; a row for a check that does not exist yet can be marked
+``pytest.mark.xfail(strict=True)``, so it turns into a failure the day the check lands.
 """
 
 from __future__ import annotations
@@ -43,9 +41,6 @@ from quantpatch.errors import (
     OutputPathError,
     QuantpatchError,
 )
-
-STUDY_LEVEL = pytest.mark.xfail(strict=True, reason="study-level validation: integrator")
-WIRING = pytest.mark.xfail(strict=True, reason="load_study -> load_yaml_mapping: integrator")
 
 
 @dataclass(frozen=True)
@@ -269,8 +264,7 @@ CASES: list[Case] = [
     Case("unknown-dataset", ("run", "--dataset", "nope", *OUT), needle="unknown dataset"),
     Case("patch-larger-than-image", ("run", "--patch-size", "29", *OUT), needle="larger than"),
     Case("invalid-device", ("run", "--device", "tpu9", *OUT), needle="tpu9"),
-    Case("train-unknown-model", ("train", "--model", "nope"), needle="unknown model",
-         marks=(STUDY_LEVEL,)),  # train_one loads the data before checking the name
+    Case("train-unknown-model", ("train", "--model", "nope"), needle="unknown model"),
     Case("train-bad-precision", (*TRAIN, "--precision", "w9a9"), needle="w9a9"),
     Case("missing-study-file", ("run", "{tmp}/missing.yaml", *OUT), needle="not found"),
     Case("dataset-needs-root", ("run", "--dataset", "mnist", *OUT), needle="--data-root"),
@@ -467,35 +461,72 @@ CASES: list[Case] = [
          setup=study("patch_sizes: [0]\n"), needle="patch"),
     Case("study-negative-epochs", ("run", "{tmp}/study.yaml", *OUT),
          setup=study("train: {epochs: -1}\n"), needle="epochs"),
+    Case("study-unknown-tv-model", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("[lenet]", "[tv:nopenet]")), needle="nopenet"),
+    Case("study-unknown-calibration", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "calibration: magic\n"), needle="calibration"),
+    Case("study-qat-override-typo", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "qat_overrides: {w4a4: {epochs: 2}}\n"), needle="qat_overrides"),
+    Case("study-train-override-typo", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "train_overrides: {lenett: {epochs: 2}}\n"),
+         needle="train_overrides"),
+    Case("study-analyses-model-typo", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "analyses: {models: [resnet]}\n"), needle="analyses.models"),
+    Case("study-n-eval-beyond-test-set", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "n_eval: 100000\n"), needle="n_eval"),
+    Case("study-target-class-out-of-range", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("{name: random}", "{name: universal, params: "
+                                  "{targeted: true, target_class: 10}}")),
+         needle="target_class 10"),
+    Case("study-targeted-without-class", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("{name: random}", "{name: universal, params: "
+                                  "{targeted: true}}")), needle="target_class"),
+    Case("study-negative-steps", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("{name: random}", "{name: patch-pgd, params: {steps: -3}}")),
+         needle="steps"),
+    Case("study-bad-lavan-mode", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("{name: random}", "{name: lavan, params: {mode: sideways}}")),
+         needle="mode"),
+    Case("study-bad-eps", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("{name: random}", "{name: pgd-linf, params: {eps: -0.1}}")),
+         needle="eps"),
+    Case("study-identical-attacks", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY.replace("[{name: random}]", "[{name: random}, {name: random}]")),
+         needle="listed twice"),
+    Case("study-unavailable-device", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "device: cuda:3\n"), needle="cuda"),
     Case("study-unknown-attack-param", ("run", "{tmp}/study.yaml", *OUT),
          setup=study(TINY.replace("{name: random}", "{name: universal, params: {stepz: 3}}")),
          needle="stepz"),
-    Case("study-cache-dir-under-a-file", ("run", "{tmp}/study.yaml", *OUT),
-         setup=lambda r: (study(f"cache_dir: {r}/study.yaml/cache\n")(r)),
-         needle="cache folder"),
-    # ---- study files: checks the integrator wires in (strict xfail until then)
+    Case("study-cache-dir-under-a-file",
+         ("run", "{tmp}/study.yaml", *OUT, "--cache-dir", "{tmp}/study.yaml/cache"),
+         setup=study(TINY), needle="cache folder"),
+    Case("study-file-cache-dir-absolute", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "cache_dir: /tmp/elsewhere\n"), needle="relative path"),
+    Case("study-file-cache-dir-escapes", ("run", "{tmp}/study.yaml", *OUT),
+         setup=study(TINY + "cache_dir: ../../elsewhere\n"), needle="relative path"),
+    # ---- study files: study-level validation
     Case("study-empty-file", ("run", "{tmp}/study.yaml", *OUT), setup=study(""),
-         needle="empty", marks=(WIRING,)),
+         needle="empty"),
     Case("study-duplicate-key", ("run", "{tmp}/study.yaml", *OUT),
-         setup=study(TINY + "models: [resnet20]\n"), needle="duplicate key", marks=(WIRING,)),
+         setup=study(TINY + "models: [resnet20]\n"), needle="duplicate key"),
     Case("study-not-utf8", ("run", "{tmp}/study.yaml", *OUT),
-         setup=study(TINY.encode() + b"name: caf\xe9\n"), needle="UTF-8", marks=(WIRING,)),
+         setup=study(TINY.encode() + b"name: caf\xe9\n"), needle="UTF-8"),
     Case("study-duplicate-seeds", ("run", "{tmp}/study.yaml", *OUT),
-         setup=study(TINY + "seeds: [0, 0]\n"), needle="seeds", marks=(STUDY_LEVEL,)),
+         setup=study(TINY + "seeds: [0, 0]\n"), needle="seeds"),
     Case("study-negative-seed", ("run", "{tmp}/study.yaml", *OUT),
-         setup=study(TINY + "seeds: [-1]\n"), needle="seed", marks=(STUDY_LEVEL,)),
+         setup=study(TINY + "seeds: [-1]\n"), needle="seed"),
     Case("study-no-attacks", ("run", "{tmp}/study.yaml", *OUT),
          setup=study(TINY.replace("attacks: [{name: random}]", "attacks: []")),
-         needle="attacks", marks=(STUDY_LEVEL,)),
+         needle="attacks"),
     Case("study-duplicate-models", ("run", "{tmp}/study.yaml", *OUT),
-         setup=study(TINY.replace("[lenet]", "[lenet, lenet]")), needle="models",
-         marks=(STUDY_LEVEL,)),
+         setup=study(TINY.replace("[lenet]", "[lenet, lenet]")), needle="models"),
     Case("study-duplicate-patch-sizes", ("run", "{tmp}/study.yaml", *OUT),
-         setup=study(TINY + "patch_sizes: [7, 7]\n"), needle="patch", marks=(STUDY_LEVEL,)),
+         setup=study(TINY + "patch_sizes: [7, 7]\n"), needle="patch"),
     Case("study-name-path-traversal", ("run", "{tmp}/study.yaml"),
-         setup=study(TINY + "name: ../../escaped\n"), needle="name", marks=(STUDY_LEVEL,)),
+         setup=study(TINY + "name: ../../escaped\n"), needle="name"),
     Case("study-empty-name", ("run", "{tmp}/study.yaml"),
-         setup=study(TINY + "name: ''\n"), needle="name", marks=(STUDY_LEVEL,)),
+         setup=study(TINY + "name: ''\n"), needle="name"),
     # ---- outputs: refused before any work
     Case("train-out-in-proc", (*TRAIN, "--out", "/proc/quantpatch.safetensors"),
          needle="/proc is a kernel pseudo-filesystem"),

@@ -12,7 +12,7 @@ from quantpatch.data import Split
 from quantpatch.errors import ConfigError
 from quantpatch.report.tables import SeedRate, pool
 from quantpatch.study import load_study
-from quantpatch.study.core import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
+from quantpatch.study.cache import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
 
 
 def test_attacks_that_differ_in_a_parameter_get_different_labels() -> None:

@@ -8,7 +8,12 @@
 # importing a family module registers it in MODELS
 from quantpatch.models import lenet, mobilenetv2, resnet, vgg, vit  # noqa: F401
 from quantpatch.models._base import MODELS, Normalize, NormalizedClassifier
-from quantpatch.models._factory import create_model, load_weights, model_choices
+from quantpatch.models._factory import (
+    check_model_name,
+    create_model,
+    load_weights,
+    model_choices,
+)
 from quantpatch.models.checkpoint import load_checkpoint, save_checkpoint
 from quantpatch.models.fast import fast_frozen_copy
 from quantpatch.models.train import TrainConfig, evaluate_accuracy, predict_logits, train_model
@@ -18,6 +23,7 @@ __all__ = [
     "Normalize",
     "NormalizedClassifier",
     "TrainConfig",
+    "check_model_name",
     "create_model",
     "evaluate_accuracy",
     "fast_frozen_copy",

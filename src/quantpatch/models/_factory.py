@@ -125,8 +125,16 @@ class _GrayToRGB(nn.Module):
         return self.net(x.expand(-1, 3, -1, -1))
 
 
-def _torchvision_net(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
-    """``torchvision.models.get_model(name, weights=None)``; 1-channel input is repeated to 3."""
+def check_model_name(name: str) -> None:
+    """Raise ``UnknownNameError`` for a name ``create_model`` cannot build (cheap: builds
+    nothing), so a study fails before any work."""
+    if name.startswith(TV_PREFIX):
+        _check_torchvision_name(name[len(TV_PREFIX) :])
+    else:
+        MODELS.get(name)
+
+
+def _check_torchvision_name(name: str) -> None:
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
@@ -134,6 +142,13 @@ def _torchvision_net(name: str, in_channels: int, num_classes: int, image_size: 
         raise UnknownNameError(
             f"unknown torchvision classifier '{name}'; e.g. {', '.join(known[:8])}, ..."
         )
+
+
+def _torchvision_net(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None)``; 1-channel input is repeated to 3."""
+    import torchvision
+
+    _check_torchvision_name(name)
     if in_channels not in (1, 3):
         raise ShapeError(f"tv:{name}: torchvision models take 1 or 3 channels, got {in_channels}")
     net = torchvision.models.get_model(name, weights=None, num_classes=num_classes)

@@ -32,16 +32,10 @@ from quantpatch.results import (
     StrengthRow,
 )
 from quantpatch.study.artifacts import prepare_quantized
+from quantpatch.study.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.cells import fit_cached, make_attack
 from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import (
-    EVAL_CODE,
-    Cell,
-    PreparedModel,
-    Source,
-    StudyContext,
-    code_fingerprint,
-)
+from quantpatch.study.core import Cell, PreparedModel, Source, StudyContext
 
 Lens = Callable[[StudyContext, AttackSettings], object]
 

@@ -1,11 +1,9 @@
-"""Trained and quantized models, cached by content.
-
-A key is the hash of everything that determines the artifact, so an identical request reuses
-the file and any changed setting produces a new one. Files are written atomically."""
+"""Trained, quantized and fine-tuned models, through the artifact cache (``study.cache``)."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,7 +26,6 @@ def prepare_fp32(context: StudyContext, arch: str) -> PreparedModel:
     config, dataset = context.config, context.dataset
     train_cfg = config.train_config_for(arch)
     parts = {"arch": arch, "data": context.data_identity(), "train": train_cfg.model_dump()}
-    path = context.cache.path("models", parts, "safetensors")
     torch.manual_seed(train_cfg.seed)  # initial weights depend on the seed, not on run history
     model = create_model(
         arch,
@@ -38,14 +35,13 @@ def prepare_fp32(context: StudyContext, arch: str) -> PreparedModel:
         mean=dataset.mean,
         std=dataset.std,
     )
-    if path.exists():
-        load_checkpoint(path, model)
-    else:
+
+    def build(path: Path) -> None:
         desc = f"train {arch}"
         train_model(model, dataset.train, train_cfg, context.device, context.progress, desc)
         _save(context, path, model, arch, FP32, train_cfg.seed)
-    model.to(context.device).eval()
-    return PreparedModel(arch, FP32, model, path.stem)
+
+    return _cached_model(context, parts, build, lambda: model, arch, FP32)
 
 
 def prepare_quantized(
@@ -66,11 +62,8 @@ def prepare_quantized(
         "calibration": config.calibration,
         "first_last_bits": config.first_last_bits,
     }
-    path = context.cache.path("models", parts, "safetensors")
-    if path.exists():
-        model = quantize(base.module, spec, first_last_bits=config.first_last_bits)
-        load_checkpoint(path, model)
-    else:
+
+    def build(path: Path) -> None:
         model = build_quantized(
             base.module,
             spec,
@@ -82,24 +75,11 @@ def prepare_quantized(
             progress=context.progress,
         )
         _save(context, path, model, base.arch, spec, qat.seed)
-    model.to(context.device).eval()
-    return PreparedModel(base.arch, spec, model, path.stem)
 
+    def skeleton() -> nn.Module:
+        return quantize(base.module, spec, first_last_bits=config.first_last_bits)
 
-def _save(
-    context: StudyContext, path, model: nn.Module, arch: str, spec: QuantSpec, seed: int
-) -> None:
-    clean = evaluate_accuracy(model, context.dataset.test, context.device)
-    metadata = {
-        "arch": arch,
-        "dataset": context.dataset.name,
-        "precision": spec.name,
-        "clean_accuracy": clean.to_dict(),
-        "seed": seed,
-        "quantpatch_version": __version__,
-        "torch_version": torch.__version__,
-    }
-    save_checkpoint(path, model, metadata)
+    return _cached_model(context, parts, build, skeleton, base.arch, spec)
 
 
 def prepare_control(
@@ -108,16 +88,17 @@ def prepare_control(
     """``base`` fine-tuned in float on a QAT ``schedule``: the control that gives fp32 the same
     extra training a quantized model got, so their differences are quantization's alone."""
     parts = {"base": base.key, "finetune": schedule.model_dump()}
-    path = context.cache.path("models", parts, "safetensors")
-    model = copy.deepcopy(base.module)
-    if path.exists():
-        load_checkpoint(path, model)
-    else:
+
+    def build(path: Path) -> None:
+        model = copy.deepcopy(base.module)
         desc = f"fine-tune {base.arch} ({tag})"
         train_model(model, context.dataset.train, schedule, context.device, context.progress, desc)
         _save(context, path, model, base.arch, FP32, schedule.seed)
-    model.to(context.device).eval()
-    return PreparedModel(base.arch, FP32, model, path.stem, tag=tag)
+
+    def skeleton() -> nn.Module:
+        return copy.deepcopy(base.module)
+
+    return _cached_model(context, parts, build, skeleton, base.arch, FP32, tag)
 
 
 def control_schedules(context: StudyContext) -> dict[str, TrainConfig]:
@@ -133,3 +114,40 @@ def control_schedules(context: StudyContext) -> dict[str, TrainConfig]:
         if schedule not in schedules.values():
             schedules[tag] = schedule
     return schedules
+
+
+def _cached_model(
+    context: StudyContext,
+    parts: dict,
+    build,
+    skeleton,
+    arch: str,
+    spec: QuantSpec,
+    tag: str = "",
+) -> PreparedModel:
+    """Build (or reuse) the checkpoint of ``parts`` and load it into ``skeleton()``."""
+
+    def load(path: Path) -> nn.Module:
+        model = skeleton()
+        load_checkpoint(path, model)
+        return model
+
+    module = context.cache.get("models", parts, "safetensors", build=build, load=load)
+    key = context.cache.path("models", parts, "safetensors").stem
+    return PreparedModel(arch, spec, module.to(context.device).eval(), key, tag=tag)
+
+
+def _save(
+    context: StudyContext, path: Path, model: nn.Module, arch: str, spec: QuantSpec, seed: int
+) -> None:
+    clean = evaluate_accuracy(model, context.dataset.test, context.device)
+    metadata = {
+        "arch": arch,
+        "dataset": context.dataset.name,
+        "precision": spec.name,
+        "clean_accuracy": clean.to_dict(),
+        "seed": seed,
+        "quantpatch_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    save_checkpoint(path, model, metadata)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,8 +12,9 @@ from quantpatch._io import content_key, load_tensors, save_tensors
 from quantpatch.attacks import ATTACKS, Attack, create_attack
 from quantpatch.metrics import attack_success
 from quantpatch.results import CellRecord, Timings
+from quantpatch.study.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import EVAL_CODE, Cell, Source, StudyContext, code_fingerprint
+from quantpatch.study.core import Cell, Source, StudyContext
 from quantpatch.study.records import cell_record, save_patch_png
 
 
@@ -74,16 +76,20 @@ def fit_cached(context: StudyContext, cell: Cell, attack: Attack) -> float:
         "seed": cell.seed,
         "data": context.data_identity(),
     }
-    path = context.cache.path("patches", parts, "safetensors")
-    if path.exists():
-        tensors, _ = load_tensors(path)
-        attack.load_state_dict(tensors)
-        return 0.0
-    started = time.perf_counter()
-    models = [model.module for model in cell.source.models]
-    attack.fit(models, context.dataset.train, context.device)
-    elapsed = time.perf_counter() - started
-    save_tensors(path, attack.state_dict(), {"cell": cell.cell_id, "fit_s": elapsed})
+    elapsed = 0.0
+
+    def build(path: Path) -> None:
+        nonlocal elapsed
+        started = time.perf_counter()
+        attack.fit([model.module for model in cell.source.models], context.dataset.train,
+                   context.device)  # fmt: skip
+        elapsed = time.perf_counter() - started
+        save_tensors(path, attack.state_dict(), {"cell": cell.cell_id, "fit_s": elapsed})
+
+    def load(path: Path) -> None:
+        attack.load_state_dict(load_tensors(path)[0])
+
+    context.cache.get("patches", parts, "safetensors", build=build, load=load)
     return elapsed
 
 

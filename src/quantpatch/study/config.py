@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -22,7 +21,8 @@ from pydantic import (
     model_validator,
 )
 
-from quantpatch.errors import ConfigError, DataNotFoundError
+from quantpatch._yaml import load_yaml_mapping
+from quantpatch.errors import ConfigError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
 
@@ -256,23 +256,31 @@ class StudyConfig(_Strict):
 
 
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
-    """Read a study YAML (or the defaults) and apply CLI overrides (``None`` means unset)."""
+    """Read a study YAML (or the defaults) and apply CLI overrides (``None`` means unset).
+
+    The file is read within limits (``quantpatch._yaml``). A study file is often shared, so
+    where it may write is bounded: its ``cache_dir`` must be a relative path inside the working
+    folder (give ``--cache-dir`` to put the cache elsewhere); its ``data_root`` is only read."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise DataNotFoundError(f"study file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a study file must be a mapping of settings")
+        data = load_yaml_mapping(path)
+        _check_cache_dir(data.get("cache_dir"), path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+
+
+def _check_cache_dir(value: Any, source: str | Path) -> None:
+    if value is None:
+        return
+    cache = Path(str(value))
+    if cache.is_absolute() or ".." in cache.parts or str(value).startswith("~"):
+        raise ConfigError(
+            f"{source}: cache_dir {value!r} must be a relative path inside the working folder "
+            "(a study file may not write elsewhere; pass --cache-dir to choose another place)"
+        )
 
 
 def _one_line(exc: ValidationError) -> str:

@@ -1,11 +1,9 @@
-"""The study's shared types: the artifact cache, prepared models, targets, cells and the
-context a run hands to every stage. They live apart from the stages (artifacts, cells,
+"""The study's shared types: prepared models, targets, cells and the context a run hands to
+every stage (with the artifact cache of ``study.cache``). They live apart from the stages (artifacts, cells,
 analyses, records, runner) so that no stage imports another just for a type."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,55 +13,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from quantpatch._io import content_key
 from quantpatch.data import Dataset, Split
 from quantpatch.quant import QuantSpec
 from quantpatch.results import ModelRecord
+from quantpatch.study.cache import ArtifactCache
 from quantpatch.study.config import AttackSettings, StudyConfig
-
-CACHE_FORMAT = 2
-"""Part of every cache key: bump it when a cached artifact's meaning changes."""
-
-MODEL_CODE = ("data", "models", "quant", "_io.py", "study/artifacts.py", "study/targets.py")
-"""The source a trained, quantized or exported model depends on."""
-
-EVAL_CODE = ("",)
-"""Everything else (patches, cells, analyses) may depend on any module: the whole package."""
-
-
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-
-@functools.cache
-def code_fingerprint(*paths: str, root: Path = PACKAGE_ROOT) -> str:
-    """A hash of quantpatch's source files under ``paths`` (relative to the package ``root``;
-    "" is all of it): part of every cache key, so a rerun after a code change recomputes what
-    that code produced instead of silently reusing it. The report and CLI, which compute
-    nothing that is cached, are left out."""
-    digest = hashlib.sha256()
-    for rel in sorted(paths):
-        target = root / rel
-        files = sorted(target.rglob("*.py")) if target.is_dir() else [target]
-        for path in files:
-            name = path.relative_to(root).as_posix()
-            if name.startswith(("report/", "cli/")):
-                continue
-            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-class ArtifactCache:
-    """Maps key dicts to stable file paths under one root folder (content addressing).
-
-    Keys hold the cache format and the fingerprint of the code that makes the artifact."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
-        code = code_fingerprint(*(MODEL_CODE if kind in ("models", "onnx") else EVAL_CODE))
-        key = content_key({"format": CACHE_FORMAT, "code": code, "kind": kind, **parts})
-        return self.root / kind / f"{key}.{suffix}"
 
 
 @dataclass(frozen=True, eq=False)

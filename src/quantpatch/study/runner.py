@@ -6,17 +6,26 @@ written to ``cells/<id>.json``; a rerun (or a resumed, interrupted run) skips it
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
 import yaml
+from filelock import FileLock
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from quantpatch._io import read_json, write_json_atomic, write_text_atomic
+from quantpatch._io import (
+    content_key,
+    read_json,
+    require_writable_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 from quantpatch._runtime import resolve_device, seed_everything
 from quantpatch.data import load_dataset
-from quantpatch.errors import QuantpatchError
+from quantpatch.errors import ConfigError, QuantpatchError
 from quantpatch.results import CellRecord
 from quantpatch.study.analyses import run_analyses
 from quantpatch.study.artifacts import (
@@ -25,9 +34,10 @@ from quantpatch.study.artifacts import (
     prepare_fp32,
     prepare_quantized,
 )
+from quantpatch.study.cache import ArtifactCache, warn
 from quantpatch.study.cells import expand_cells, run_cell
 from quantpatch.study.config import StudyConfig
-from quantpatch.study.core import ArtifactCache, Cell, PreparedModel, StudyContext
+from quantpatch.study.core import Cell, PreparedModel, StudyContext
 from quantpatch.study.records import write_results
 from quantpatch.study.targets import prepare_targets
 from quantpatch.study.validate import validate_against_data, validate_study
@@ -39,7 +49,9 @@ def run_study(config: StudyConfig, out: str | Path, *, progress: bool = True) ->
     The report is a separate step (``quantpatch.report.build_report``): it reads only what
     this writes."""
     validate_study(config)
-    context = prepare(config, Path(out), progress=progress)
+    out = require_writable_dir(out, "run folder")
+    require_writable_dir(config.cache_dir, "cache folder")
+    context = prepare(config, out, progress=progress)
     records = run_cells(context, expand_cells(context))
     return write_results(context, records, run_analyses(context))
 
@@ -55,8 +67,9 @@ def prepare(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyCo
         limit=config.limit,
     )
     validate_against_data(config, dataset)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json")))
+    if config.n_eval > len(dataset.test):  # the default on a small (--limit) dataset
+        config = config.model_copy(update={"n_eval": len(dataset.test)})
+    claim_run_folder(out, config)
     context = StudyContext(
         config, out, resolve_device(config.device), dataset, ArtifactCache(config.cache_dir),
         progress=progress,
@@ -64,6 +77,58 @@ def prepare(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyCo
     prepare_models(context)
     prepare_targets(context)
     return context
+
+
+RUN_MARKER = "run.json"
+"""Names the study a run folder belongs to (its settings' fingerprint)."""
+
+_RUN_ONLY = ("device", "cache_dir")
+"""Settings that change where and how fast a study runs, never its numbers."""
+
+
+def study_fingerprint(config: StudyConfig) -> tuple[str, dict]:
+    settings = config.model_dump(mode="json", exclude=set(_RUN_ONLY))
+    return content_key(settings), settings
+
+
+def claim_run_folder(out: Path, config: StudyConfig) -> None:
+    """A run folder belongs to one study: resuming the same study is fine, a different study
+    is refused (its cells and patches would mix with the first one's) before anything is
+    written. The claim is made under the folder's lock, so two runs cannot both claim it."""
+    fingerprint, settings = study_fingerprint(config)
+    _refuse_other_study(out, fingerprint, settings)
+    with FileLock(_lock(out, "run")):
+        _refuse_other_study(out, fingerprint, settings)
+        marker = {"study": config.name, "fingerprint": fingerprint, "settings": settings}
+        write_json_atomic(out / RUN_MARKER, marker)
+        write_text_atomic(out / "config.yaml", yaml.safe_dump(config.model_dump(mode="json")))
+
+
+def _refuse_other_study(out: Path, fingerprint: str, settings: dict) -> None:
+    marker = out / RUN_MARKER
+    if not marker.exists():
+        if (out / "results.json").exists() or (out / "cells").exists():
+            raise ConfigError(
+                f"run folder {out} holds results of an unknown study; use another --out"
+            )
+        return
+    try:
+        claimed = read_json(marker)
+        if claimed["fingerprint"] == fingerprint:
+            return
+        differ = sorted(k for k in {*settings, *claimed["settings"]}
+                        if settings.get(k) != claimed["settings"].get(k))  # fmt: skip
+        theirs = claimed["study"]
+    except (QuantpatchError, KeyError, TypeError, AttributeError):
+        differ, theirs = ["?"], "an unreadable study"
+    raise ConfigError(
+        f"run folder {out} belongs to study '{theirs}', which differs in: {', '.join(differ)}; "
+        "use another --out (or delete the folder to start over)"
+    )
+
+
+def _lock(out: Path, name: str) -> Path:
+    return out / ".locks" / f"{name}.lock"
 
 
 def prepare_models(context: StudyContext) -> None:
@@ -102,23 +167,36 @@ def run_cells(context: StudyContext, cells: list[Cell]) -> list[CellRecord]:
     for cell in bar:
         bar.set_postfix_str(cell.cell_id[:60])
         path = context.out / "cells" / f"{cell.cell_id}.json"
-        cached = _read_cell(path, cell.key)
-        if cached is None:
-            cached = run_cell(context, cell)
-            data = {"key": cell.key, "records": [r.model_dump(mode="json") for r in cached]}
-            write_json_atomic(path, data)
+        # one lock per cell: a concurrent run of the same study waits, then reads the file
+        with FileLock(_lock(context.out, f"cell-{cell.cell_id}")):
+            cached = _read_cell(path, cell.key)
+            if cached is None:
+                cached = run_cell(context, cell)
+                rows = [r.model_dump(mode="json") for r in cached]
+                write_json_atomic(path, {"key": cell.key, "records": rows, "sha256": _digest(rows)})
         records.extend(cached)
     return records
 
 
 def _read_cell(path: Path, key: str) -> list[CellRecord] | None:
-    """The records of a finished cell, or None when absent, stale or unreadable (recompute)."""
+    """The records of a finished cell, or None when absent or stale; a damaged file (cut
+    short, edited into impossible numbers) is reported and recomputed."""
     if not path.exists():
         return None
     try:
         data = read_json(path)
-        if not isinstance(data, dict) or data.get("key") != key:
+        if data.get("key") != key:
             return None
+        if data.get("sha256") != _digest(data["records"]):
+            raise ValueError("checksum mismatch: edited or damaged")
         return [CellRecord.model_validate(r) for r in data["records"]]
-    except (QuantpatchError, ValidationError, KeyError, TypeError):
+    except (QuantpatchError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        problem = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+        warn(f"damaged cell file {path} ({problem.splitlines()[0]}); recomputing it")
         return None
+
+
+def _digest(rows: list) -> str:
+    """Checksum of a cell's records: a hand-edited number is caught, not trusted."""
+    blob = json.dumps(rows, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from quantpatch._io import read_json, write_json_atomic
 from quantpatch.data import Split
+from quantpatch.errors import CorruptFileError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.quant import QuantSpec
@@ -75,17 +78,20 @@ def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target,
     calib = context.calibration_images(CALIBRATION_IMAGES)
     reduce_range = int8_saturates()  # part of the key: the int8 file depends on the CPU kind
     parts = {"base": base.key, "n_calib": int(calib.shape[0])}
-    fp32_path = context.cache.path("onnx", {**parts, "precision": "fp32"}, "onnx")
-    int8_path = context.cache.path(
-        "onnx", {**parts, "precision": "int8", "reduce_range": reduce_range}, "onnx"
-    )
-    if not fp32_path.exists():
-        export_onnx(copy.deepcopy(base.module).cpu(), fp32_path, calib[:2])
-    if not int8_path.exists():
-        quantize_onnx_int8(fp32_path, int8_path, calib, reduce_range=reduce_range)
-    int8 = OrtModel(int8_path)
-    target = Target(base.arch, ORT_INT8, ORT_SPEC, "onnxruntime", int8, int8_path.stem)
-    return target, OrtModel(fp32_path)
+    fp32_parts = {**parts, "precision": "fp32"}
+    int8_parts = {**parts, "precision": "int8", "reduce_range": reduce_range}
+    fp32 = context.cache.get(
+        "onnx", fp32_parts, "onnx",
+        build=lambda path: export_onnx(copy.deepcopy(base.module).cpu(), path, calib[:2]),
+        load=OrtModel,
+    )  # fmt: skip
+    int8 = context.cache.get(
+        "onnx", int8_parts, "onnx",
+        build=lambda path: quantize_onnx_int8(fp32.path, path, calib, reduce_range=reduce_range),
+        load=OrtModel,
+    )  # fmt: skip
+    key = context.cache.path("onnx", int8_parts, "onnx").stem
+    return Target(base.arch, ORT_INT8, ORT_SPEC, "onnxruntime", int8, key), fp32
 
 
 def deployment_check(
@@ -93,14 +99,28 @@ def deployment_check(
 ) -> DeploymentRecord:
     """ORT int8 against the simulated w8a8 model and against ORT fp32 (speed), via
     ``quant.onnx.compare_int8``; cached, because timing is the slow part of a rerun."""
-    from quantpatch.quant.onnx import compare_int8, int8_saturates
-
     reference = context.models.get(f"{arch}/w8a8")
     parts = {"int8": target.key, "reference": reference.key if reference else None,
              "n": len(context.eval_labels)}  # fmt: skip
-    path = context.cache.path("deployment", parts, "json")
-    if path.exists():
-        return DeploymentRecord.model_validate(read_json(path))
+
+    def build(path: Path) -> None:
+        write_json_atomic(path, _check(context, arch, target, fp32_ort, reference).model_dump(
+            mode="json"))  # fmt: skip
+
+    def load(path: Path) -> DeploymentRecord:
+        try:
+            return DeploymentRecord.model_validate(read_json(path))
+        except ValidationError as exc:
+            raise CorruptFileError(f"{path}: {exc.errors()[0]['msg']}") from None
+
+    return context.cache.get("deployment", parts, "json", build=build, load=load)
+
+
+def _check(
+    context: StudyContext, arch: str, target: Target, fp32_ort: Any, reference
+) -> DeploymentRecord:
+    from quantpatch.quant.onnx import compare_int8, int8_saturates
+
     check = compare_int8(
         target.predict,
         reference.module if reference else None,
@@ -108,7 +128,7 @@ def deployment_check(
         context.device,
         fp32=fp32_ort,
     )
-    record = DeploymentRecord(
+    return DeploymentRecord(
         reference=reference.name if reference else None,
         agreement=RateRecord.of(check["agreement"]) if reference else None,
         reference_accuracy=RateRecord.of(check["sim_accuracy"]) if reference else None,
@@ -117,5 +137,3 @@ def deployment_check(
         fp32_img_per_s=check["fp32_img_per_s"],
         speedup_vs_fp32=check["speedup_vs_fp32"],
     )
-    write_json_atomic(path, record.model_dump(mode="json"))
-    return record

@@ -10,8 +10,10 @@ from quantpatch.metrics import Rate
 from quantpatch.models import evaluate_accuracy
 from quantpatch.quant import QuantSpec
 from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
+from quantpatch.study.cache import ArtifactCache
 from quantpatch.study.config import StudyConfig, load_study
-from quantpatch.study.core import ArtifactCache, StudyContext
+from quantpatch.study.core import StudyContext
+from quantpatch.study.validate import validate_study
 
 
 def train_one(
@@ -39,6 +41,7 @@ def train_one(
         cache_dir=cache_dir,
         device=device,
     )
+    validate_study(config)
     spec = QuantSpec.parse(precision)
     updates: dict = {}
     if epochs is not None:

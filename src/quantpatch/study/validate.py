@@ -6,7 +6,7 @@ from quantpatch._runtime import resolve_device
 from quantpatch.attacks import ATTACKS
 from quantpatch.data import Dataset
 from quantpatch.errors import ConfigError, PatchTooLargeError
-from quantpatch.models import MODELS
+from quantpatch.models import check_model_name
 from quantpatch.study.cells import make_attack
 from quantpatch.study.config import StudyConfig
 
@@ -15,8 +15,7 @@ def validate_study(config: StudyConfig) -> None:
     """Names, every attack parameter (by building each attack once per patch size) and the
     device; raises the specific ``QuantpatchError`` naming what is wrong."""
     for arch in config.models:
-        if not arch.startswith("tv:"):
-            MODELS.get(arch)
+        check_model_name(arch)
     for settings in config.attacks:
         cls = ATTACKS.get(settings.name)
         sizes = config.patch_sizes if cls.kind == "patch" else [None]
@@ -29,8 +28,13 @@ def validate_study(config: StudyConfig) -> None:
 
 
 def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
-    """What needs the data: evaluation size, patch sizes and target classes."""
-    if config.n_eval > len(dataset.test):
+    """What needs the data: enough images, evaluation size, patch sizes and target classes."""
+    if len(dataset.train) < 2 or len(dataset.test) < 1:
+        raise ConfigError(
+            f"{dataset.name} has {len(dataset.train)} training and {len(dataset.test)} test "
+            "images; a study needs at least 2 and 1"
+        )
+    if "n_eval" in config.model_fields_set and config.n_eval > len(dataset.test):
         raise ConfigError(
             f"n_eval {config.n_eval} is more than the {len(dataset.test)} test images of "
             f"{dataset.name}"
