@@ -21,7 +21,7 @@ from quantpatch._io import read_json
 from quantpatch.errors import CorruptFileError
 from quantpatch.metrics import Rate
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Bumped whenever a record gains, loses or redefines a field."""
 
 
@@ -98,6 +98,10 @@ class ModelRecord(Record):
     precision: str = Field(description="a QuantSpec name such as 'w4a4', or 'ort-int8'")
     runtime: Literal["torch", "onnxruntime"]
     weight_bits: int | None = Field(description="None: float weights")
+    weight_levels: int | None = Field(
+        description="distinct weight values per channel: 3 for 2-bit narrow (ternary) weights, "
+        "4 for the full 2-bit grid (w2a2-full); first and last layers keep their own bits"
+    )
     act_bits: int | None = Field(description="None: float activations")
     key: str = Field(description="content key of the cached artifact")
     clean: RateRecord

@@ -9,6 +9,7 @@ from pathlib import Path
 from quantpatch._io import write_text_atomic
 from quantpatch.report import figures
 from quantpatch.report.analysis_sections import analysis_sections
+from quantpatch.report.findings import key_findings
 from quantpatch.report.page import Page
 from quantpatch.report.tables import (
     ModelOrder,
@@ -28,6 +29,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     order = ModelOrder(results.models)
     page = Page(run_dir / "figures")
     _header(page, results)
+    key_findings(page, results, order)
     _models_section(page, results.models, order)
     _patches_section(page, run_dir)
     _attack_sections(page, results, order)

@@ -21,7 +21,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-to
 table{border-collapse:collapse;font-size:.85em;margin:.6em 0}
 td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}th{background:#f4f4f4}
 td:first-child,th:first-child{text-align:left}.diag{background:#e8f6ff;font-weight:600}
-.flag{color:#b00;font-weight:600}.note{color:#555;font-size:.9em}
+.flag{color:#b00;font-weight:600}.note{color:#555;font-size:.9em}.finding{margin:.3em 0}
 img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
 .patches{display:flex;flex-wrap:wrap;gap:1em}.patches figure{width:130px;margin:0}
 """

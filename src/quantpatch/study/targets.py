@@ -60,6 +60,7 @@ def add_target(
             precision=target.precision,
             runtime=target.runtime,
             weight_bits=target.spec.weight_bits,
+            weight_levels=_levels(target.spec),
             act_bits=target.spec.act_bits,
             key=target.key,
             clean=RateRecord.of(clean),
@@ -67,6 +68,13 @@ def add_target(
             deployment=deployment,
         )
     )
+
+
+def _levels(spec: QuantSpec) -> int | None:
+    if spec.weights is None:
+        return None
+    grid = spec.weights.make_grid()
+    return grid.qmax - grid.qmin + 1
 
 
 def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target, Any]:
