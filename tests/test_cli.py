@@ -53,7 +53,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys, args, needle) -
     assert needle in err
 
 
-def test_corrupt_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
+def test_train_out_and_a_damaged_cached_checkpoint(tmp_path: Path, capsys) -> None:
     cache = tmp_path / "cache"
     args = ["train", "--model", "lenet", "--limit", "300", "--epochs", "1",
             "--cache-dir", str(cache), "--device", "cpu"]  # fmt: skip
@@ -69,9 +69,20 @@ def test_corrupt_checkpoint_exits_2(tmp_path: Path, capsys) -> None:
     assert stat.S_IMODE(out.stat().st_mode) == 0o644  # not mkstemp's 0600
     assert [p.name for p in out.parent.iterdir()] == ["lenet.safetensors"]  # no temp left
     checkpoint.write_bytes(checkpoint.read_bytes()[:100])
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "corrupt" in err and len(err.splitlines()) == 1
+    assert main(args) == 0  # a damaged cache entry is reported in one line and rebuilt
+    captured = capsys.readouterr()
+    assert len([line for line in captured.err.splitlines() if "damaged cache entry" in line]) == 1
+    assert out.read_bytes() == checkpoint.read_bytes() != b""
+
+
+def test_corrupt_user_checkpoint_is_a_corrupt_file_error(tmp_path: Path) -> None:
+    from quantpatch.errors import CorruptFileError
+    from quantpatch.models import create_model
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x00" * 100)
+    with pytest.raises(CorruptFileError, match="corrupt"):
+        create_model("lenet", in_channels=1, num_classes=10, image_size=28, weights=weights)
 
 
 @pytest.mark.parametrize(

@@ -187,11 +187,12 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
             "quant_strength": False,
             "size_curve": False,
         },  # fmt: skip
-        "cache_dir": str(finished_run / "cache"),
     }
     study = finished_run / "suite.yaml"
     study.write_text(yaml.safe_dump(settings))
-    assert main(["run", str(study), "--out", str(finished_run / "suite"), "--quiet"]) == 0
+    argv = ["run", str(study), "--out", str(finished_run / "suite"), "--quiet",
+            "--cache-dir", str(finished_run / "cache")]  # fmt: skip
+    assert main(argv) == 0
     cells = _results(finished_run / "suite")["cells"]
     assert {c["attack"] for c in cells} == {
         "universal", "universal-targeted", "lavan-universal", "lavan-per-image", "patch-pgd",

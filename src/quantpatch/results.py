@@ -179,23 +179,33 @@ def cells_to_csv(cells: list[CellRecord]) -> str:
 
 
 class AlignmentPair(Record):
-    """Input-gradient agreement of two models on the same images, with chance levels."""
+    """Input-gradient agreement of two models on the same images, with two references:
+    ``_chance`` pairs image i of a with image i-1 of b (any class), ``_same_class`` with
+    another image of the same class, so "the models agree" is told apart from "the images have
+    structure"."""
 
     a: str
     b: str
     input: Literal["clean", "patched"]
     cosine: MeanCI
     cosine_chance: MeanCI
+    cosine_same_class: MeanCI
     edge_iou: MeanCI
     edge_iou_chance: MeanCI
+    edge_iou_same_class: MeanCI
     hog_cosine: MeanCI
     hog_cosine_chance: MeanCI
+    hog_cosine_same_class: MeanCI
 
 
 class GradientAlignment(Record):
     n_images: int
     patch_size: int
     pairs: list[AlignmentPair]
+    controls: list[AlignmentPair] = Field(
+        description="each architecture's fp32 model vs an independently trained fp32 model "
+        "(another seed): the agreement two unrelated models of the same kind reach"
+    )
 
 
 class FeatureLenses(Record):
@@ -212,6 +222,14 @@ class FeatureLenses(Record):
 
 class ArchFeatures(Record):
     n_images: int
+    cka: Literal["linear", "debiased"] = Field(
+        description="linear CKA, or its debiased estimate (unbiased HSIC; plain CKA is biased "
+        "towards 1 when there are few images next to the feature width)"
+    )
+    cka_independent: LayerValues = Field(
+        description="CKA of the fp32 model with an independently trained fp32 model: the level "
+        "two unrelated models of this architecture reach"
+    )
     precisions: dict[str, FeatureLenses]
 
 

@@ -6,7 +6,7 @@
 - spatial sensitivity: ASR of a fixed patch at every position of a grid.
 """
 
-from quantpatch.analysis._common import default_layers, last_conv_layer
+from quantpatch.analysis._common import default_layers, feature_map_layer, last_conv_layer
 from quantpatch.analysis.features import (
     collect_activations,
     gradcam,
@@ -46,6 +46,7 @@ __all__ = [
     "hog_cosine",
     "hog_descriptor",
     "input_gradients",
+    "feature_map_layer",
     "last_conv_layer",
     "layer_quant_error",
     "layerwise_cka",

@@ -58,6 +58,36 @@ def last_conv_layer(model: nn.Module) -> str:
     return convs[-1]
 
 
+def feature_map_layer(model: nn.Module, example: torch.Tensor) -> str:
+    """The Grad-CAM layer: the last module to produce a spatial map (N, C, H, W) with more
+    than one position, found by one forward pass of ``example``. For a ResNet that is the last
+    block's output, after the residual addition (its last conv alone misses the skip path);
+    for a plain CNN the last conv or pooling map."""
+    finished: list[str] = []
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: object, output: object) -> None:
+            if (
+                isinstance(output, torch.Tensor)
+                and output.ndim == 4
+                and output.shape[-2:].numel() > 1
+            ):
+                finished.append(name)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with evaluating(model), torch.inference_mode():
+            model(example[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not finished:
+        raise ShapeError(f"{type(model).__name__} produces no spatial feature map")
+    return finished[-1]
+
+
 def resolve_layers(
     models: Sequence[nn.Module], layers: Sequence[str] | None
 ) -> tuple[list[str], bool]:

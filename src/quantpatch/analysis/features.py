@@ -27,17 +27,37 @@ from quantpatch.errors import ShapeError
 _GIB = 1 << 30
 
 
-def _cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor) -> float:
-    """Linear CKA from Gram matrices of column-centred features: <K, L> / (|K| |L|)."""
+def _u_centred(gram: torch.Tensor) -> torch.Tensor:
+    """The U-centred Gram matrix (Song et al. 2012): its inner products are unbiased HSIC
+    estimates. Invariant to adding per-row and per-column constants, so an already centred
+    Gram gives the same result."""
+    n = gram.shape[0]
+    gram = gram.clone()
+    gram.fill_diagonal_(0)
+    means = gram.sum(dim=0) / (n - 2)
+    means = means - means.sum() / (2 * (n - 1))
+    gram = gram - means[:, None] - means[None, :]
+    return gram.fill_diagonal_(0)
+
+
+def _cka_from_grams(gram_x: torch.Tensor, gram_y: torch.Tensor, debiased: bool = False) -> float:
+    """Linear CKA from Gram matrices of column-centred features: <K, L> / (|K| |L|);
+    ``debiased`` uses U-centred Grams (Nguyen et al. 2021: plain CKA is biased upwards when N
+    is small next to the feature width, as for conv layers on a few hundred images)."""
     gram_x, gram_y = gram_x.double(), gram_y.double()
+    if debiased:
+        if gram_x.shape[0] < 4:
+            raise ShapeError("debiased CKA needs at least 4 samples")
+        gram_x, gram_y = _u_centred(gram_x), _u_centred(gram_y)
     denom = torch.linalg.norm(gram_x) * torch.linalg.norm(gram_y)
     if denom <= 0:
         return float("nan")  # a constant representation has no similarity structure
     return float((gram_x * gram_y).sum() / denom)
 
 
-def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Linear CKA between features x (N, Dx) and y (N, Dy) of the same N inputs, in [0, 1].
+def linear_cka(x: torch.Tensor, y: torch.Tensor, *, debiased: bool = False) -> float:
+    """Linear CKA between features x (N, Dx) and y (N, Dy) of the same N inputs, in [0, 1]
+    (debiased: an unbiased estimate, which can dip slightly below 0 for unrelated features).
 
     Columns are centred; uses the feature-space form |Y'X|^2 / (|X'X| |Y'Y|) when both widths
     are at most N, else the equivalent N x N Gram form. NaN if either side is constant.
@@ -52,6 +72,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     x = x - x.mean(dim=0)
     y = y - y.mean(dim=0)
     n = x.shape[0]
+    if debiased:
+        return _cka_from_grams(x @ x.T, y @ y.T, debiased=True)
     if x.shape[1] <= n and y.shape[1] <= n:
         denom = torch.linalg.norm(x.T @ x) * torch.linalg.norm(y.T @ y)
         if denom <= 0:
@@ -144,8 +166,11 @@ def layerwise_cka(
     layers: Sequence[str] | None = None,
     batch_size: int = 256,
     max_bytes: int = _GIB,
+    *,
+    debiased: bool = False,
 ) -> list[tuple[str, float]]:
-    """Linear CKA between the same-named layers of two models on the same images.
+    """Linear CKA (or debiased CKA) between the same-named layers of two models on the same
+    images.
 
     Default layers: model_a's Conv2d/Linear layers that model_b also has (quantize() keeps the
     names). Memory is O(N^2) per layer plus at most ``max_bytes`` of activations at a time.
@@ -154,7 +179,7 @@ def layerwise_cka(
     grams_a = _layer_grams(model_a, images, names, device, batch_size, explicit, max_bytes)
     grams_b = _layer_grams(model_b, images, names, device, batch_size, explicit, max_bytes)
     return [
-        (name, _cka_from_grams(grams_a[name], grams_b[name]))
+        (name, _cka_from_grams(grams_a[name], grams_b[name], debiased))
         for name in names
         if name in grams_a and name in grams_b
     ]

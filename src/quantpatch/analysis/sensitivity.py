@@ -81,9 +81,9 @@ def spatial_asr_map(
     """ASR of a fixed patch at every top-left position (rows 0..H-ph, cols 0..W-pw, step stride).
 
     Untargeted: over the n images the model classifies correctly when clean, the share
-    misclassified with the patch. Targeted: over the n images whose true class is not
-    ``target`` (the convention of ``quantpatch.metrics.attack_success``), the share predicted as
-    ``target``. Returns (rates (ny, nx) on the CPU, NaN if n == 0; n). ``batch_size`` bounds the
+    misclassified with the patch. Targeted: over the n images the model classifies correctly
+    when clean and whose true class is not ``target`` (the convention of
+    ``quantpatch.metrics.attack_success``), the share predicted as ``target``. Returns (rates (ny, nx) on the CPU, NaN if n == 0; n). ``batch_size`` bounds the
     number of pasted images per forward pass; ``mask`` (1 or C, ph, pw) blends a shaped patch.
     """
     check_images(images, labels)
@@ -98,7 +98,9 @@ def spatial_asr_map(
         labels = labels.to(device)
         patch = patch.to(device, images.dtype).expand(images.shape[1], -1, -1)
         clean = _predict(model, images, device, batch_size)
-        eligible = clean == labels if target is None else labels != target
+        eligible = clean == labels
+        if target is not None:
+            eligible &= labels != target
         pool, pool_labels = images[eligible].contiguous(), labels[eligible]
         n = len(pool)
         hits = torch.zeros(n_loc, dtype=torch.long, device=device)

@@ -8,6 +8,7 @@ from quantpatch.report import figures
 from quantpatch.report.page import Page
 from quantpatch.report.tables import ModelOrder, fmt_rate
 from quantpatch.results import (
+    AlignmentPair,
     Analyses,
     ArchFeatures,
     ArchStrength,
@@ -90,20 +91,30 @@ def _gradient_alignment(page: Page, data: GradientAlignment, order: ModelOrder) 
             matrix[i, j] = matrix[j, i] = getattr(p, metric).mean
         page.figure(figures.matrix_figure(names, matrix, f"{title} (clean inputs)"),
                     f"gradient_{metric}", f"Mean {title} between every pair of models.")  # fmt: skip
-    page.para("Chance columns: the same metric between different images (image i of model a vs "
-              "image i+1 of model b). Agreement means something only above chance.")  # fmt: skip
-    rows = [[p.a, p.b, p.input, _ci(p.cosine), _ci(p.cosine_chance, 2), _ci(p.edge_iou),
-             _ci(p.edge_iou_chance, 2), _ci(p.hog_cosine), _ci(p.hog_cosine_chance, 2),
-             str(p.cosine.n)]
-            for p in data.pairs]  # fmt: skip
-    page.table(["model a", "model b", "input", "grad cosine", "chance", "Edge IoU", "chance",
-                "HOG cosine", "chance", "n"], rows)  # fmt: skip
+    page.para("References on the same images: 'chance' pairs image i of model a with image i-1 "
+              "of model b (any class), 'same class' with another image of the same class; the "
+              "last rows compare each fp32 model with an independently trained fp32 model "
+              "(another seed). Agreement means something only above these.")  # fmt: skip
+    rows = [_alignment_row(p) for p in [*data.pairs, *data.controls]]
+    page.table(["model a", "model b", "input", "grad cosine", "chance", "same class",
+                "Edge IoU", "chance", "same class", "HOG cosine", "chance", "same class", "n"],
+               rows)  # fmt: skip
+
+
+def _alignment_row(p: AlignmentPair) -> list[str]:
+    row = [p.a, p.b, p.input]
+    for metric in ("cosine", "edge_iou", "hog_cosine"):
+        row += [_ci(getattr(p, metric)), _ci(getattr(p, f"{metric}_chance"), 2),
+                _ci(getattr(p, f"{metric}_same_class"), 2)]  # fmt: skip
+    return [*row, str(p.cosine.n)]
 
 
 def _features(page: Page, data: dict[str, ArchFeatures], order: ModelOrder) -> None:
     page.heading("Feature representations")
-    page.para("Linear CKA per layer between the fp32 model and each precision (clean and patched "
-              "inputs); patch dominance = share of activation change inside the patch's region "
+    page.para("CKA per layer between the fp32 model and each precision (clean and patched "
+              "inputs; 'debiased' = unbiased HSIC estimate, as plain CKA is biased towards 1 "
+              "when there are few images next to the layer width), with an independently "
+              "trained fp32 model as the reference level; patch dominance = share of activation change inside the patch's region "
               "divided by the region's share of the map (1 = not localised); Grad-CAM mass on the "
               "patch for the clean-prediction class and for the patched-prediction class.")  # fmt: skip
     for arch, block in data.items():
@@ -114,8 +125,11 @@ def _features(page: Page, data: dict[str, ArchFeatures], order: ModelOrder) -> N
             for kind in ("clean", "patched"):
                 values = getattr(lenses[precision], f"cka_{kind}")
                 series[f"{precision} {kind}"] = [(i, v, v, v) for i, (_, v) in enumerate(values)]
+        series["independent fp32 (reference)"] = [
+            (i, v, v, v) for i, (_, v) in enumerate(block.cka_independent)
+        ]
         first = lenses[precisions[0]].cka_clean
-        page.figure(figures.line_figure(series, "layer", "linear CKA vs fp32", f"{arch}: CKA per layer",
+        page.figure(figures.line_figure(series, "layer", f"{block.cka} CKA vs fp32", f"{arch}: CKA per layer",
                                         [str(i) for i in range(len(first))]),
                     f"cka_{arch}", "Layer index follows the order of Conv2d/Linear layers.")  # fmt: skip
         dominance = {p: [(i, v, v, v) for i, (_, v) in enumerate(lenses[p].dominance)]

@@ -4,6 +4,7 @@ under a key of everything it depends on, so a resumed study recomputes nothing."
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 
@@ -31,7 +32,7 @@ from quantpatch.results import (
     SpatialSensitivity,
     StrengthRow,
 )
-from quantpatch.study.artifacts import prepare_quantized
+from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
 from quantpatch.study.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.cells import fit_cached, make_attack
 from quantpatch.study.config import AttackSettings
@@ -126,7 +127,9 @@ def _lens_archs(context: StudyContext) -> list[str]:
 
 
 def gradient_alignment(context: StudyContext, settings: AttackSettings) -> GradientAlignment:
-    """Input-gradient cosine, Edge IoU and HOG cosine for every pair of PyTorch models."""
+    """Input-gradient cosine, Edge IoU and HOG cosine for every pair of PyTorch models, with
+    three references on the same images: different images (chance), different images of the
+    same class, and an independently trained fp32 model of the same architecture."""
     n = context.config.analyses.n_images
     images, labels = context.eval_images[:n], context.eval_labels[:n]
     size, seed = _first_cell(context)
@@ -135,33 +138,53 @@ def gradient_alignment(context: StudyContext, settings: AttackSettings) -> Gradi
         patch = universal_patch(context, context.fp32(arch), settings, size, seed).patch
         inputs[f"patched:{arch}"] = _centred(patch, images)[0]
     models = list(context.models.values())
+    independent = [prepare_fp32(context, arch, independent=True) for arch in context.config.models]
     grads = {
         (m.name, kind): analysis.input_gradients(m.module, x, labels, context.device)
-        for m in models
+        for m in models + independent
         for kind, x in inputs.items()
     }
-    pairs = []
-    for a, b in itertools.combinations(models, 2):
-        for kind in inputs:
-            if kind.startswith("patched:") and kind.split(":")[1] not in (a.arch, b.arch):
-                continue
-            metrics = analysis.alignment_metrics(
-                grads[(a.name, kind)], grads[(b.name, kind)], chance=True
-            )
-            pairs.append(
-                AlignmentPair(
-                    a=a.name,
-                    b=b.name,
-                    input="clean" if kind == "clean" else "patched",
-                    **{k: MeanCI(**analysis.mean_ci(v)) for k, v in metrics.items()},
-                )
-            )
-    return GradientAlignment(n_images=int(images.shape[0]), patch_size=size, pairs=pairs)
+    partner, has_partner = _same_class_partner(labels)
+
+    def pairs_of(couples) -> list[AlignmentPair]:
+        out = []
+        for a, b in couples:
+            for kind in inputs:
+                if kind.startswith("patched:") and kind.split(":")[1] not in (a.arch, b.arch):
+                    continue
+                ga, gb = grads[(a.name, kind)], grads[(b.name, kind)]
+                metrics = analysis.alignment_metrics(ga, gb, chance=True)
+                same = analysis.alignment_metrics(ga[has_partner], gb[partner][has_partner])
+                metrics.update({f"{k}_same_class": v for k, v in same.items()})
+                stats = {k: MeanCI(**analysis.mean_ci(v)) for k, v in metrics.items()}
+                out.append(AlignmentPair(a=a.name, b=b.name, input=kind.partition(":")[0],
+                                         **stats))  # fmt: skip
+        return out
+
+    controls = [(context.fp32(model.arch), model) for model in independent]
+    return GradientAlignment(
+        n_images=int(images.shape[0]),
+        patch_size=size,
+        pairs=pairs_of(itertools.combinations(models, 2)),
+        controls=pairs_of(controls),
+    )
+
+
+def _same_class_partner(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image, the next image of its class (cyclically), and whether it has one (a
+    class seen once pairs with nothing): the same-class reference of the similarity lenses."""
+    partner = torch.arange(len(labels))
+    for cls in labels.unique():
+        members = (labels == cls).nonzero().squeeze(1)
+        partner[members] = members.roll(1)
+    return partner, partner != torch.arange(len(labels))
 
 
 def features(context: StudyContext, settings: AttackSettings) -> dict[str, ArchFeatures]:
-    """Per architecture: CKA fp32 vs each precision, patch dominance, Grad-CAM patch mass."""
+    """Per architecture: CKA fp32 vs each precision (and vs an independently trained fp32
+    model, the reference level), patch dominance, Grad-CAM patch mass."""
     n = context.config.analyses.n_images
+    debiased = context.config.analyses.cka == "debiased"
     images = context.eval_images[:n]
     size, seed = _first_cell(context)
     out = {}
@@ -169,8 +192,13 @@ def features(context: StudyContext, settings: AttackSettings) -> dict[str, ArchF
         fp32 = context.fp32(arch)
         patch = universal_patch(context, fp32, settings, size, seed).patch
         patched, mask = _centred(patch, images)
+        independent = prepare_fp32(context, arch, independent=True)
         out[arch] = ArchFeatures(
             n_images=int(images.shape[0]),
+            cka=context.config.analyses.cka,
+            cka_independent=analysis.layerwise_cka(
+                fp32.module, independent.module, images, context.device, debiased=debiased
+            ),
             precisions={
                 model.precision: _feature_lenses(context, fp32, model, images, patched, mask)
                 for model in context.siblings(arch)
@@ -188,15 +216,18 @@ def _feature_lenses(
     mask: torch.Tensor,
 ) -> FeatureLenses:
     device, module = context.device, model.module
-    layer = analysis.last_conv_layer(module)
+    debiased = context.config.analyses.cka == "debiased"
+    layer = analysis.feature_map_layer(module, images[:1].to(device))
     with torch.no_grad():  # these labels feed Grad-CAM's backward pass: not inference tensors
         clean_cls = module(images.to(device)).argmax(1).cpu()
         patched_cls = module(patched.to(device)).argmax(1).cpu()
     mass_clean = analysis.gradcam_patch_mass(module, patched, mask, clean_cls, layer, device)
     mass_patched = analysis.gradcam_patch_mass(module, patched, mask, patched_cls, layer, device)
+    cka = functools.partial(analysis.layerwise_cka, fp32.module, module, device=device,
+                            debiased=debiased)  # fmt: skip
     return FeatureLenses(
-        cka_clean=analysis.layerwise_cka(fp32.module, module, images, device),
-        cka_patched=analysis.layerwise_cka(fp32.module, module, patched, device),
+        cka_clean=cka(images),
+        cka_patched=cka(patched),
         dominance=analysis.patch_dominance(module, images, patched, mask, device),
         gradcam_layer=layer,
         gradcam_mass_clean_class=MeanCI(**analysis.mean_ci(mass_clean)),

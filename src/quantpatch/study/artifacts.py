@@ -21,10 +21,16 @@ from quantpatch.quant import FP32, QuantSpec, build_quantized, quantize
 from quantpatch.study.core import PreparedModel, StudyContext
 
 
-def prepare_fp32(context: StudyContext, arch: str) -> PreparedModel:
-    """Train (or load from cache) the float model of ``arch``."""
+def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False) -> PreparedModel:
+    """Train (or load from cache) the float model of ``arch``.
+
+    ``independent``: a second fp32 model trained the same way from another seed (tag
+    'indep'), the reference level for the similarity lenses: two models that share nothing
+    but the architecture and the data."""
     config, dataset = context.config, context.dataset
     train_cfg = config.train_config_for(arch)
+    if independent:
+        train_cfg = train_cfg.model_copy(update={"seed": train_cfg.seed + 1})
     parts = {"arch": arch, "data": context.data_identity(), "train": train_cfg.model_dump()}
     torch.manual_seed(train_cfg.seed)  # initial weights depend on the seed, not on run history
     model = create_model(
@@ -37,11 +43,12 @@ def prepare_fp32(context: StudyContext, arch: str) -> PreparedModel:
     )
 
     def build(path: Path) -> None:
-        desc = f"train {arch}"
+        desc = f"train {arch}" + (" (independent seed)" if independent else "")
         train_model(model, dataset.train, train_cfg, context.device, context.progress, desc)
         _save(context, path, model, arch, FP32, train_cfg.seed)
 
-    return _cached_model(context, parts, build, lambda: model, arch, FP32)
+    tag = "indep" if independent else ""
+    return _cached_model(context, parts, build, lambda: model, arch, FP32, tag)
 
 
 def prepare_quantized(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -113,6 +113,9 @@ class AnalysisSettings(_Strict):
         "default: the study's first",
     )
     n_images: int = Field(256, ge=8, description="images used by the gradient/feature analyses")
+    cka: Literal["linear", "debiased"] = Field(
+        "debiased", description="CKA estimator; debiased suits few images and wide layers"
+    )
     spatial_images: int = Field(64, ge=8, description="images per location in spatial maps")
 
     @field_validator("size_fractions")
