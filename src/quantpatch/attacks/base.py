@@ -2,9 +2,9 @@
 
 Like torchattacks, the base owns the boring parts: parameter checks, device and eval mode,
 freezing the models, targeted labels, the objective averaged over several models, seeding,
-batching, the per-image search loop, and the universal fit (EOT + Adam) and paste. A
-universal attack only states its defaults; a per-image attack writes only ``attack_batch``
-(its start and its update step).
+batching, the universal fit (EOT + Adam) and paste, and (``PerImageAttack``) the per-image
+search loop. A universal attack only states its defaults; a per-image attack writes only
+``attack_batch`` (its start and its update step).
 """
 
 from __future__ import annotations
@@ -320,6 +320,37 @@ class Attack:
         assert total is not None
         return total if len(models) == 1 else total / len(models)
 
+    def _check_target(self, logits: torch.Tensor) -> None:
+        if self.targeted and self.target_class >= logits.shape[1]:  # type: ignore[operator]
+            raise ConfigError(
+                f"target_class {self.target_class} but the model has {logits.shape[1]} classes"
+            )
+
+
+class PerImageAttack(Attack):
+    """Base of per-image attacks: ``attack_batch`` optimises each image's own perturbation.
+
+    ``early_stop``: drop an image from the batch at its first success. Faster, but the example
+    then sits just past the decision boundary, which understates how well it transfers; by
+    default every step (and restart) runs and each image keeps the successful example with
+    the highest loss (success still outranks any loss).
+    """
+
+    universal = False
+
+    def __init__(self, *, early_stop: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        if not isinstance(early_stop, bool):
+            raise ConfigError(f"early_stop must be true or false, got {early_stop!r}")
+        self.early_stop = early_stop
+
+    def running(self, key: torch.Tensor) -> torch.Tensor:
+        """Which images (by their best key so far) still get steps: all, or with
+        ``early_stop`` the ones not yet successful."""
+        if self.early_stop:
+            return key < SUCCESS_BONUS / 2
+        return torch.ones_like(key, dtype=torch.bool)
+
     def random_patches(
         self, x: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, Render]:
@@ -336,12 +367,6 @@ class Attack:
             return plan[idx](x[idx], make_canvas(rows, mask))
 
         return patches, render
-
-    def _check_target(self, logits: torch.Tensor) -> None:
-        if self.targeted and self.target_class >= logits.shape[1]:  # type: ignore[operator]
-            raise ConfigError(
-                f"target_class {self.target_class} but the model has {logits.shape[1]} classes"
-            )
 
     def objective(
         self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor
@@ -374,10 +399,11 @@ class Attack:
         """Per-image gradient ascent on ``variable`` (row i belongs to image i); returns the
         best adversarial images seen and their keys (score, plus a bonus once successful).
 
-        Only images that have not yet succeeded on every model stay in the batch, so a few
-        hard images do not keep the whole batch busy. ``render(rows, idx)`` builds the
-        adversarial images ``idx`` from their rows of ``variable``; ``update(rows, grad, idx,
-        step)`` returns the new rows (ascending the score). ``variable`` is updated in place.
+        With ``early_stop`` only images that have not yet succeeded on every model stay in the
+        batch, so a few hard images do not keep the whole batch busy. ``render(rows, idx)``
+        builds the adversarial images ``idx`` from their rows of ``variable``; ``update(rows,
+        grad, idx, step)`` returns the new rows (ascending the score). ``variable`` is updated
+        in place.
         """
         active = torch.arange(len(labels), device=labels.device)
         best_key = torch.full((len(labels),), -torch.inf, device=labels.device)
@@ -393,7 +419,7 @@ class Attack:
                 better = key > best_key[active]
                 best_adv[active[better]] = adv.detach()[better]
                 best_key[active[better]] = key[better]
-                keep = best_key[active] < SUCCESS_BONUS / 2
+                keep = self.running(best_key[active])
             if step == self.steps or not bool(keep.any()):
                 break
             (grad,) = torch.autograd.grad(score.sum(), rows)

@@ -2,7 +2,8 @@
 
 Signed-gradient (PGD) ascent on each image's own patch pixels at a given or seeded random
 location, with optional random restarts (new noise and, for random locations, a new place).
-Images already fooled keep their best example and skip later restarts.
+Each image keeps its best example over all restarts (with ``early_stop``, fooled images skip
+the rest).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, SUCCESS_BONUS, Attack, check_int
+from quantpatch.attacks.base import ATTACKS, PerImageAttack, check_int
 from quantpatch.attacks.placement import EOT
 
 
 @ATTACKS.register
-class PatchPGD(Attack):
+class PatchPGD(PerImageAttack):
     """Per-image white-box patch PGD with random restarts.
 
     ``steps`` signed steps of size ``lr`` per restart. ``location``: "random" (seeded, per image), "center" or (top, left); overrides the
@@ -53,10 +54,11 @@ class PatchPGD(Attack):
         y: torch.Tensor,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """``restarts`` starts, each on the images not yet fooled; the best example is kept."""
+        """``restarts`` starts (with ``early_stop`` only for images not yet fooled); each image
+        keeps its best example over all of them."""
         best_adv, best_key = x.clone(), torch.full((len(x),), -torch.inf, device=x.device)
         for _restart in range(self.restarts):
-            todo = (best_key < SUCCESS_BONUS / 2).nonzero().squeeze(1)
+            todo = self.running(best_key).nonzero().squeeze(1)
             if len(todo) == 0:
                 break
             patches, render = self.random_patches(x[todo], generator)

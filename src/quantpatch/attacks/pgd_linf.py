@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, Attack, check_positive
+from quantpatch.attacks.base import ATTACKS, PerImageAttack, check_positive
 
 
 @ATTACKS.register
-class PGDLinf(Attack):
+class PGDLinf(PerImageAttack):
     """Pixel-level L-inf PGD (eps, alpha, steps, random start)."""
 
     name = "pgd-linf"
