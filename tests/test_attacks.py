@@ -295,6 +295,12 @@ def test_create_attack_rejects_bad_names_and_params():
         create_attack("lavan", eot={"rotation_max_deg": 10})
     with pytest.raises(ConfigError):
         create_attack("universal", eot={"rotation": 10})
+    with pytest.raises(ConfigError):
+        create_attack("patch-pgd", eot={"rotation_max_deg": 10})  # search: integer grid only
+    rotated = create_attack("patch-pgd", location="random", eot={"rotation_max_deg": 10})
+    assert rotated.eot.rotation_max_deg == 10 and create_attack("patch-pgd").location == "search"
+    with pytest.raises(ConfigError):
+        create_attack("pgd-linf", early_stop="yes")
     lavan = create_attack("lavan", mode="per-image", location=[2, 3])
     assert not lavan.universal and lavan.eot.location == (2, 3)
     assert create_attack("universal", eot={"scale_max": 1.2}).eot.rotation_max_deg == 22.5
@@ -333,7 +339,7 @@ def test_patch_pgd_white_box_asr(lab):
     x, y = lab.images[:32], lab.labels[:32]
     # ASR only: stopping each image at its first success keeps this fast
     attack = create_attack(
-        "patch-pgd", patch_size=8, steps=40, restarts=10, early_stop=True, progress=False
+        "patch-pgd", patch_size=8, steps=40, restarts=2, early_stop=True, progress=False
     )
     adversarial = attack.perturb([lab.model], x, y, CPU)
     assert adversarial.shape == x.shape and adversarial.min() >= 0 and adversarial.max() <= 1

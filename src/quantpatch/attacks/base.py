@@ -24,6 +24,7 @@ from quantpatch._runtime import resolve_device
 from quantpatch.attacks.placement import (
     EOT,
     MASK_SHAPES,
+    Placement,
     apply_patch,
     make_canvas,
     patch_mask,
@@ -352,21 +353,26 @@ class PerImageAttack(Attack):
         return torch.ones_like(key, dtype=torch.bool)
 
     def random_patches(
-        self, x: torch.Tensor, generator: torch.Generator
+        self, x: torch.Tensor, generator: torch.Generator, placement: Placement | None = None
     ) -> tuple[torch.Tensor, Render]:
-        """A uniform-noise patch per image at placements drawn from ``eot``, and the render
-        ``(rows, idx) -> images idx with their patch rows pasted`` for ``search``."""
+        """A uniform-noise patch per image at ``placement`` (default: drawn from ``eot``), and
+        the render ``(rows, idx) -> images idx with their patch rows pasted`` for ``search``."""
         n, c, height, width = x.shape
         p = self.patch_size
-        placement = sample_placement(n, (height, width), p, self.eot, generator)
-        plan = prepare_paste(placement, (height, width), p, x.device)
-        patches = torch.rand(n, c, p, p, generator=generator).to(x.device)
+        if placement is None:
+            placement = sample_placement(n, (height, width), p, self.eot, generator)
+        render = self.patch_render(x, placement)
+        return torch.rand(n, c, p, p, generator=generator).to(x.device), render
+
+    def patch_render(self, x: torch.Tensor, placement: Placement) -> Render:
+        """``(rows, idx) -> images idx with patches rows pasted at their placements``."""
+        plan = prepare_paste(placement, tuple(x.shape[-2:]), self.patch_size, x.device)
         mask = self.mask(x.device)
 
         def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             return plan[idx](x[idx], make_canvas(rows, mask))
 
-        return patches, render
+        return render
 
     def objective(
         self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor
@@ -395,9 +401,11 @@ class PerImageAttack(Attack):
         variable: torch.Tensor,
         render: Render,
         update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+        steps: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image gradient ascent on ``variable`` (row i belongs to image i); returns the
-        best adversarial images seen and their keys (score, plus a bonus once successful).
+        """Per-image gradient ascent on ``variable`` (row i belongs to image i) for ``steps``
+        (default ``self.steps``) steps; returns the best adversarial images seen and their keys
+        (score, plus a bonus once successful).
 
         With ``early_stop`` only images that have not yet succeeded on every model stay in the
         batch, so a few hard images do not keep the whole batch busy. ``render(rows, idx)``
@@ -408,7 +416,8 @@ class PerImageAttack(Attack):
         active = torch.arange(len(labels), device=labels.device)
         best_key = torch.full((len(labels),), -torch.inf, device=labels.device)
         best_adv: torch.Tensor | None = None
-        for step in range(self.steps + 1):
+        steps = self.steps if steps is None else steps
+        for step in range(steps + 1):
             rows = variable[active].requires_grad_(True)
             adv = render(rows, active)
             score, success = self.objective(models, adv, labels[active])
@@ -420,7 +429,7 @@ class PerImageAttack(Attack):
                 best_adv[active[better]] = adv.detach()[better]
                 best_key[active[better]] = key[better]
                 keep = self.running(best_key[active])
-            if step == self.steps or not bool(keep.any()):
+            if step == steps or not bool(keep.any()):
                 break
             (grad,) = torch.autograd.grad(score.sum(), rows)
             with torch.no_grad():
