@@ -295,6 +295,12 @@ def test_create_attack_rejects_bad_names_and_params():
         create_attack("lavan", eot={"rotation_max_deg": 10})
     with pytest.raises(ConfigError):
         create_attack("universal", eot={"rotation": 10})
+    with pytest.raises(ConfigError):
+        create_attack("patch-pgd", eot={"rotation_max_deg": 10})  # search: integer grid only
+    rotated = create_attack("patch-pgd", location="random", eot={"rotation_max_deg": 10})
+    assert rotated.eot.rotation_max_deg == 10 and create_attack("patch-pgd").location == "search"
+    with pytest.raises(ConfigError):
+        create_attack("pgd-linf", early_stop="yes")
     lavan = create_attack("lavan", mode="per-image", location=[2, 3])
     assert not lavan.universal and lavan.eot.location == (2, 3)
     assert create_attack("universal", eot={"scale_max": 1.2}).eot.rotation_max_deg == 22.5
@@ -331,7 +337,10 @@ def only_box_changed(clean, adversarial, top, left, size):
 
 def test_patch_pgd_white_box_asr(lab):
     x, y = lab.images[:32], lab.labels[:32]
-    attack = create_attack("patch-pgd", patch_size=8, steps=40, restarts=10, progress=False)
+    # ASR only: stopping each image at its first success keeps this fast
+    attack = create_attack(
+        "patch-pgd", patch_size=8, steps=40, restarts=2, early_stop=True, progress=False
+    )
     adversarial = attack.perturb([lab.model], x, y, CPU)
     assert adversarial.shape == x.shape and adversarial.min() >= 0 and adversarial.max() <= 1
     changed = (adversarial != x).flatten(2).any(1).sum(1)  # pixels changed per image
@@ -364,6 +373,7 @@ def test_targeted_patch_pgd_counts_only_non_target_images(lab):
         steps=50,
         restarts=4,
         location="center",
+        early_stop=True,  # ASR only: keeps it fast
         progress=False,
     )
     adversarial = attack.perturb([lab.model], x, y, CPU)

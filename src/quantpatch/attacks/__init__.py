@@ -4,7 +4,7 @@
 Importing an attack module registers it.
 """
 
-from quantpatch.attacks.base import ATTACKS, Attack, create_attack
+from quantpatch.attacks.base import ATTACKS, Attack, PerImageAttack, create_attack
 from quantpatch.attacks.placement import (
     EOT,
     Placement,
@@ -36,6 +36,7 @@ __all__ = [
     "MultibitPatch",
     "PGDLinf",
     "PatchPGD",
+    "PerImageAttack",
     "Placement",
     "RandomPatch",
     "UniversalPatch",

@@ -2,9 +2,9 @@
 
 Like torchattacks, the base owns the boring parts: parameter checks, device and eval mode,
 freezing the models, targeted labels, the objective averaged over several models, seeding,
-batching, the per-image search loop, and the universal fit (EOT + Adam) and paste. A
-universal attack only states its defaults; a per-image attack writes only ``attack_batch``
-(its start and its update step).
+batching, the universal fit (EOT + Adam) and paste, and (``PerImageAttack``) the per-image
+search loop. A universal attack only states its defaults; a per-image attack writes only
+``attack_batch`` (its start and its update step).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from quantpatch._runtime import resolve_device
 from quantpatch.attacks.placement import (
     EOT,
     MASK_SHAPES,
+    Placement,
     apply_patch,
     make_canvas,
     patch_mask,
@@ -320,28 +321,58 @@ class Attack:
         assert total is not None
         return total if len(models) == 1 else total / len(models)
 
-    def random_patches(
-        self, x: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, Render]:
-        """A uniform-noise patch per image at placements drawn from ``eot``, and the render
-        ``(rows, idx) -> images idx with their patch rows pasted`` for ``search``."""
-        n, c, height, width = x.shape
-        p = self.patch_size
-        placement = sample_placement(n, (height, width), p, self.eot, generator)
-        plan = prepare_paste(placement, (height, width), p, x.device)
-        patches = torch.rand(n, c, p, p, generator=generator).to(x.device)
-        mask = self.mask(x.device)
-
-        def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return plan[idx](x[idx], make_canvas(rows, mask))
-
-        return patches, render
-
     def _check_target(self, logits: torch.Tensor) -> None:
         if self.targeted and self.target_class >= logits.shape[1]:  # type: ignore[operator]
             raise ConfigError(
                 f"target_class {self.target_class} but the model has {logits.shape[1]} classes"
             )
+
+
+class PerImageAttack(Attack):
+    """Base of per-image attacks: ``attack_batch`` optimises each image's own perturbation.
+
+    ``early_stop``: drop an image from the batch at its first success. Faster, but the example
+    then sits just past the decision boundary, which understates how well it transfers; by
+    default every step (and restart) runs and each image keeps the successful example with
+    the highest loss (success still outranks any loss).
+    """
+
+    universal = False
+
+    def __init__(self, *, early_stop: bool = False, **common: Any) -> None:
+        super().__init__(**common)
+        if not isinstance(early_stop, bool):
+            raise ConfigError(f"early_stop must be true or false, got {early_stop!r}")
+        self.early_stop = early_stop
+
+    def running(self, key: torch.Tensor) -> torch.Tensor:
+        """Which images (by their best key so far) still get steps: all, or with
+        ``early_stop`` the ones not yet successful."""
+        if self.early_stop:
+            return key < SUCCESS_BONUS / 2
+        return torch.ones_like(key, dtype=torch.bool)
+
+    def random_patches(
+        self, x: torch.Tensor, generator: torch.Generator, placement: Placement | None = None
+    ) -> tuple[torch.Tensor, Render]:
+        """A uniform-noise patch per image at ``placement`` (default: drawn from ``eot``), and
+        the render ``(rows, idx) -> images idx with their patch rows pasted`` for ``search``."""
+        n, c, height, width = x.shape
+        p = self.patch_size
+        if placement is None:
+            placement = sample_placement(n, (height, width), p, self.eot, generator)
+        render = self.patch_render(x, placement)
+        return torch.rand(n, c, p, p, generator=generator).to(x.device), render
+
+    def patch_render(self, x: torch.Tensor, placement: Placement) -> Render:
+        """``(rows, idx) -> images idx with patches rows pasted at their placements``."""
+        plan = prepare_paste(placement, tuple(x.shape[-2:]), self.patch_size, x.device)
+        mask = self.mask(x.device)
+
+        def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return plan[idx](x[idx], make_canvas(rows, mask))
+
+        return render
 
     def objective(
         self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor
@@ -370,19 +401,23 @@ class Attack:
         variable: torch.Tensor,
         render: Render,
         update: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+        steps: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image gradient ascent on ``variable`` (row i belongs to image i); returns the
-        best adversarial images seen and their keys (score, plus a bonus once successful).
+        """Per-image gradient ascent on ``variable`` (row i belongs to image i) for ``steps``
+        (default ``self.steps``) steps; returns the best adversarial images seen and their keys
+        (score, plus a bonus once successful).
 
-        Only images that have not yet succeeded on every model stay in the batch, so a few
-        hard images do not keep the whole batch busy. ``render(rows, idx)`` builds the
-        adversarial images ``idx`` from their rows of ``variable``; ``update(rows, grad, idx,
-        step)`` returns the new rows (ascending the score). ``variable`` is updated in place.
+        With ``early_stop`` only images that have not yet succeeded on every model stay in the
+        batch, so a few hard images do not keep the whole batch busy. ``render(rows, idx)``
+        builds the adversarial images ``idx`` from their rows of ``variable``; ``update(rows,
+        grad, idx, step)`` returns the new rows (ascending the score). ``variable`` is updated
+        in place.
         """
         active = torch.arange(len(labels), device=labels.device)
         best_key = torch.full((len(labels),), -torch.inf, device=labels.device)
         best_adv: torch.Tensor | None = None
-        for step in range(self.steps + 1):
+        steps = self.steps if steps is None else steps
+        for step in range(steps + 1):
             rows = variable[active].requires_grad_(True)
             adv = render(rows, active)
             score, success = self.objective(models, adv, labels[active])
@@ -393,8 +428,8 @@ class Attack:
                 better = key > best_key[active]
                 best_adv[active[better]] = adv.detach()[better]
                 best_key[active[better]] = key[better]
-                keep = best_key[active] < SUCCESS_BONUS / 2
-            if step == self.steps or not bool(keep.any()):
+                keep = self.running(best_key[active])
+            if step == steps or not bool(keep.any()):
                 break
             (grad,) = torch.autograd.grad(score.sum(), rows)
             with torch.no_grad():

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, Attack
+from quantpatch.attacks.base import ATTACKS, PerImageAttack
 from quantpatch.attacks.placement import EOT
 from quantpatch.errors import ConfigError
 
@@ -24,13 +24,13 @@ _BETA1, _BETA2 = 0.9, 0.999  # Adam defaults
 
 
 @ATTACKS.register
-class LaVAN(Attack):
+class LaVAN(PerImageAttack):
     """LaVAN fixed-location patch, universal or per-image.
 
     ``location``: "center" or (top, left); ``mode``: "universal" | "per-image".
 
     The class attribute ``universal`` describes the default mode; an instance's own attribute
-    follows its ``mode``.
+    follows its ``mode`` (``early_stop`` applies to the per-image mode).
     """
 
     name = "lavan"

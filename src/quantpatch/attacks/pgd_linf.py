@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, Attack, check_positive
+from quantpatch.attacks.base import ATTACKS, PerImageAttack, check_positive
 
 
 @ATTACKS.register
-class PGDLinf(Attack):
+class PGDLinf(PerImageAttack):
     """Pixel-level L-inf PGD (eps, alpha, steps, random start)."""
 
     name = "pgd-linf"
@@ -49,22 +49,22 @@ class PGDLinf(Attack):
         y: torch.Tensor,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """Signed steps on a per-image perturbation ``delta``, projected onto the eps-ball."""
+        """Signed steps on the adversarial images themselves, projected back onto the eps-ball
+        and [0, 1] after every step. The iterate is always feasible, so the forward pass needs
+        no clamp: a clamp there would pass no gradient to pixels sitting at 0 or 1 (most of an
+        MNIST digit's background), which would then never move."""
         eps, alpha = self.eps, self.step_size
         if self.random_start:
             noise = torch.rand(x.shape, generator=generator).to(x.device, x.dtype) * (2 * eps) - eps
-            delta = (x + noise).clamp(0.0, 1.0) - x
+            start = (x + noise).clamp(0.0, 1.0)
         else:
-            delta = torch.zeros_like(x)
-
-        def render(rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return (x[idx] + rows).clamp(0.0, 1.0)
+            start = x.clone()
 
         def update(
             rows: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, _: int
         ) -> torch.Tensor:
-            stepped = (rows + alpha * grad.sign()).clamp(-eps, eps)
-            return (x[idx] + stepped).clamp(0.0, 1.0) - x[idx]
+            stepped = rows + alpha * grad.sign()
+            return torch.min(torch.max(stepped, x[idx] - eps), x[idx] + eps).clamp(0.0, 1.0)
 
-        best, _ = self.search(models, y, delta, render, update)
+        best, _ = self.search(models, y, start, lambda rows, _: rows, update)
         return best

@@ -130,6 +130,13 @@ class Placement:
         return Placement(*(t.to(device) for t in (self.cy, self.cx, self.angle, self.scale)))
 
     @classmethod
+    def at(cls, tops: torch.Tensor, lefts: torch.Tensor, patch_size: int) -> Placement:
+        """Unrotated, unscaled patches with their top-left pixels at ``(tops[i], lefts[i])``."""
+        half = patch_size / 2
+        cy, cx = tops.float() + half, lefts.float() + half
+        return cls(cy, cx, torch.zeros_like(cy), torch.ones_like(cy))
+
+    @classmethod
     def fixed(cls, batch: int, top: int, left: int, patch_size: int) -> Placement:
         """Every image gets the unrotated, unscaled patch with its top-left pixel at (top, left)."""
         if batch < 0 or patch_size < 1:
@@ -214,6 +221,20 @@ def sample_placement(
         cx = torch.full((batch,), left + patch_size / 2, dtype=u.dtype)
     placement = Placement(*(t.float() for t in (cy, cx, angle, scale)))
     return placement.to(device) if device is not None else placement
+
+
+def grid_corners(
+    image_hw: tuple[int, int], patch_size: int, per_side: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_side**2`` integer top-left corners (rows, then columns): the centres of equal cells
+    of the range of corners that keep the patch inside, so they spread evenly over the image
+    (``per_side=1`` is the centre)."""
+    height, width = (int(v) for v in image_hw)
+    _check_fits(patch_size, height, width)
+    cells = (torch.arange(per_side, dtype=torch.float64) + 0.5) / per_side
+    rows = (cells * (height - patch_size)).round().long()
+    cols = (cells * (width - patch_size)).round().long()
+    return rows.repeat_interleave(per_side), cols.repeat(per_side)
 
 
 def _fixed_corner(location: Location, patch_size: int, height: int, width: int) -> tuple[int, int]:
