@@ -58,11 +58,20 @@ def test_attacks_that_differ_in_a_parameter_get_different_labels() -> None:
         {"analyses": {"models": ["resnet"]}},
         {"analyses": {"size_fractions": [1.5]}},
         {"analyses": {"strength_bits": [0]}},
+        {"attacks": [{"name": "patch-pgd", "sources": ["w3a3"]}]},
+        {"attacks": [{"name": "patch-pgd", "sources": []}]},
     ],
 )
 def test_impossible_or_ambiguous_studies_are_refused(settings: dict) -> None:
     with pytest.raises(ConfigError):
         load_study(None, **settings)
+
+
+def test_attack_sources_name_precisions_and_controls() -> None:
+    config = load_study(
+        None, attacks=[{"name": "patch-pgd", "sources": ["fp32", "w2a2", "fp32-ft"]}]
+    )
+    assert config.attacks[0].sources == ["fp32", "w2a2", "fp32-ft"]
 
 
 def test_defaults_may_name_what_a_study_leaves_out() -> None:

@@ -27,7 +27,7 @@ def expand_cells(context: StudyContext) -> list[Cell]:
         for settings in config.attacks:
             cls = ATTACKS.get(settings.name)
             sizes = config.patch_sizes if cls.kind == "patch" else [None]
-            for source in sources_for(context, cls):
+            for source in sources_for(context, cls, settings):
                 for size in sizes:
                     parts = {
                         "sources": source.keys,
@@ -43,14 +43,19 @@ def expand_cells(context: StudyContext) -> list[Cell]:
     return cells
 
 
-def sources_for(context: StudyContext, cls: type[Attack]) -> list[Source]:
-    """What an attack class is crafted on: nothing, each architecture's precisions together,
-    or every model on its own."""
-    if getattr(cls, "source_free", False):
+def sources_for(context: StudyContext, cls: type[Attack], settings: AttackSettings) -> list[Source]:
+    """What an attack is crafted on: nothing, each architecture's precisions together, or
+    every model on its own (only the precisions ``settings.sources`` names, when it does)."""
+    if cls.source_free:
         return [Source.none()]
-    if getattr(cls, "multi_precision", False):
+    if cls.multi_precision:
         return [Source.ensemble(arch, context.siblings(arch)) for arch in context.config.models]
-    return [Source.single(model) for model in context.models.values()]
+    chosen = settings.sources
+    return [
+        Source.single(model)
+        for model in context.models.values()
+        if chosen is None or model.precision in chosen
+    ]
 
 
 def make_attack(settings: AttackSettings, patch_size: int | None, seed: int, progress: bool):

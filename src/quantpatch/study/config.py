@@ -62,6 +62,12 @@ class AttackSettings(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
+    sources: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="precisions to craft on (e.g. [fp32, w2a2]; controls as fp32-ft); default: "
+        "every model. The adversarial images of each source are still scored on every target.",
+    )
 
     def base_label(self) -> str:
         mode = self.params.get("mode")
@@ -226,6 +232,20 @@ class StudyConfig(_Strict):
         labelled = _unique_labels(values)
         _distinct([a.label for a in labelled], "attack (label)")
         return labelled
+
+    @model_validator(mode="after")
+    def _known_sources(self) -> StudyConfig:
+        known = {p.name for p in self.precisions} | {"fp32"}
+        for attack in self.attacks:
+            unknown = [
+                s for s in attack.sources or [] if s not in known and not s.startswith("fp32-ft")
+            ]
+            if unknown:
+                raise ValueError(
+                    f"attack '{attack.label}' sources name {', '.join(unknown)}, not a precision "
+                    f"of the study ({', '.join(sorted(known))})"
+                )
+        return self
 
     @model_validator(mode="after")
     def _known_keys(self) -> StudyConfig:
