@@ -16,6 +16,7 @@ from quantpatch.defenses import (
     DEFENSES,
     DefendedModel,
     InputDefense,
+    PatchCleanser,
     create_defense,
 )
 from quantpatch.errors import ConfigError, ShapeError, UnknownNameError
@@ -40,7 +41,8 @@ def digits(n: int = 8) -> torch.Tensor:
 
 def test_every_registered_defense_is_of_a_known_kind() -> None:
     assert set(INPUT_DEFENSES) == {"median", "lgs", "gaussian-blur", "jpeg", "bit-depth"}
-    assert set(DEFENSES.names()) == set(INPUT_DEFENSES)
+    assert set(DEFENSES.names()) - set(INPUT_DEFENSES) == {"patchcleanser"}
+    assert DEFENSES.get("patchcleanser") is PatchCleanser
     for name in INPUT_DEFENSES:
         assert DEFENSES.get(name).differentiable == (name not in NON_DIFFERENTIABLE)
 
@@ -207,6 +209,11 @@ def test_lgs_damps_a_high_frequency_patch_but_not_a_smooth_image() -> None:
         ("jpeg", {"quality": True}),
         ("bit-depth", {"bits": 0}),
         ("bit-depth", {"bits": 9}),
+        ("patchcleanser", {}),
+        ("patchcleanser", {"patch_size": 0}),
+        ("patchcleanser", {"patch_size": 3, "masks_per_axis": 0}),
+        ("patchcleanser", {"patch_size": 3, "masks_per_axis": 4, "stride": 2}),
+        ("patchcleanser", {"patch_size": 3, "mask_value": 2.0}),
     ],
 )
 def test_bad_parameters_raise_config_error(name: str, params: dict) -> None:
@@ -220,4 +227,4 @@ def test_defended_model_needs_an_input_defense() -> None:
     with pytest.raises(UnknownNameError):
         create_defense("nope")
     with pytest.raises(ConfigError):
-        DefendedModel(torch.nn.Flatten(), torch.nn.Identity())  # type: ignore[arg-type]
+        DefendedModel(torch.nn.Flatten(), create_defense("patchcleanser", patch_size=2))

@@ -4,7 +4,8 @@
 Input transformations (``InputDefense``: median, gaussian-blur, lgs, jpeg, bit-depth) map images
 in [0, 1] to images in [0, 1], batched; ``DefendedModel(model, defense)`` puts one in front of a
 model, with BPDA (straight-through gradients) where the transform is not differentiable, so
-adaptive attacks can optimise through it.
+adaptive attacks can optimise through it. ``PatchCleanser`` certifies robustness to one patch
+of a stated size around any predictor, ONNX Runtime sessions included.
 """
 
 from quantpatch.defenses.base import (
@@ -18,11 +19,15 @@ from quantpatch.defenses.base import (
 # importing a defence module registers its defences in DEFENSES
 from quantpatch.defenses import smoothing  # noqa: E402,F401  isort: skip
 from quantpatch.defenses import compression  # noqa: E402,F401  isort: skip
+from quantpatch.defenses.patchcleanser import MaskSet, PatchCleanser, mask_set  # noqa: E402  isort: skip
 
 __all__ = [
     "DEFENSES",
     "DefendedModel",
     "InputDefense",
+    "MaskSet",
+    "PatchCleanser",
     "create_defense",
+    "mask_set",
     "straight_through",
 ]
