@@ -23,9 +23,10 @@ from quantpatch.errors import ConfigError, ShapeError, UnknownNameError
 from quantpatch.models import create_model, fast_frozen_copy
 
 INPUT_DEFENSES = [n for n in DEFENSES.names() if issubclass(DEFENSES.get(n), InputDefense)]
-NON_DIFFERENTIABLE = {"jpeg", "bit-depth", "lgs"}
-# Measured on the mnist_lenet_fp32 fixture, first 500 test images: undefended 96.4 %, see
-# test_clean_accuracy_behind_each_defense. The floor only catches a broken defence.
+NON_DIFFERENTIABLE = {n for n in INPUT_DEFENSES if not DEFENSES.get(n).differentiable}
+# Clean accuracy of the mnist_lenet_fp32 fixture on the first 500 test digits, as measured:
+# undefended 95.2 %, bit-depth 95.2, jpeg 95.2, gaussian-blur 95.0, median 94.6, lgs 84.6 (it
+# damps digit strokes too). The floor only catches a broken defence.
 MIN_CLEAN_ACCURACY = 0.8
 
 
@@ -40,11 +41,13 @@ def digits(n: int = 8) -> torch.Tensor:
 
 
 def test_every_registered_defense_is_of_a_known_kind() -> None:
-    assert set(INPUT_DEFENSES) == {"median", "lgs", "gaussian-blur", "jpeg", "bit-depth"}
-    assert set(DEFENSES.names()) - set(INPUT_DEFENSES) == {"patchcleanser"}
-    assert DEFENSES.get("patchcleanser") is PatchCleanser
-    for name in INPUT_DEFENSES:
-        assert DEFENSES.get(name).differentiable == (name not in NON_DIFFERENTIABLE)
+    """Input defences state ``differentiable`` themselves (not inherited); the rest certify."""
+    for name in DEFENSES.names():
+        factory = DEFENSES.get(name)
+        if factory is not PatchCleanser:
+            assert issubclass(factory, InputDefense) and "differentiable" in vars(factory)
+    assert {"median", "lgs", "gaussian-blur", "jpeg", "bit-depth"} <= set(INPUT_DEFENSES)
+    assert {"jpeg", "bit-depth", "lgs"} <= NON_DIFFERENTIABLE  # rounding, codecs, thresholds
 
 
 @pytest.mark.parametrize("name", INPUT_DEFENSES)

@@ -16,7 +16,7 @@ from quantpatch.errors import ShapeError
 
 @DEFENSES.register
 class JPEG(InputDefense):
-    """JPEG compression at ``quality`` (1-100) with libjpeg (torchvision.io), 8-bit codes.
+    """JPEG compression with libjpeg (quality 1-100; torchvision.io, 8-bit codes).
 
     Always encoded on the CPU with libjpeg, so results do not depend on the device (GPU codecs
     produce other pixels). libjpeg has no batched API on the CPU: one encode and one decode
@@ -48,7 +48,7 @@ class JPEG(InputDefense):
 
 @DEFENSES.register
 class BitDepth(InputDefense):
-    """Bit-depth reduction to ``bits`` per channel (Xu et al. 2018, feature squeezing)."""
+    """Bit-depth reduction (bits per channel; Xu et al. 2018, feature squeezing)."""
 
     name = "bit-depth"
     differentiable = False

@@ -79,7 +79,7 @@ def _axis(n: int, p: int, masks: int | None, stride: int | None) -> tuple[int, t
 
 @DEFENSES.register
 class PatchCleanser:
-    """PatchCleanser double masking (Xiang et al. 2022): certified against one square patch.
+    """PatchCleanser double masking (Xiang et al. 2022): certified against one patch_size patch.
 
     ``patch_size``: the side (px) of the patch it certifies against; ``masks_per_axis`` (the
     paper's k, default 6) or ``stride`` sets the mask set; ``mask_value`` fills masked pixels

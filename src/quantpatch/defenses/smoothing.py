@@ -17,7 +17,7 @@ from quantpatch.errors import ConfigError
 
 @DEFENSES.register
 class MedianFilter(InputDefense):
-    """k x k median filter (removes salt-and-pepper-like patches).
+    """Median filter (kernel_size x kernel_size; removes salt-and-pepper-like patches).
 
     Piecewise linear, so autograd's gradient (through the selected pixel) is exact almost
     everywhere: no BPDA needed.
@@ -41,7 +41,7 @@ class MedianFilter(InputDefense):
 
 @DEFENSES.register
 class GaussianBlur(InputDefense):
-    """Gaussian blur with standard deviation ``sigma`` px (kernel radius ceil(3 sigma))."""
+    """Gaussian blur (sigma in px; kernel radius ceil(3 sigma))."""
 
     name = "gaussian-blur"
     differentiable = True
@@ -65,7 +65,7 @@ class GaussianBlur(InputDefense):
 
 @DEFENSES.register
 class LocalGradientSmoothing(InputDefense):
-    """Local Gradient Smoothing (Naseer et al. 2019).
+    """Local Gradient Smoothing (Naseer et al. 2019; window, threshold, strength).
 
     Not differentiable in any useful way (a hard window threshold, and sqrt at 0 on flat
     regions), so attacks see it through BPDA, as in Chiang et al. (ICLR 2020), who broke it.
