@@ -1,21 +1,34 @@
-"""Defence registry and the wrapper that puts a defence in front of a model."""
+"""Defence registry, the input-defence base class (with BPDA) and ``DefendedModel``.
+
+Two kinds of defence share ``DEFENSES``: input transformations (``InputDefense``: images in,
+images out, put in front of a model by ``DefendedModel``) and certifying defences such as
+``PatchCleanser`` that wrap the whole prediction. Both take only parameters in their
+constructor (cheap, validated, so a study can build each once before any training) and both
+answer ``predict(model, images, device) -> labels`` for any model: an ``nn.Module`` or a
+plain callable images -> logits such as ``quant.onnx.OrtModel``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.fx
 from torch import nn
 
 from quantpatch._registry import Registry
-from quantpatch.errors import ConfigError
+from quantpatch.errors import ConfigError, ShapeError
+from quantpatch.models.train import predict_logits
 
-Defense = Callable[[torch.Tensor], torch.Tensor]
+Predictor = Callable[[torch.Tensor], torch.Tensor]
 DEFENSES: Registry = Registry("defense")
+"""Defence classes by name; ``create_defense(name, **params)`` builds one."""
 
 
-def create_defense(name: str, **params: Any) -> nn.Module:
+def create_defense(name: str, **params: Any) -> Any:
+    """Build the defence ``name``; unknown or ill-typed parameters raise ``ConfigError``."""
     factory = DEFENSES.get(name)
     try:
         return factory(**params)
@@ -23,13 +36,100 @@ def create_defense(name: str, **params: Any) -> nn.Module:
         raise ConfigError(f"defense '{name}': {exc}") from None
 
 
-class DefendedModel(nn.Module):
-    """``model(defense(x))``: evaluate or attack a model behind a preprocessing defence."""
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the defended images; backward: the incoming gradient, unchanged, to the input."""
 
-    def __init__(self, model: nn.Module, defense: nn.Module) -> None:
+    @staticmethod
+    def forward(ctx: Any, images: torch.Tensor, defended: torch.Tensor) -> torch.Tensor:
+        return defended.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+@torch.fx.wrap
+def straight_through(images: torch.Tensor, defended: torch.Tensor) -> torch.Tensor:
+    """BPDA (Athalye et al. 2018): the value of ``defended``, the gradient of the identity.
+
+    Wrapped for torch.fx, so tracing a model that holds a defence (``fast_frozen_copy`` does,
+    to fold BatchNorm) keeps this node opaque instead of inlining its forward and silently
+    turning the identity gradient back into the zero gradient of rounding.
+    """
+    return _StraightThrough.apply(images, defended)
+
+
+class InputDefense(nn.Module):
+    """Base of input transformations: images (N, C, H, W) in [0, 1] -> same shape, in [0, 1].
+
+    A subclass writes ``transform`` (batched) and states ``differentiable``. When it is
+    ``False`` (rounding, codecs, hard thresholds: zero or useless gradients), ``forward`` runs
+    the real transform and passes gradients straight through (BPDA), so a ``DefendedModel``
+    is a useful source for adaptive attacks. No registered defence is randomised, so attacks
+    through them need no expectation over the defence's randomness.
+    """
+
+    name: ClassVar[str] = ""
+    differentiable: ClassVar[bool] = True
+
+    def transform(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.differentiable:
+            return self.transform(images)
+        return straight_through(images, self.transform(images.detach()))
+
+    def predict(
+        self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Labels (CPU) of ``model`` behind this defence, batched."""
+        return predict_logits(DefendedModel(model, self), images, device).argmax(dim=1)
+
+
+class DefendedModel(nn.Module):
+    """``model(defense(x))``: evaluate or attack a model behind an input defence.
+
+    ``model`` may be an ``nn.Module`` (then this is differentiable end to end, with BPDA
+    through non-differentiable defences) or any callable images -> logits (e.g. an ONNX
+    Runtime session, evaluation only).
+    """
+
+    def __init__(self, model: Predictor, defense: InputDefense) -> None:
         super().__init__()
+        if not isinstance(defense, InputDefense):
+            raise ConfigError(f"DefendedModel needs an input defence, got {type(defense).__name__}")
         self.defense = defense
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.defense(images))
+
+
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an int in [minimum, maximum], else ``ConfigError`` (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def check_float(
+    name: str, value: Any, minimum: float, maximum: float = math.inf, *, open_min: bool = False
+) -> float:
+    """``value`` as a finite float in [minimum, maximum] (``(minimum, ...`` when ``open_min``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    low_ok = value > minimum if open_min else value >= minimum
+    if not low_ok or value > maximum:
+        low = f"> {minimum}" if open_min else f">= {minimum}"
+        high = "" if maximum == math.inf else f" and <= {maximum}"
+        raise ConfigError(f"{name} must be {low}{high}, got {value}")
+    return float(value)
+
+
+def check_images(images: torch.Tensor) -> None:
+    if images.ndim != 4:
+        raise ShapeError(f"images must be (N, C, H, W), got {tuple(images.shape)}")

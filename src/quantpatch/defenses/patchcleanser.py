@@ -1,0 +1,235 @@
+"""PatchCleanser (Xiang et al., USENIX Security 2022): certified robustness to one patch.
+
+Double masking needs forward passes only, so it defends any predictor: fp32 or fake-quant
+modules at any bit-width and ONNX Runtime int8 sessions alike. A mask set is R-covering: every
+placement of a patch of the stated size lies inside at least one mask, so some mask removes
+the whole patch. An image is certified when the model gives its true label with *every* pair
+of masks applied (one-mask cases included: a pair of the same mask twice); then the double
+masking prediction is that label whatever patch of that size sits anywhere in the image (the
+paper's Theorem 1, which holds for any tie-break of the majority vote and any disagreer order).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantpatch.defenses.base import DEFENSES, Predictor, check_float, check_images, check_int
+from quantpatch.errors import ConfigError, PatchTooLargeError, ShapeError
+from quantpatch.models.train import predict_logits
+
+DEFAULT_MASKS_PER_AXIS = 6  # the paper's default (36 first-round masks)
+
+
+@dataclass(frozen=True)
+class MaskSet:
+    """Rectangular masks of ``size`` (mask height, width) at every ``tops`` x ``lefts`` corner
+    (row-major order), covering every placement of a ``patch_hw`` patch in ``image_hw``."""
+
+    image_hw: tuple[int, int]
+    patch_hw: tuple[int, int]
+    size: tuple[int, int]
+    tops: tuple[int, ...]
+    lefts: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.tops) * len(self.lefts)
+
+    def boxes(self) -> list[tuple[int, int, int, int]]:
+        """(top, left, height, width) of each mask, row-major."""
+        return [(t, x, *self.size) for t in self.tops for x in self.lefts]
+
+    def keep(self) -> torch.Tensor:
+        """(M, 1, H, W) bool: ``False`` on the pixels each mask removes."""
+        keep = torch.ones(len(self), 1, *self.image_hw, dtype=torch.bool)
+        for index, (top, left, height, width) in enumerate(self.boxes()):
+            keep[index, :, top : top + height, left : left + width] = False
+        return keep
+
+
+def mask_set(
+    image_hw: tuple[int, int],
+    patch_size: int,
+    masks_per_axis: int | None = None,
+    stride: int | None = None,
+) -> MaskSet:
+    """The paper's mask set per axis: stride ``s`` (given, or ceil((n - p + 1) / k) for k
+    masks), mask side ``m = p + s - 1``, corners 0, s, 2s, ... plus ``n - m``: a mask at ``a``
+    covers the patch corners ``a .. a + s - 1``, so consecutive corners leave no gap."""
+    if (masks_per_axis is None) == (stride is None):
+        raise ConfigError("give exactly one of masks_per_axis and stride")
+    height, width = (int(n) for n in image_hw)
+    size_y, tops = _axis(height, patch_size, masks_per_axis, stride)
+    size_x, lefts = _axis(width, patch_size, masks_per_axis, stride)
+    return MaskSet((height, width), (patch_size, patch_size), (size_y, size_x), tops, lefts)
+
+
+def _axis(n: int, p: int, masks: int | None, stride: int | None) -> tuple[int, tuple[int, ...]]:
+    if p > n:
+        raise PatchTooLargeError(f"a {p}px patch does not fit a {n}px image side")
+    s = stride if stride is not None else math.ceil((n - p + 1) / masks)  # type: ignore[operator]
+    m = min(p + s - 1, n)
+    starts = list(range(0, n - m + 1, s))
+    if starts[-1] != n - m:
+        starts.append(n - m)
+    return m, tuple(starts)
+
+
+@DEFENSES.register
+class PatchCleanser:
+    """PatchCleanser double masking (Xiang et al. 2022): certified against one patch_size patch.
+
+    ``patch_size``: the side (px) of the patch it certifies against; ``masks_per_axis`` (the
+    paper's k, default 6) or ``stride`` sets the mask set; ``mask_value`` fills masked pixels
+    (0 = black, MNIST's background); ``batch_size`` masked images per forward pass.
+    """
+
+    name = "patchcleanser"
+
+    def __init__(
+        self,
+        patch_size: int,
+        masks_per_axis: int | None = None,
+        stride: int | None = None,
+        mask_value: float = 0.0,
+        batch_size: int = 1024,
+    ) -> None:
+        self.patch_size = check_int("patchcleanser patch_size", patch_size, minimum=1)
+        if masks_per_axis is not None and stride is not None:
+            raise ConfigError("patchcleanser takes masks_per_axis or stride, not both")
+        if stride is None:
+            masks_per_axis = DEFAULT_MASKS_PER_AXIS if masks_per_axis is None else masks_per_axis
+            self.masks_per_axis = check_int("patchcleanser masks_per_axis", masks_per_axis, 1)
+            self.stride = None
+        else:
+            self.masks_per_axis = None
+            self.stride = check_int("patchcleanser stride", stride, minimum=1)
+        self.mask_value = check_float("patchcleanser mask_value", mask_value, 0.0, 1.0)
+        self.batch_size = check_int("patchcleanser batch_size", batch_size, minimum=1)
+        self._keeps: dict[tuple, torch.Tensor] = {}
+
+    def mask_set(self, image_hw: tuple[int, int]) -> MaskSet:
+        """The masks for images of ``image_hw`` (``PatchTooLargeError`` if the patch does not
+        fit): a study can call this before any training to validate the patch size."""
+        return mask_set(image_hw, self.patch_size, self.masks_per_axis, self.stride)
+
+    def predict(
+        self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Double-masking labels (CPU) of possibly attacked ``images``.
+
+        First round: every mask on every image. Second round only for the (image, mask) pairs
+        whose first-round label disagrees with the image's majority: that mask plus every
+        mask. Each round is one flattened stream of masked images in large batches.
+        """
+        check_images(images)
+        n, masks = len(images), len(self.mask_set(tuple(images.shape[-2:])))
+        images = images.detach().to(device)
+        everyone = torch.arange(n)
+        first = self._grid_labels(model, images, everyone, None, device)
+        disagree = first != majority(first)[:, None]
+        image_index, mask_index = disagree.nonzero(as_tuple=True)
+        second = self._grid_labels(model, images, image_index, mask_index, device)
+        agree = torch.zeros(n, masks, dtype=torch.bool)
+        agree[image_index, mask_index] = (second == second[:, :1]).all(dim=1)
+        return double_masking(first, agree)
+
+    def certify(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(double-masking labels, certified) for clean ``images`` with true ``labels``.
+
+        Evaluates every unordered pair of masks (M (M + 1) / 2 masked images per image);
+        the prediction comes from the same table, at no extra cost.
+        """
+        check_images(images)
+        if labels.shape != (len(images),):
+            raise ShapeError(f"labels must be ({len(images)},), got {tuple(labels.shape)}")
+        n, masks = len(images), len(self.mask_set(tuple(images.shape[-2:])))
+        first_mask, second_mask = torch.triu_indices(masks, masks)
+        images = images.detach().to(device)
+        pairs = self._grid_labels(model, images, torch.arange(n), None, device, pairs=True)
+        table = torch.empty(n, masks, masks, dtype=pairs.dtype)
+        table[:, first_mask, second_mask] = pairs
+        table[:, second_mask, first_mask] = pairs
+        agree = (table == table[:, :, :1]).all(dim=2)
+        pred = double_masking(table.diagonal(dim1=1, dim2=2), agree)
+        certified = (pairs == labels.cpu()[:, None]).all(dim=1)
+        return pred, certified
+
+    def _grid_labels(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        rows: torch.Tensor,
+        row_masks: torch.Tensor | None,
+        device: torch.device | str,
+        pairs: bool = False,
+    ) -> torch.Tensor:
+        """(R, K) labels of ``images[rows[r]]`` with column k's mask(s) applied, and also mask
+        ``row_masks[r]`` when given. Columns: every mask, or every unordered pair of masks
+        (``pairs``). The R x K masked images are built and classified in batches of
+        ``batch_size``, never all at once."""
+        keep = self._keep(tuple(images.shape[-2:]), images.device)
+        columns = self._keep_pairs(keep) if pairs else keep
+        rows = rows.to(keep.device)
+        row_masks = None if row_masks is None else row_masks.to(keep.device)
+        width = len(columns)
+        total = len(rows) * width
+        out = []
+        for start in range(0, total, self.batch_size):
+            flat = torch.arange(start, min(start + self.batch_size, total), device=keep.device)
+            row, column = flat // width, flat % width
+            with torch.inference_mode():
+                kept = columns[column]
+                if row_masks is not None:
+                    kept = kept & keep[row_masks[row]]
+                x = torch.where(kept, images[rows[row]], self.mask_value)
+            out.append(predict_logits(model, x, device, batch_size=len(x)).argmax(dim=1))
+        labels = torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+        return labels.view(len(rows), width)
+
+    def _keep(self, image_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+        key = ("one", image_hw, str(device))
+        if key not in self._keeps:
+            self._keeps[key] = self.mask_set(image_hw).keep().to(device)
+        return self._keeps[key]
+
+    def _keep_pairs(self, keep: torch.Tensor) -> torch.Tensor:
+        """(M (M + 1) / 2, 1, H, W): both masks of each unordered pair, in triu order."""
+        key = ("pairs", tuple(keep.shape), str(keep.device))
+        if key not in self._keeps:
+            first, second = torch.triu_indices(len(keep), len(keep), device=keep.device)
+            self._keeps[key] = keep[first] & keep[second]
+        return self._keeps[key]
+
+    def __repr__(self) -> str:
+        axis = f"stride={self.stride}" if self.stride else f"masks_per_axis={self.masks_per_axis}"
+        return f"PatchCleanser(patch_size={self.patch_size}, {axis}, mask_value={self.mask_value})"
+
+
+def majority(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) the most frequent label of each row of (N, M) labels (ties: the smallest)."""
+    if labels.numel() == 0:
+        return labels.new_zeros(len(labels))
+    counts = labels.new_zeros(len(labels), int(labels.max()) + 1)
+    counts.scatter_add_(1, labels, torch.ones_like(labels))
+    return counts.argmax(dim=1)
+
+
+def double_masking(first: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1 of the paper from (N, M) one-mask labels ``first`` and ``agree`` (mask r0's
+    second round, r0 plus every mask, gives one label). Case I: no disagreer -> the majority;
+    case II: the first disagreer whose second round agrees -> its label; case III: the
+    majority."""
+    vote = majority(first)
+    case_two = (first != vote[:, None]) & agree
+    which = case_two.to(torch.uint8).argmax(dim=1)  # the first True (argmax takes the first max)
+    disagreer = first.gather(1, which[:, None]).squeeze(1)
+    return torch.where(case_two.any(dim=1), disagreer, vote)
