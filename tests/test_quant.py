@@ -395,16 +395,7 @@ def test_calibrate_sets_sane_scales() -> None:
     # weights: per-channel max / 127
     w = q.body[1].weight.detach()
     torch.testing.assert_close(q.body[1].weight_quant.scale, w.abs().amax(dim=(1, 2, 3)) / 127)
-    # clipping methods never widen the min-max range
-    for method in CALIBRATIONS.names():
-        clipped = calibrate(quantize(model, QuantSpec(4, 4)), x, method, "cpu")
-        assert (
-            float(clipped.fc1.act_quant.scale)
-            <= float(
-                calibrate(quantize(model, QuantSpec(4, 4)), x, "minmax", "cpu").fc1.act_quant.scale
-            )
-            + 1e-7
-        )
+    # that no method widens the min-max range is a registry contract (test_quant_registries)
     # a calibrated w8a8 model stays close to the float model
     with torch.no_grad():
         ref, out = model(x), q(x)
