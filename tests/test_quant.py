@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from quantpatch.data import Split
 from quantpatch.errors import InvalidSpecError, UnknownNameError
 from quantpatch.quant import (
     CALIBRATIONS,
@@ -400,6 +401,21 @@ def test_calibrate_sets_sane_scales() -> None:
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_build_quantized_calibrates_on_the_images_it_is_given() -> None:
+    """A caller hands ORT and the simulation the same calibration images."""
+    torch.manual_seed(0)
+    model, x = TinyNet().eval(), torch.rand(64, 1, 8, 8)
+    train = Split(torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long))
+    spec = QuantSpec.parse("w8a8-ptq")
+    built = build_quantized(
+        model, spec, train, calibration="minmax", calibration_images=x, device="cpu"
+    )
+    expected = calibrate(quantize(model, spec), x, "minmax", "cpu")
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in built.state_dict().items())
+    drawn = build_quantized(model, spec, train, calibration="minmax", device="cpu")  # train draw
+    assert not torch.equal(drawn.stem.act_quant.scale, built.stem.act_quant.scale)
 
 
 def test_calibrate_rejects_unknown_method() -> None:

@@ -103,15 +103,17 @@ def build_quantized(
     calibration: str = "mse",
     first_last_bits: int | None = 8,
     device: torch.device | str = "auto",
-    calibration_images: int = CALIBRATION_IMAGES,
+    calibration_images: torch.Tensor | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """quantize -> calibrate on up to ``calibration_images`` train images -> LSQ QAT (if
-    ``spec.method == "qat"``) -> frozen scales (cheap fake-quant op) -> eval mode.
+    """quantize -> calibrate -> LSQ QAT (if ``spec.method == "qat"``) -> frozen scales (cheap
+    fake-quant op) -> eval mode.
 
-    The calibration subset is a seeded random draw (seed of ``qat`` or 0). QAT trains weights
-    and quantizer scales with ``quantpatch.models.train_model`` (``DEFAULT_QAT`` when ``qat``
-    is None). The result gives input gradients through the straight-through estimator.
+    Calibration uses ``calibration_images`` when given (so a caller can hand ONNX Runtime the
+    same images), else a seeded random draw of ``CALIBRATION_IMAGES`` from ``train`` (seed of
+    ``qat`` or 0). QAT trains weights and quantizer scales with
+    ``quantpatch.models.train_model`` (``DEFAULT_QAT`` when ``qat`` is None). The result gives
+    input gradients through the straight-through estimator.
     """
     device = resolve_device(device)
     qmodel = quantize(fp32_model, spec, first_last_bits=first_last_bits).to(device)
@@ -120,9 +122,12 @@ def build_quantized(
     from quantpatch.models import TrainConfig, train_model
 
     config = qat if qat is not None else TrainConfig(**DEFAULT_QAT)
-    generator = torch.Generator().manual_seed(config.seed)
-    idx = torch.randperm(len(train), generator=generator)[:calibration_images]
-    calibrate(qmodel, train.images[idx], calibration, device, seed=config.seed)
+    if calibration_images is None:
+        generator = torch.Generator().manual_seed(config.seed)
+        calibration_images = train.images[
+            torch.randperm(len(train), generator=generator)[:CALIBRATION_IMAGES]
+        ]
+    calibrate(qmodel, calibration_images, calibration, device, seed=config.seed)
     if spec.method == "qat" and config.epochs > 0:
         set_learnable(qmodel, True)
         try:
