@@ -150,9 +150,9 @@ def _calibration_reader(input_name: str, images: torch.Tensor, batch_size: int) 
 @functools.cache
 def int8_saturates(machine: str | None = None, cpuinfo: str | None = None) -> bool:
     """True on x86 CPUs without VNNI, where ORT's uint8 x int8 kernels (VPMADDUBSW) add pairs
-    of products in saturating int16: ORT then advises 7-bit weights (``reduce_range``). On
-    resnet20/mnist5k that lifts ORT int8 from 91.4 % to 93.8 % top-1 and its agreement with
-    the fp32 model from 93.6 % to 99.2 %. False where it cannot tell (non-Linux) or on ARM.
+    of products in saturating int16: ORT then advises ``reduce_range`` (weight codes
+    ``[-64, 64]``). On resnet20/mnist5k that lifts ORT int8 from 91.4 % to 93.8 % top-1 and
+    its agreement with the fp32 model from 93.6 % to 99.2 %. False where it cannot tell (non-Linux) or on ARM.
 
     ``machine`` and ``cpuinfo`` default to this machine's (``platform.machine()``,
     ``/proc/cpuinfo``); the answer is cached, as the CPU does not change under a process.
@@ -182,8 +182,8 @@ def quantize_onnx_int8(
     The graph is first pre-processed (shape inference + ORT graph optimisation, which folds
     BatchNorm into the convolutions) as ORT recommends. On x86 CPUs without VNNI, ORT's
     uint8 x int8 kernels (VPMADDUBSW) can saturate int16 sums of products of large codes;
-    ``reduce_range=None`` (default) therefore uses 7-bit weights exactly where that happens
-    (``int8_saturates()``); pass a bool to force either.
+    ``reduce_range=None`` (default) therefore narrows the weights to ``[-64, 64]`` exactly
+    where that happens (``int8_saturates()``); pass a bool to force either.
     """
     from onnxruntime.quantization import (
         CalibrationMethod,
