@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from quantpatch.data import Split
 from quantpatch.errors import InvalidSpecError, UnknownNameError
 from quantpatch.quant import (
     CALIBRATIONS,
@@ -19,9 +20,11 @@ from quantpatch.quant import (
     QuantConv2d,
     QuantizerSpec,
     QuantLinear,
+    QuantMultiheadAttention,
     QuantSpec,
     build_quantized,
     calibrate,
+    quantizable_layers,
     quantize,
     set_learnable,
 )
@@ -395,20 +398,94 @@ def test_calibrate_sets_sane_scales() -> None:
     # weights: per-channel max / 127
     w = q.body[1].weight.detach()
     torch.testing.assert_close(q.body[1].weight_quant.scale, w.abs().amax(dim=(1, 2, 3)) / 127)
-    # clipping methods never widen the min-max range
-    for method in CALIBRATIONS.names():
-        clipped = calibrate(quantize(model, QuantSpec(4, 4)), x, method, "cpu")
-        assert (
-            float(clipped.fc1.act_quant.scale)
-            <= float(
-                calibrate(quantize(model, QuantSpec(4, 4)), x, "minmax", "cpu").fc1.act_quant.scale
-            )
-            + 1e-7
-        )
+    # that no method widens the min-max range is a registry contract (test_quant_registries)
     # a calibrated w8a8 model stays close to the float model
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_build_quantized_calibrates_on_the_images_it_is_given() -> None:
+    """A caller hands ORT and the simulation the same calibration images."""
+    torch.manual_seed(0)
+    model, x = TinyNet().eval(), torch.rand(64, 1, 8, 8)
+    train = Split(torch.rand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long))
+    spec = QuantSpec.parse("w8a8-ptq")
+    built = build_quantized(
+        model, spec, train, calibration="minmax", calibration_images=x, device="cpu"
+    )
+    expected = calibrate(quantize(model, spec), x, "minmax", "cpu")
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in built.state_dict().items())
+    drawn = build_quantized(model, spec, train, calibration="minmax", device="cpu")  # train draw
+    assert not torch.equal(drawn.stem.act_quant.scale, built.stem.act_quant.scale)
+
+
+# -- nn.MultiheadAttention ------------------------------------------------------------------------
+
+
+def _attention_cases() -> list:
+    """(batch_first, self-attention, attn_mask, key_padding_mask) covering torch's options."""
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)  # True = may not attend
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    return [
+        pytest.param(True, True, None, None, id="self"),
+        pytest.param(True, True, causal, padding, id="self-bool-masks"),
+        pytest.param(False, False, torch.randn(2 * 4, 5, 5), padding.float() * -1e4, id="cross"),
+    ]
+
+
+@pytest.mark.parametrize(("batch_first", "self_attn", "attn_mask", "padding"), _attention_cases())
+def test_quantized_attention_computes_torch_attention(
+    batch_first: bool, self_attn: bool, attn_mask, padding
+) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    q = QuantMultiheadAttention.from_float(mha, weight_spec=None, act_spec=None)
+    shape = (2, 5, 16) if batch_first else (5, 2, 16)
+    query = torch.randn(shape)
+    key = query if self_attn else torch.randn(shape)
+    value = key
+    for average in (True, False):
+        kwargs = {"attn_mask": attn_mask, "key_padding_mask": padding}
+        expected = mha(query, key, value, average_attn_weights=average, **kwargs)
+        got = q(query, key, value, average_attn_weights=average, **kwargs)
+        for e, g in zip(expected, got, strict=True):  # output and attention weights
+            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+    out, weights = q(query, key, value, need_weights=False)
+    assert weights is None and out.shape == shape
+
+
+def test_quantize_reaches_torchvision_attention() -> None:
+    """tv: transformers (VisionTransformer, as tv:vit_b_16) quantize attention too."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+        num_classes=3,
+    ).eval()  # fmt: skip
+    nn.init.normal_(vit.heads.head.weight)  # torchvision starts the head at zero
+    x = torch.rand(8, 3, 16, 16)
+    q = calibrate(quantize(vit, QuantSpec(8, 8)), x, "minmax", "cpu")
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in q.modules())
+    assert quantizable_layers(q) == []  # no float Conv2d/Linear left, projections included
+    attention = [m for m in q.modules() if isinstance(m, QuantMultiheadAttention)]
+    assert len(attention) == 2
+    for m in attention:
+        assert m.in_proj.act_quant.initialized and m.out_proj.act_quant.initialized
+        assert m.in_proj.weight_bits == m.out_proj.weight_bits == 8
+    with torch.no_grad():
+        ref, out = vit(x), q(x)
+    assert not torch.equal(out, ref)
+    assert float((out - ref).norm() / ref.norm()) < 0.05
+
+
+def test_quantize_refuses_attention_it_cannot_compute() -> None:
+    model = nn.Sequential(nn.Linear(4, 8))
+    model.add_module("attn", nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    with pytest.raises(InvalidSpecError, match="layer 'attn': cannot quantize"):
+        quantize(model, QuantSpec(8, 8))
 
 
 def test_calibrate_rejects_unknown_method() -> None:

@@ -12,6 +12,7 @@ from quantpatch.quant.layers import (
     FakeQuantizer,
     QuantConv2d,
     QuantLinear,
+    QuantMultiheadAttention,
     quant_layers,
     set_learnable,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Observation",
     "QuantConv2d",
     "QuantLinear",
+    "QuantMultiheadAttention",
     "QuantSpec",
     "QuantizerSpec",
     "build_quantized",

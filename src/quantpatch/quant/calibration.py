@@ -56,7 +56,14 @@ class Observation:
 
 
 class Calibration:
-    """A calibration method: activation range from an observation, weight range per row."""
+    """A calibration method: activation range from an observation, weight range per row.
+
+    ``float_weights`` says what the activations are observed on: the network with its weights
+    already quantized (default: the ranges then include the weight error the model will have)
+    or the float network, as ONNX Runtime's static calibration does.
+    """
+
+    float_weights = False
 
     def activation_range(self, quantizer: FakeQuantizer, obs: Observation) -> tuple[float, float]:
         raise NotImplementedError
@@ -76,6 +83,13 @@ class MinMax(Calibration):
 
     def activation_range(self, quantizer: FakeQuantizer, obs: Observation) -> tuple[float, float]:
         return obs.range()
+
+
+@CALIBRATIONS.register("float-minmax")
+class FloatMinMax(MinMax):
+    """Min/max observed on the float network, as ONNX Runtime's static MinMax calibration."""
+
+    float_weights = True
 
 
 @CALIBRATIONS.register("percentile")
@@ -143,8 +157,10 @@ def _observe(
     device: torch.device,
     batch_size: int,
     seed: int,
+    disabled: list[FakeQuantizer],
 ) -> list[Observation]:
-    """Run ``images`` through ``qmodel`` with float activations, observing each quantizer input."""
+    """Run ``images`` through ``qmodel`` with float activations (and the ``disabled``
+    quantizers off), observing each activation quantizer's input."""
     n_batches = -(-len(images) // batch_size)
     generator = torch.Generator().manual_seed(seed)
     observations = [
@@ -153,8 +169,9 @@ def _observe(
     handles = [
         q.register_forward_pre_hook(obs) for q, obs in zip(act_quants, observations, strict=True)
     ]
+    off = act_quants + disabled
     try:
-        for q in act_quants:
+        for q in off:
             q.enabled = False
         with _evaluating(qmodel), torch.inference_mode():
             for start in range(0, len(images), batch_size):
@@ -162,7 +179,7 @@ def _observe(
     finally:
         for handle in handles:
             handle.remove()
-        for q in act_quants:
+        for q in off:
             q.enabled = True
     return observations
 
@@ -178,9 +195,10 @@ def calibrate(
 ) -> nn.Module:
     """Set every quantizer's scale/zero-point from ``images`` (N, C, H, W) in [0, 1].
 
-    Activations are observed in float at each quantized layer's input while weights are
-    already quantized; ``method`` (a name in ``CALIBRATIONS``) then ranges weights and
-    activations. Returns ``qmodel`` (modified in place).
+    Activations are observed in float at each quantized layer's input (and at the input of
+    any other ``FakeQuantizer`` in the model, e.g. one on its output), with the weights already
+    quantized unless the method says ``float_weights``; ``method`` (a name in
+    ``CALIBRATIONS``) then ranges weights and activations. Returns ``qmodel`` (modified in place).
     """
     calibration = CALIBRATIONS.get(method)()
     if images.ndim != 4 or len(images) == 0:
@@ -190,13 +208,18 @@ def calibrate(
     device = resolve_device(device)
     qmodel.to(device)
     layers = [layer for _, layer in quant_layers(qmodel)]
+    weight_quants = [layer.weight_quant for layer in layers if layer.weight_quant is not None]
     for layer in layers:
         if layer.weight_quant is not None:
             init_weight_quantizer(layer.weight_quant, layer.weight, calibration.weight_range)
-    act_quants = [layer.act_quant for layer in layers if layer.act_quant is not None]
+    owned = {id(q) for layer in layers for q in (layer.weight_quant, layer.act_quant)}
+    act_quants = [layer.act_quant for layer in layers if layer.act_quant is not None] + [
+        q for q in qmodel.modules() if isinstance(q, FakeQuantizer) and id(q) not in owned
+    ]
     if not act_quants:
         return qmodel
-    observations = _observe(qmodel, act_quants, images, device, batch_size, seed)
+    disabled = weight_quants if calibration.float_weights else []
+    observations = _observe(qmodel, act_quants, images, device, batch_size, seed, disabled)
     with torch.no_grad():
         for q, obs in zip(act_quants, observations, strict=True):
             low, high = calibration.activation_range(q, obs)

@@ -176,6 +176,21 @@ class SignedFull(Grid):
         return bound / -self.qmin, torch.zeros_like(bound)
 
 
+@GRIDS.register("reduced")
+@dataclass(frozen=True)
+class ReducedRange(SignedNarrow):
+    """ONNX Runtime's ``reduce_range`` int8 weights, 8 bit only: signed, zero point 0, codes
+    ``[-64, 64]`` and ``s = max|w| / 64`` (129 levels), which ORT uses on x86 CPUs whose
+    u8 x s8 kernels add pairs of products in saturating int16 (``quant.onnx.int8_saturates``).
+    The matched simulation of ORT int8 needs it (``w8a8-ptq-reduced``)."""
+
+    min_bits: ClassVar[int] = 8
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 2)
+
+
 @GRIDS.register(ACTIVATION_GRID)
 @dataclass(frozen=True)
 class Affine(Grid):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.errors import InvalidSpecError
+from quantpatch.errors import InvalidSpecError, ShapeError
 from quantpatch.quant.grids import EPS, Grid, Range
 from quantpatch.quant.spec import QuantizerSpec, QuantSpec
 
@@ -301,6 +301,107 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True = may not attend) as -inf/0, a float mask as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+
+
+class QuantMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` computed from two ``QuantLinear`` projections.
+
+    torch's attention reads ``in_proj_weight`` and ``out_proj.weight`` directly, so swapping
+    its projections would leave them in float; this module computes the same function (packed
+    q/k/v projection, scaled dot-product attention with ``attn_mask``/``key_padding_mask``,
+    dropout on the weights, output projection) from ``in_proj`` and ``out_proj``, which
+    ``quantize`` builds as quantized layers. Batched inputs only; separate key/value widths,
+    ``add_bias_kv`` and ``add_zero_attn`` are refused.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, in_proj: nn.Linear, out_proj: nn.Linear) -> None:
+        super().__init__()
+        self.num_heads = mha.num_heads
+        self.dropout = mha.dropout
+        self.batch_first = mha.batch_first
+        self.in_proj = in_proj
+        self.out_proj = out_proj
+
+    @classmethod
+    def from_float(
+        cls,
+        mha: nn.MultiheadAttention,
+        *,
+        weight_spec: QuantizerSpec | None,
+        act_spec: QuantizerSpec | None,
+    ) -> QuantMultiheadAttention:
+        """Quantized projections sharing ``mha``'s weight and bias tensors."""
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise InvalidSpecError(
+                "cannot quantize nn.MultiheadAttention with kdim/vdim != embed_dim, "
+                "add_bias_kv or add_zero_attn"
+            )
+        embed = mha.embed_dim
+        packed = nn.Linear(embed, 3 * embed, bias=mha.in_proj_bias is not None, device="meta")
+        packed.weight, packed.bias = mha.in_proj_weight, mha.in_proj_bias
+        specs = {"weight_spec": weight_spec, "act_spec": act_spec}
+        layer = cls(
+            mha,
+            QuantLinear.from_float(packed, **specs),
+            QuantLinear.from_float(mha.out_proj, **specs),
+        )
+        return layer.train(mha.training)
+
+    def _project(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple:
+        """q, k, v: one projection when all three are one tensor (self-attention)."""
+        if query is key and key is value:
+            return self.in_proj(query).chunk(3, dim=-1)
+        weights = self.in_proj.quantized_weight().chunk(3)
+        biases = (None,) * 3 if self.in_proj.bias is None else self.in_proj.bias.chunk(3)
+        return tuple(
+            nn.functional.linear(self.in_proj.quantize_input(x), w, b)
+            for x, w, b in zip((query, key, value), weights, biases, strict=True)
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if query.dim() != 3:
+            raise ShapeError(f"attention takes batched (3-D) inputs, got {tuple(query.shape)}")
+        if is_causal and attn_mask is None:
+            raise ValueError("is_causal is a hint: pass the causal attn_mask as well")
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        q, k, v = (
+            x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            for x in self._project(query, key, value)
+        )  # (batch, heads, length, head_dim)
+        batch, heads, length, head_dim = q.shape
+        scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+        mask = _additive(attn_mask, scores.dtype)
+        if mask is not None:  # (length, source) or (batch * heads, length, source)
+            scores = scores + (mask.view(batch, heads, length, -1) if mask.dim() == 3 else mask)
+        padding = _additive(key_padding_mask, scores.dtype)
+        if padding is not None:
+            scores = scores + padding[:, None, None, :]
+        weights = scores.softmax(dim=-1)
+        attended = nn.functional.dropout(weights, self.dropout, self.training) @ v
+        out = self.out_proj(attended.transpose(1, 2).flatten(2))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        if not need_weights:
+            return out, None
+        return out, weights.mean(dim=1) if average_attn_weights else weights
 
 
 def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLinear]]:

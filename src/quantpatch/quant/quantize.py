@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quantpatch._runtime import resolve_device
+from quantpatch.errors import InvalidSpecError
 from quantpatch.quant.calibration import calibrate
 from quantpatch.quant.grids import check_bits
 from quantpatch.quant.layers import (
@@ -17,6 +18,7 @@ from quantpatch.quant.layers import (
     FakeQuantizer,
     QuantConv2d,
     QuantLinear,
+    QuantMultiheadAttention,
     set_learnable,
 )
 from quantpatch.quant.spec import QuantizerSpec, QuantSpec
@@ -31,17 +33,26 @@ DEFAULT_QAT = {"epochs": 2, "lr": 0.01, "batch_size": 128, "momentum": 0.9, "wei
 """QAT settings used when ``build_quantized`` gets a QAT spec but no ``TrainConfig``."""
 
 
-def _quantizable(module: nn.Module) -> bool:
-    if isinstance(module, QUANT_LAYERS):
-        return False
+_SWAPS: dict[type[nn.Module], Any] = {
+    nn.Conv2d: QuantConv2d,
+    nn.Linear: QuantLinear,
+    nn.MultiheadAttention: QuantMultiheadAttention,
+}
+"""Float layer type -> its quantized form (``from_float(layer, weight_spec=, act_spec=)``)."""
+
+
+def _swap_for(module: nn.Module) -> Any:
+    if isinstance(module, (*QUANT_LAYERS, QuantMultiheadAttention)):
+        return None
     if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return False  # MultiheadAttention reads its weight directly; swapping would do nothing
-    return isinstance(module, (nn.Conv2d, nn.Linear))
+        return None  # MultiheadAttention's out_proj: swapped with its attention
+    return next((q for f, q in _SWAPS.items() if isinstance(module, f)), None)
 
 
 def quantizable_layers(model: nn.Module) -> list[str]:
-    """Names of the Conv2d/Linear layers ``quantize`` swaps, in registration order."""
-    return [name for name, module in model.named_modules() if _quantizable(module)]
+    """Names of the Conv2d/Linear/MultiheadAttention layers ``quantize`` swaps, in
+    registration order."""
+    return [name for name, module in model.named_modules() if _swap_for(module) is not None]
 
 
 def _with_bits(*sides: QuantizerSpec | None, bits: int) -> tuple[QuantizerSpec | None, ...]:
@@ -50,7 +61,8 @@ def _with_bits(*sides: QuantizerSpec | None, bits: int) -> tuple[QuantizerSpec |
 
 
 def quantize(model: nn.Module, spec: QuantSpec, *, first_last_bits: int | None = 8) -> nn.Module:
-    """A deep copy of ``model`` with every Conv2d/Linear replaced by its fake-quant version.
+    """A deep copy of ``model`` with every Conv2d/Linear replaced by its fake-quant version and
+    every ``nn.MultiheadAttention`` by ``QuantMultiheadAttention`` (quantized projections).
 
     The first and last quantizable layers (registration order: the stem conv and the
     classifier in every model of the zoo) use ``first_last_bits`` for the sides ``spec``
@@ -69,8 +81,10 @@ def quantize(model: nn.Module, spec: QuantSpec, *, first_last_bits: int | None =
             if first_last_bits is not None and i in (0, len(names) - 1):
                 weight_spec, act_spec = _with_bits(weight_spec, act_spec, bits=first_last_bits)
             layer = qmodel.get_submodule(name)
-            cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-            new = cls.from_float(layer, weight_spec=weight_spec, act_spec=act_spec)
+            try:
+                new = _swap_for(layer).from_float(layer, weight_spec=weight_spec, act_spec=act_spec)
+            except InvalidSpecError as exc:
+                raise InvalidSpecError(f"layer {name or type(layer).__name__!r}: {exc}") from None
             if name == "":
                 qmodel = new
             else:
@@ -103,15 +117,17 @@ def build_quantized(
     calibration: str = "mse",
     first_last_bits: int | None = 8,
     device: torch.device | str = "auto",
-    calibration_images: int = CALIBRATION_IMAGES,
+    calibration_images: torch.Tensor | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """quantize -> calibrate on up to ``calibration_images`` train images -> LSQ QAT (if
-    ``spec.method == "qat"``) -> frozen scales (cheap fake-quant op) -> eval mode.
+    """quantize -> calibrate -> LSQ QAT (if ``spec.method == "qat"``) -> frozen scales (cheap
+    fake-quant op) -> eval mode.
 
-    The calibration subset is a seeded random draw (seed of ``qat`` or 0). QAT trains weights
-    and quantizer scales with ``quantpatch.models.train_model`` (``DEFAULT_QAT`` when ``qat``
-    is None). The result gives input gradients through the straight-through estimator.
+    Calibration uses ``calibration_images`` when given (so a caller can hand ONNX Runtime the
+    same images), else a seeded random draw of ``CALIBRATION_IMAGES`` from ``train`` (seed of
+    ``qat`` or 0). QAT trains weights and quantizer scales with
+    ``quantpatch.models.train_model`` (``DEFAULT_QAT`` when ``qat`` is None). The result gives
+    input gradients through the straight-through estimator.
     """
     device = resolve_device(device)
     qmodel = quantize(fp32_model, spec, first_last_bits=first_last_bits).to(device)
@@ -120,9 +136,12 @@ def build_quantized(
     from quantpatch.models import TrainConfig, train_model
 
     config = qat if qat is not None else TrainConfig(**DEFAULT_QAT)
-    generator = torch.Generator().manual_seed(config.seed)
-    idx = torch.randperm(len(train), generator=generator)[:calibration_images]
-    calibrate(qmodel, train.images[idx], calibration, device, seed=config.seed)
+    if calibration_images is None:
+        generator = torch.Generator().manual_seed(config.seed)
+        calibration_images = train.images[
+            torch.randperm(len(train), generator=generator)[:CALIBRATION_IMAGES]
+        ]
+    calibrate(qmodel, calibration_images, calibration, device, seed=config.seed)
     if spec.method == "qat" and config.epochs > 0:
         set_learnable(qmodel, True)
         try:

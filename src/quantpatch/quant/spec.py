@@ -4,7 +4,8 @@ Names are ``fp32`` or ``w<W>a<A>`` with W, A in 1..8 or 32 (32 = that side stays
 optional suffixes for non-default settings: ``-ptq`` (post-training quantization instead of
 QAT), ``-pt`` (per-tensor instead of per-channel weights) and the name of a registered weight
 grid other than the default ``narrow`` (``quantpatch.quant.grids.GRIDS``): ``-asym``
-(asymmetric weights with a zero point) or ``-full`` (all signed codes: 2 bit = 4 levels).
+(asymmetric weights with a zero point), ``-full`` (all signed codes: 2 bit = 4 levels) or
+``-reduced`` (ONNX Runtime's ``reduce_range`` int8 weights, ``[-64, 64]``; 8 bit only).
 ``QuantSpec.parse(spec.name) == spec`` for every valid spec, so the name can key caches and
 appear in configs and reports.
 """
