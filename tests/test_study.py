@@ -39,7 +39,7 @@ def test_results_match_schema_and_cover_the_grid(finished_run: Path) -> None:
     results = _results(finished_run / "run")
     targets = {m["name"] for m in results["models"]}
     torch_models = ("lenet/fp32", "lenet/fp32-ft", "lenet/w8a8", "lenet/w2a2")
-    assert targets == {*torch_models, "lenet/ort-int8"}
+    assert targets == {*torch_models, "lenet/ort-int8", "lenet/ort-w8a8"}
     universal = [c for c in results["cells"] if c["attack"] == "universal"]
     assert {(c["source"], c["target"]) for c in universal} == {
         (s, t) for s in torch_models for t in targets
@@ -70,8 +70,23 @@ def test_quantized_models_stay_near_fp32(finished_run: Path) -> None:
     assert fp32 > 0.85
     assert models["lenet/w8a8"]["clean"]["rate"] > fp32 - 0.02
     assert models["lenet/w2a2"]["clean"]["rate"] > fp32 - 0.08
-    deployment = models["lenet/ort-int8"]["deployment"]
-    assert deployment["agreement"]["rate"] >= 0.97
+
+
+def test_deployed_int8_models_match_their_simulations(finished_run: Path) -> None:
+    """ORT int8 is predicted by its matched simulation better than by fp32 (the null), on clean
+    and adversarial images; the QAT model exported with its own scales agrees >= 99 %."""
+    models = {m["name"]: m for m in _results(finished_run / "run")["models"]}
+    ptq = models["lenet/ort-int8"]["deployment"]
+    assert ptq["kind"] == "ptq" and "lenet/fp32" in ptq["reference"]
+    for check in (ptq["clean"], ptq["adversarial"]):
+        assert check["simulation"]["agreement"]["rate"] >= 0.97
+        assert check["simulation"]["logit_error"] < check["fp32"]["logit_error"]
+        assert check["simulation_closer"]
+    assert ptq["adversarial"]["int8_accuracy"]["rate"] < ptq["clean"]["int8_accuracy"]["rate"]
+    qdq = models["lenet/ort-w8a8"]["deployment"]
+    assert qdq["kind"] == "qat-qdq" and qdq["reference"] == "lenet/w8a8"
+    for check in (qdq["clean"], qdq["adversarial"]):
+        assert check["simulation"]["agreement"]["rate"] >= 0.99
 
 
 def test_report_and_files_written(finished_run: Path) -> None:

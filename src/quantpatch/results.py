@@ -21,7 +21,7 @@ from quantpatch._io import read_json
 from quantpatch.errors import CorruptFileError
 from quantpatch.metrics import Rate
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Bumped whenever a record gains, loses or redefines a field."""
 
 
@@ -78,13 +78,44 @@ LayerValues = list[tuple[str, float]]
 # -- models -------------------------------------------------------------------------------------
 
 
-class DeploymentRecord(Record):
-    """ONNX Runtime int8 against the simulated model it should reproduce, and what it buys."""
+class MatchRecord(Record):
+    """ONNX Runtime int8 against one reference model on one kind of input."""
 
-    reference: str | None = Field(description="the simulated (fake-quant) model compared with")
-    agreement: RateRecord | None = Field(description="top-1 agreement with the reference")
-    reference_accuracy: RateRecord | None
-    reduce_range: bool = Field(description="7-bit weights (x86 without VNNI)")
+    agreement: RateRecord = Field(description="images where both predict the same class")
+    logit_error: float = Field(
+        description="mean over images of ||logits_int8 - logits_ref|| / ||logits_ref||"
+    )
+    reference_accuracy: RateRecord = Field(description="the reference's own top-1 accuracy")
+
+
+class InputCheckRecord(Record):
+    """The deployed int8 model on clean or on adversarial images, against the simulation that
+    should predict it and against fp32 (the null a simulation must beat to mean anything)."""
+
+    int8_accuracy: RateRecord
+    simulation: MatchRecord
+    fp32: MatchRecord
+    simulation_closer: bool = Field(
+        description="the simulation's logit error is below fp32's: it models the runtime"
+    )
+
+
+class DeploymentRecord(Record):
+    """An ONNX Runtime int8 model checked against the fake-quant model that should reproduce
+    it, with fp32 as the null, and what it buys in speed."""
+
+    kind: Literal["ptq", "qat-qdq"] = Field(
+        description="'ptq': ORT static int8 of the fp32 model, against its simulation by "
+        "ORT's rules on the same calibration images; 'qat-qdq': a QAT model exported with "
+        "its learned scales as a QDQ graph, against the trained model itself"
+    )
+    reference: str = Field(description="the simulated (fake-quant) model compared with")
+    reduce_range: bool = Field(description="ORT's [-64, 64] weight codes (x86 without VNNI)")
+    clean: InputCheckRecord
+    adversarial: InputCheckRecord | None
+    adversarial_attack: str | None = Field(
+        description="how the adversarial images were made (crafted on the fp32 model)"
+    )
     int8_img_per_s: float
     fp32_img_per_s: float
     speedup_vs_fp32: float
@@ -95,7 +126,10 @@ class ModelRecord(Record):
 
     name: str = Field(description="'<arch>/<precision>', e.g. 'lenet/w4a4' or 'lenet/ort-int8'")
     arch: str
-    precision: str = Field(description="a QuantSpec name such as 'w4a4', or 'ort-int8'")
+    precision: str = Field(
+        description="a QuantSpec name such as 'w4a4'; 'ort-int8' (ORT static int8 of fp32) or "
+        "'ort-w8a8' (the QAT w8a8 model deployed on ORT as trained)"
+    )
     runtime: Literal["torch", "onnxruntime"]
     weight_bits: int | None = Field(description="None: float weights")
     weight_levels: int | None = Field(

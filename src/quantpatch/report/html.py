@@ -68,16 +68,33 @@ def _models_section(page: Page, models: list[ModelRecord], order: ModelOrder) ->
     page.table(["model", "clean accuracy"], [[m.name, fmt_rate(m.clean)] for m in models])
     deployed = [m for m in models if m.deployment]
     if deployed:
-        page.heading("Real int8 deployment (ONNX Runtime, static QDQ, per-channel)", 3)
-        rows = []
-        for m in deployed:
-            dep = m.deployment
-            agree = fmt_rate(dep.agreement) if dep.agreement else "n/a"
-            rows.append([m.name, fmt_rate(m.clean), f"{agree} vs {dep.reference or '-'}",
-                         f"{dep.int8_img_per_s:.0f}", f"{dep.fp32_img_per_s:.0f}",
-                         f"{dep.speedup_vs_fp32:.2f}x"])  # fmt: skip
-        page.table(["model", "accuracy", "top-1 agreement", "int8 img/s", "fp32 img/s",
-                    "speed-up"], rows)  # fmt: skip
+        _deployment_table(page, deployed)
+
+
+def _deployment_table(page: Page, deployed: list[ModelRecord]) -> None:
+    """Each ORT model against its simulation and against fp32, the null the simulation must
+    beat: agreement (and relative logit error) on clean and on adversarial images."""
+    page.heading("Real int8 deployment (ONNX Runtime)", 3)
+    rows = []
+    for m in deployed:
+        dep = m.deployment
+        for label, check in (("clean", dep.clean), ("adversarial", dep.adversarial)):
+            if check is None:
+                continue
+            rows.append([
+                m.name if label == "clean" else "", label, fmt_rate(check.int8_accuracy),
+                f"{fmt_rate(check.simulation.agreement)} ({check.simulation.logit_error:.3f})",
+                f"{fmt_rate(check.fp32.agreement)} ({check.fp32.logit_error:.3f})",
+                "yes" if check.simulation_closer else "NO",
+            ])  # fmt: skip
+    page.table(["ORT model", "images", "int8 accuracy", "agreement with simulation (logit err)",
+                "agreement with fp32, the null (logit err)", "simulation closer"], rows)  # fmt: skip
+    page.para(" ".join(
+        f"{m.name}: {m.deployment.kind} against {m.deployment.reference}; "
+        f"{m.deployment.int8_img_per_s:.0f} img/s vs fp32 {m.deployment.fp32_img_per_s:.0f} "
+        f"({m.deployment.speedup_vs_fp32:.2f}x)." for m in deployed
+    ) + f" Adversarial images: {deployed[0].deployment.adversarial_attack}. Reduce range: "
+      f"{deployed[0].deployment.reduce_range}.")  # fmt: skip
 
 
 def _patches_section(page: Page, run_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +11,29 @@ import torch
 from pydantic import ValidationError
 
 from quantpatch._io import read_json, write_json_atomic
-from quantpatch.data import Split
 from quantpatch.errors import CorruptFileError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.quant import QuantSpec
-from quantpatch.results import DeploymentRecord, ModelRecord, RateRecord
+from quantpatch.results import (
+    DeploymentRecord,
+    InputCheckRecord,
+    MatchRecord,
+    ModelRecord,
+    RateRecord,
+)
 from quantpatch.study.config import ORT_INT8
 from quantpatch.study.core import PreparedModel, StudyContext, Target
 
 CALIBRATION_IMAGES = 512
 """Training images ONNX Runtime calibrates its int8 activation ranges on."""
 
-ORT_SPEC = QuantSpec(8, 8, method="ptq")
-"""What ORT int8 computes: 8-bit weights and activations, quantized after training."""
+QAT_DEPLOYED = QuantSpec(8, 8)
+"""The QAT precision that deploys on ORT's int8 kernels as trained (exported as QDQ)."""
+
+ADVERSARIAL_PROBE: dict[str, Any] = {"name": "pgd-linf", "eps": 0.1, "steps": 10, "seed": 0}
+"""Adversarial images for the deployment check: near the decision boundary, where a
+simulation that merely matches on clean images would be caught out."""
 
 
 def torch_target(prepared: PreparedModel, device: torch.device) -> Target:
@@ -36,15 +46,20 @@ def torch_target(prepared: PreparedModel, device: torch.device) -> Target:
 
 
 def prepare_targets(context: StudyContext) -> None:
-    """Wrap every model as a target with its clean predictions; add ORT int8 targets."""
+    """Wrap every model as a target with its clean predictions; add the ONNX Runtime targets:
+    ORT static int8 of each fp32 model, and each QAT w8a8 model deployed as trained."""
     for prepared in context.models.values():
         add_target(context, torch_target(prepared, context.device))
     if not context.config.ort_int8:
         return
     for arch in context.config.models:
-        target, fp32_ort = ort_int8_target(context, context.fp32(arch))
-        deployment = deployment_check(context, arch, target, fp32_ort)
-        add_target(context, target, deployment)
+        fp32 = context.fp32(arch)
+        target, fp32_ort = ort_int8_target(context, fp32)
+        add_target(context, target, ptq_deployment(context, fp32, target, fp32_ort))
+        qat = context.models.get(f"{arch}/{QAT_DEPLOYED.name}")
+        if qat is not None:
+            target = qdq_target(context, qat)
+            add_target(context, target, qdq_deployment(context, fp32, qat, target, fp32_ort))
 
 
 def add_target(
@@ -80,8 +95,15 @@ def _levels(spec: QuantSpec) -> int | None:
 def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target, Any]:
     """Export ``base`` to ONNX, quantize it to int8 with ORT static QDQ, and wrap it.
 
-    Returns the target and the fp32 ``OrtModel`` (the deployment check's speed reference)."""
-    from quantpatch.quant.onnx import OrtModel, export_onnx, int8_saturates, quantize_onnx_int8
+    Returns the target and the fp32 ``OrtModel`` (the deployment check's null and speed
+    reference)."""
+    from quantpatch.quant.onnx import (
+        OrtModel,
+        export_onnx,
+        int8_saturates,
+        ort_int8_spec,
+        quantize_onnx_int8,
+    )
 
     calib = context.calibration_images(CALIBRATION_IMAGES)
     reduce_range = int8_saturates()  # part of the key: the int8 file depends on the CPU kind
@@ -99,21 +121,67 @@ def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target,
         load=OrtModel,
     )  # fmt: skip
     key = context.cache.path("onnx", int8_parts, "onnx").stem
-    return Target(base.arch, ORT_INT8, ORT_SPEC, "onnxruntime", int8, key), fp32
+    spec = ort_int8_spec(reduce_range)
+    return Target(base.arch, ORT_INT8, spec, "onnxruntime", int8, key), fp32
 
 
-def deployment_check(
-    context: StudyContext, arch: str, target: Target, fp32_ort: Any
+def qdq_target(context: StudyContext, qat: PreparedModel) -> Target:
+    """The QAT model with its own learned scales, exported as a QDQ graph and run by ORT."""
+    from quantpatch.quant.onnx import OrtModel, export_qdq, int8_saturates
+
+    uint8_weights = int8_saturates()
+    parts = {"base": qat.key, "precision": "qdq", "uint8_weights": uint8_weights}
+    example = context.eval_images[:2]
+    session = context.cache.get(
+        "onnx", parts, "onnx",
+        build=lambda path: export_qdq(qat.module, path, example, uint8_weights=uint8_weights),
+        load=OrtModel,
+    )  # fmt: skip
+    key = context.cache.path("onnx", parts, "onnx").stem
+    return Target(qat.arch, f"ort-{qat.precision}", qat.spec, "onnxruntime", session, key)
+
+
+def ptq_deployment(
+    context: StudyContext, fp32: PreparedModel, target: Target, fp32_ort: Any
 ) -> DeploymentRecord:
-    """ORT int8 against the simulated w8a8 model and against ORT fp32 (speed), via
-    ``quant.onnx.compare_int8``; cached, because timing is the slow part of a rerun."""
-    reference = context.models.get(f"{arch}/w8a8")
-    parts = {"int8": target.key, "reference": reference.key if reference else None,
-             "n": len(context.eval_labels)}  # fmt: skip
+    """ORT static int8 against its simulation by ORT's rules (same calibration images, same
+    observers, same reduce_range), with fp32 as the null."""
+    from quantpatch.quant.onnx import int8_saturates, simulate_ort_int8
+
+    def simulation() -> torch.nn.Module:
+        calib = context.calibration_images(CALIBRATION_IMAGES)  # the images ORT calibrated on
+        return simulate_ort_int8(
+            fp32.module, calib, reduce_range=int8_saturates(), device=context.device
+        )
+
+    reference = f"{fp32.name} quantized by ORT's rules (simulated)"
+    return _deployment(context, "ptq", reference, fp32, target, fp32_ort, simulation)
+
+
+def qdq_deployment(
+    context: StudyContext, fp32: PreparedModel, qat: PreparedModel, target: Target, fp32_ort: Any
+) -> DeploymentRecord:
+    """The exported QAT model against the trained fake-quant model itself."""
+    return _deployment(context, "qat-qdq", qat.name, fp32, target, fp32_ort, lambda: qat.module)
+
+
+def _deployment(
+    context: StudyContext,
+    kind: str,
+    reference: str,
+    fp32: PreparedModel,
+    target: Target,
+    fp32_ort: Any,
+    simulation: Callable[[], Any],
+) -> DeploymentRecord:
+    """Run ``quant.onnx.compare_int8`` on clean and adversarial images; cached, because the
+    adversarial images and the timing are the slow part of a rerun."""
+    parts = {"int8": target.key, "kind": kind, "fp32": fp32.key,
+             "n": len(context.eval_labels), "adversarial": ADVERSARIAL_PROBE}  # fmt: skip
 
     def build(path: Path) -> None:
-        write_json_atomic(path, _check(context, arch, target, fp32_ort, reference).model_dump(
-            mode="json"))  # fmt: skip
+        record = _compare(context, kind, reference, fp32, target, fp32_ort, simulation())
+        write_json_atomic(path, record.model_dump(mode="json"))
 
     def load(path: Path) -> DeploymentRecord:
         try:
@@ -124,24 +192,49 @@ def deployment_check(
     return context.cache.get("deployment", parts, "json", build=build, load=load)
 
 
-def _check(
-    context: StudyContext, arch: str, target: Target, fp32_ort: Any, reference
+def _compare(
+    context: StudyContext,
+    kind: str,
+    reference: str,
+    fp32: PreparedModel,
+    target: Target,
+    fp32_ort: Any,
+    simulation: Any,
 ) -> DeploymentRecord:
+    from quantpatch.attacks import create_attack
     from quantpatch.quant.onnx import compare_int8, int8_saturates
 
-    check = compare_int8(
-        target.predict,
-        reference.module if reference else None,
-        Split(context.eval_images, context.eval_labels),
-        context.device,
-        fp32=fp32_ort,
-    )
+    attack = create_attack(**ADVERSARIAL_PROBE, progress=False)
+    images, labels = context.eval_images, context.eval_labels
+    adversarial = attack.perturb([fp32.module], images, labels, context.device)
+    check = compare_int8(target.predict, simulation, fp32_ort, images, labels,
+                         adversarial=adversarial, device=context.device)  # fmt: skip
     return DeploymentRecord(
-        reference=reference.name if reference else None,
-        agreement=RateRecord.of(check["agreement"]) if reference else None,
-        reference_accuracy=RateRecord.of(check["sim_accuracy"]) if reference else None,
+        kind=kind,
+        reference=reference,
         reduce_range=int8_saturates(),
-        int8_img_per_s=check["int8_img_per_s"],
-        fp32_img_per_s=check["fp32_img_per_s"],
-        speedup_vs_fp32=check["speedup_vs_fp32"],
+        clean=_input_record(check.clean),
+        adversarial=_input_record(check.adversarial),
+        adversarial_attack=_probe_label(),
+        int8_img_per_s=check.int8_img_per_s,
+        fp32_img_per_s=check.fp32_img_per_s,
+        speedup_vs_fp32=check.speedup_vs_fp32,
+    )
+
+
+def _probe_label() -> str:
+    params = ", ".join(f"{k} {v}" for k, v in ADVERSARIAL_PROBE.items() if k != "name")
+    return f"{ADVERSARIAL_PROBE['name']} on fp32 ({params})"
+
+
+def _input_record(check: Any) -> InputCheckRecord:
+    def match(m: Any) -> MatchRecord:
+        return MatchRecord(agreement=RateRecord.of(m.top1), logit_error=m.logit_error,
+                           reference_accuracy=RateRecord.of(m.reference_accuracy))  # fmt: skip
+
+    return InputCheckRecord(
+        int8_accuracy=RateRecord.of(check.int8_accuracy),
+        simulation=match(check.simulation),
+        fp32=match(check.fp32),
+        simulation_closer=check.simulation_closer,
     )
