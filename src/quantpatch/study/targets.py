@@ -54,12 +54,13 @@ def prepare_targets(context: StudyContext) -> None:
         return
     for arch in context.config.models:
         fp32 = context.fp32(arch)
+        probe = Probe(context, fp32)
         target, fp32_ort = ort_int8_target(context, fp32)
-        add_target(context, target, ptq_deployment(context, fp32, target, fp32_ort))
+        add_target(context, target, ptq_deployment(context, probe, target, fp32_ort))
         qat = context.models.get(f"{arch}/{QAT_DEPLOYED.name}")
         if qat is not None:
             target = qdq_target(context, qat)
-            add_target(context, target, qdq_deployment(context, fp32, qat, target, fp32_ort))
+            add_target(context, target, qdq_deployment(context, probe, qat, target, fp32_ort))
 
 
 def add_target(
@@ -141,8 +142,33 @@ def qdq_target(context: StudyContext, qat: PreparedModel) -> Target:
     return Target(qat.arch, f"ort-{qat.precision}", qat.spec, "onnxruntime", session, key)
 
 
+class Probe:
+    """The deployment checks' adversarial images for one architecture: crafted on its fp32
+    model on first use only (a rerun with cached checks never crafts them)."""
+
+    def __init__(self, context: StudyContext, fp32: PreparedModel) -> None:
+        self.context, self.fp32 = context, fp32
+        self._images: torch.Tensor | None = None
+
+    @property
+    def label(self) -> str:
+        params = ", ".join(f"{k} {v}" for k, v in ADVERSARIAL_PROBE.items() if k != "name")
+        return f"{ADVERSARIAL_PROBE['name']} on {self.fp32.name} ({params})"
+
+    def images(self) -> torch.Tensor:
+        if self._images is None:
+            from quantpatch.attacks import create_attack
+
+            attack = create_attack(**ADVERSARIAL_PROBE, progress=False)
+            context = self.context
+            self._images = attack.perturb(
+                [self.fp32.module], context.eval_images, context.eval_labels, context.device
+            )
+        return self._images
+
+
 def ptq_deployment(
-    context: StudyContext, fp32: PreparedModel, target: Target, fp32_ort: Any
+    context: StudyContext, probe: Probe, target: Target, fp32_ort: Any
 ) -> DeploymentRecord:
     """ORT static int8 against its simulation by ORT's rules (same calibration images, same
     observers, same reduce_range), with fp32 as the null."""
@@ -151,36 +177,36 @@ def ptq_deployment(
     def simulation() -> torch.nn.Module:
         calib = context.calibration_images(CALIBRATION_IMAGES)  # the images ORT calibrated on
         return simulate_ort_int8(
-            fp32.module, calib, reduce_range=int8_saturates(), device=context.device
+            probe.fp32.module, calib, reduce_range=int8_saturates(), device=context.device
         )
 
-    reference = f"{fp32.name} quantized by ORT's rules (simulated)"
-    return _deployment(context, "ptq", reference, fp32, target, fp32_ort, simulation)
+    reference = f"{probe.fp32.name} quantized by ORT's rules (simulated)"
+    return _deployment(context, "ptq", reference, probe, target, fp32_ort, simulation)
 
 
 def qdq_deployment(
-    context: StudyContext, fp32: PreparedModel, qat: PreparedModel, target: Target, fp32_ort: Any
+    context: StudyContext, probe: Probe, qat: PreparedModel, target: Target, fp32_ort: Any
 ) -> DeploymentRecord:
     """The exported QAT model against the trained fake-quant model itself."""
-    return _deployment(context, "qat-qdq", qat.name, fp32, target, fp32_ort, lambda: qat.module)
+    return _deployment(context, "qat-qdq", qat.name, probe, target, fp32_ort, lambda: qat.module)
 
 
 def _deployment(
     context: StudyContext,
     kind: str,
     reference: str,
-    fp32: PreparedModel,
+    probe: Probe,
     target: Target,
     fp32_ort: Any,
     simulation: Callable[[], Any],
 ) -> DeploymentRecord:
     """Run ``quant.onnx.compare_int8`` on clean and adversarial images; cached, because the
     adversarial images and the timing are the slow part of a rerun."""
-    parts = {"int8": target.key, "kind": kind, "fp32": fp32.key,
+    parts = {"int8": target.key, "kind": kind, "fp32": probe.fp32.key,
              "n": len(context.eval_labels), "adversarial": ADVERSARIAL_PROBE}  # fmt: skip
 
     def build(path: Path) -> None:
-        record = _compare(context, kind, reference, fp32, target, fp32_ort, simulation())
+        record = _compare(context, kind, reference, probe, target, fp32_ort, simulation())
         write_json_atomic(path, record.model_dump(mode="json"))
 
     def load(path: Path) -> DeploymentRecord:
@@ -196,35 +222,27 @@ def _compare(
     context: StudyContext,
     kind: str,
     reference: str,
-    fp32: PreparedModel,
+    probe: Probe,
     target: Target,
     fp32_ort: Any,
     simulation: Any,
 ) -> DeploymentRecord:
-    from quantpatch.attacks import create_attack
     from quantpatch.quant.onnx import compare_int8, int8_saturates
 
-    attack = create_attack(**ADVERSARIAL_PROBE, progress=False)
     images, labels = context.eval_images, context.eval_labels
-    adversarial = attack.perturb([fp32.module], images, labels, context.device)
     check = compare_int8(target.predict, simulation, fp32_ort, images, labels,
-                         adversarial=adversarial, device=context.device)  # fmt: skip
+                         adversarial=probe.images(), device=context.device)  # fmt: skip
     return DeploymentRecord(
         kind=kind,
         reference=reference,
         reduce_range=int8_saturates(),
         clean=_input_record(check.clean),
         adversarial=_input_record(check.adversarial),
-        adversarial_attack=_probe_label(),
+        adversarial_attack=probe.label,
         int8_img_per_s=check.int8_img_per_s,
         fp32_img_per_s=check.fp32_img_per_s,
         speedup_vs_fp32=check.speedup_vs_fp32,
     )
-
-
-def _probe_label() -> str:
-    params = ", ".join(f"{k} {v}" for k, v in ADVERSARIAL_PROBE.items() if k != "name")
-    return f"{ADVERSARIAL_PROBE['name']} on fp32 ({params})"
 
 
 def _input_record(check: Any) -> InputCheckRecord:
