@@ -127,3 +127,13 @@ def test_seeds_are_not_pooled_as_more_images() -> None:
     assert three.ci == one.ci  # same images: the interval does not shrink with seeds
     spread = pool([cell(0, 30), cell(1, 50)])
     assert spread.rate == pytest.approx(0.4) and spread.spread > 0.1
+
+
+def test_default_attacks_craft_per_image_attacks_on_the_ends_of_the_bit_range() -> None:
+    """The demo's per-image attacks go on fp32 and the study's lowest bit-width, whichever
+    precisions the study names; the universal and random patches on every model."""
+    sources = {a.name: a.sources for a in load_study(None).attacks}
+    assert sources == {"universal": None, "patch-pgd": ["fp32", "w2a2"],
+                       "pgd-linf": ["fp32", "w2a2"], "random": None}  # fmt: skip
+    narrowed = load_study(None, precisions=["fp32", "w8a8", "w4a4"]).attacks
+    assert {a.name: a.sources for a in narrowed}["patch-pgd"] == ["fp32", "w4a4"]

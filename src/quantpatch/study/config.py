@@ -149,6 +149,28 @@ def _distinct(values: list, what: str) -> list:
     return values
 
 
+DEFAULT_PRECISIONS = tuple(QuantSpec.parse(p) for p in ("fp32", "w8a8", "w4a4", "w2a2"))
+
+
+def default_attacks(precisions: list[QuantSpec] | tuple[QuantSpec, ...]) -> list[AttackSettings]:
+    """The demo's attacks: the universal patch (EOT placement), a per-image patch and pixel
+    PGD (the contrast case), and the random-patch baseline. Per-image attacks cost a full
+    attack per image and source, so they are crafted on fp32 and the lowest bit-width only;
+    every target still scores their images."""
+    quantized = [p for p in precisions if not p.is_float]
+    ends = ["fp32"] + ([min(quantized, key=_bits).name] if quantized else [])
+    return [
+        AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
+        AttackSettings(name="patch-pgd", params={"steps": 50}, sources=ends),
+        AttackSettings(name="pgd-linf", params={"eps": 0.1, "steps": 20}, sources=ends),
+        AttackSettings(name="random"),
+    ]
+
+
+def _bits(spec: QuantSpec) -> tuple[int, int]:
+    return (spec.weight_bits or 32, spec.act_bits or 32)
+
+
 class StudyConfig(_Strict):
     """A full study: dataset x models x precisions x attacks x patch sizes x seeds."""
 
@@ -162,7 +184,7 @@ class StudyConfig(_Strict):
     )
     models: list[str] = Field(default_factory=lambda: ["lenet", "resnet20"], min_length=1)
     precisions: list[Precision] = Field(
-        default_factory=lambda: [QuantSpec.parse(p) for p in ("fp32", "w8a8", "w4a4", "w2a2")],
+        default_factory=lambda: list(DEFAULT_PRECISIONS),
         min_length=1,
     )
     ort_int8: bool = True
@@ -172,11 +194,9 @@ class StudyConfig(_Strict):
         "schedule ('fp32-ft'), so differences to the quantized models are quantization's alone",
     )
     attacks: list[AttackSettings] = Field(
-        default_factory=lambda: [
-            AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
-            AttackSettings(name="random"),
-        ],
+        default_factory=lambda: default_attacks(DEFAULT_PRECISIONS),
         min_length=1,
+        validate_default=True,
     )
     patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
@@ -197,6 +217,18 @@ class StudyConfig(_Strict):
     analyses: AnalysisSettings = Field(default_factory=AnalysisSettings)
     device: str = "auto"
     cache_dir: Path = Path("runs/.cache")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_attacks_for_precisions(cls, data: Any) -> Any:
+        """Left out, ``attacks`` are the defaults, crafted on this study's precisions."""
+        if isinstance(data, dict) and "attacks" not in data and "precisions" in data:
+            try:
+                precisions = [_as_spec(p) for p in data["precisions"]]
+            except (ConfigError, TypeError, ValueError):
+                return data  # the precisions' own validation reports it
+            data = {**data, "attacks": default_attacks(precisions)}
+        return data
 
     @field_validator("patch_sizes")
     @classmethod
