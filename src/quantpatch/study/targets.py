@@ -99,7 +99,6 @@ def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target,
     Returns the target and the fp32 ``OrtModel`` (the deployment check's null and speed
     reference)."""
     from quantpatch.quant.onnx import (
-        OrtModel,
         export_onnx,
         int8_saturates,
         ort_int8_spec,
@@ -111,35 +110,37 @@ def ort_int8_target(context: StudyContext, base: PreparedModel) -> tuple[Target,
     parts = {"base": base.key, "n_calib": int(calib.shape[0])}
     fp32_parts = {**parts, "precision": "fp32"}
     int8_parts = {**parts, "precision": "int8", "reduce_range": reduce_range}
-    fp32 = context.cache.get(
-        "onnx", fp32_parts, "onnx",
-        build=lambda path: export_onnx(copy.deepcopy(base.module).cpu(), path, calib[:2]),
-        load=OrtModel,
-    )  # fmt: skip
-    int8 = context.cache.get(
-        "onnx", int8_parts, "onnx",
-        build=lambda path: quantize_onnx_int8(fp32.path, path, calib, reduce_range=reduce_range),
-        load=OrtModel,
-    )  # fmt: skip
-    key = context.cache.path("onnx", int8_parts, "onnx").stem
+    fp32, _ = _session(
+        context,
+        fp32_parts,
+        lambda path: export_onnx(copy.deepcopy(base.module).cpu(), path, calib[:2]),
+    )
+    int8, key = _session(context, int8_parts, lambda path: quantize_onnx_int8(
+        fp32.path, path, calib, reduce_range=reduce_range))  # fmt: skip
     spec = ort_int8_spec(reduce_range)
     return Target(base.arch, ORT_INT8, spec, "onnxruntime", int8, key), fp32
 
 
 def qdq_target(context: StudyContext, qat: PreparedModel) -> Target:
     """The QAT model with its own learned scales, exported as a QDQ graph and run by ORT."""
-    from quantpatch.quant.onnx import OrtModel, export_qdq, int8_saturates
+    from quantpatch.quant.onnx import export_qdq, int8_saturates
 
     uint8_weights = int8_saturates()
     parts = {"base": qat.key, "precision": "qdq", "uint8_weights": uint8_weights}
     example = context.eval_images[:2]
-    session = context.cache.get(
-        "onnx", parts, "onnx",
-        build=lambda path: export_qdq(qat.module, path, example, uint8_weights=uint8_weights),
-        load=OrtModel,
-    )  # fmt: skip
-    key = context.cache.path("onnx", parts, "onnx").stem
+    session, key = _session(context, parts, lambda path: export_qdq(
+        qat.module, path, example, uint8_weights=uint8_weights))  # fmt: skip
     return Target(qat.arch, f"ort-{qat.precision}", qat.spec, "onnxruntime", session, key)
+
+
+def _session(
+    context: StudyContext, parts: dict[str, Any], build: Callable[[Path], Any]
+) -> tuple[Any, str]:
+    """A cached ONNX file (built by ``build`` on a miss) as an ORT session, and its key."""
+    from quantpatch.quant.onnx import OrtModel
+
+    session = context.cache.get("onnx", parts, "onnx", build=build, load=OrtModel)
+    return session, context.cache.path("onnx", parts, "onnx").stem
 
 
 class Probe:
