@@ -36,7 +36,10 @@ from quantpatch.metrics import attack_success
 from quantpatch.models import TrainConfig, create_model, predict_logits, train_model
 
 CPU = torch.device("cpu")
-ALL_ATTACKS = {"universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf"}
+ALL_ATTACKS = {
+    "universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf",
+    "sparse-rs", "sparse-rs-universal", "gap",
+}  # fmt: skip
 
 
 def reference_paste(images, patch, placement, mask=None):
@@ -252,6 +255,8 @@ def test_registry_lists_all_attacks_with_their_kinds():
     assert ATTACKS.get("pgd-linf").kind == "pixel" and not ATTACKS.get("pgd-linf").universal
     assert not ATTACKS.get("patch-pgd").universal and ATTACKS.get("universal").universal
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).multi_precision] == ["multibit"]
+    query_only = [n for n in ATTACKS.names() if not ATTACKS.get(n).needs_gradients]
+    assert query_only == ["sparse-rs", "sparse-rs-universal"]
 
 
 def test_per_image_template_gives_attack_batch_frozen_models_and_attack_labels():
