@@ -12,6 +12,7 @@ holds its output patch, so ``perturb`` and the study cache treat it as any unive
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
 from quantpatch._runtime import resolve_device
@@ -33,26 +35,25 @@ NOISE_CHANNELS = 8  # channels of the fixed noise input z (p x p)
 
 class PatchGenerator(nn.Module):
     """Fixed noise z (k, p, p) -> patch (C, p, p): three 3x3 convolutions (size-preserving,
-    ReLU between), sigmoid out. Small enough that the source models dominate the cost."""
+    ReLU between), sigmoid out. Small enough that the source models dominate the cost; z and
+    the weights come from ``generator``."""
 
-    def __init__(self, noise: torch.Tensor, channels: int, width: int) -> None:
+    def __init__(self, channels: int, size: int, width: int, generator: torch.Generator) -> None:
         super().__init__()
-        self.register_buffer("noise", noise.unsqueeze(0))
-        self.net = nn.Sequential(
-            nn.Conv2d(noise.shape[0], width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(width, channels, 3, padding=1),
-        )
+        noise = torch.randn(1, NOISE_CHANNELS, size, size, generator=generator)
+        self.register_buffer("noise", noise)
+        sides = (NOISE_CHANNELS, width, width, channels)
+        convs = [skip_init(nn.Conv2d, a, b, 3, padding=1) for a, b in itertools.pairwise(sides)]
+        self.net = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), convs[2])
+        self.reset(generator)
 
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.net(self.noise))[0]
 
     @torch.no_grad()
     def reset(self, generator: torch.Generator) -> None:
-        """Seeded weights (uniform in +-1/sqrt(fan_in), torch's default range), so fitting
-        never touches the global random stream."""
+        """Seeded weights (uniform in +-1/sqrt(fan_in), torch's default range): the layers are
+        built with ``skip_init``, so fitting never touches the global random stream."""
         for conv in self.net:
             if isinstance(conv, nn.Conv2d):
                 bound = 1.0 / math.sqrt(conv.weight[0].numel())
@@ -89,10 +90,7 @@ class GAP(UniversalPatch):
         _, channels, height, width = train.images.shape
         p, steps, batch = self.patch_size, self.steps, self.batch_size
         gen = self.generator("fit")
-        generator = PatchGenerator(torch.randn(NOISE_CHANNELS, p, p, generator=gen), channels,
-                                   self.width)  # fmt: skip
-        generator.reset(gen)
-        generator.to(device)
+        generator = PatchGenerator(channels, p, self.width, gen).to(device)
         index = torch.randint(len(train), (steps, batch), generator=gen)
         plan = prepare_paste(
             sample_placement(steps * batch, (height, width), p, self.eot, gen), (height, width),
