@@ -16,6 +16,7 @@ a larger margin. ``queries`` is the exact budget per image, the first evaluation
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -125,29 +126,21 @@ class SparseRS(Attack):
         tops = torch.randint(0, height - p + 1, (n,), generator=generator).to(x.device)
         lefts = torch.randint(0, width - p + 1, (n,), generator=generator).to(x.device)
         margin, success = score(query, paste_at(x, patches, tops, lefts, mask), y, self.targeted)
-        used = torch.ones(n, dtype=torch.long, device=x.device)
+        best = _Best(patches, tops, lefts, margin, success, torch.ones_like(tops))
         spent, iteration = 1, 0
-        while spent < self.queries:
-            active = (~success).nonzero().squeeze(1)
-            if len(active) == 0:
-                break
+        while spent < self.queries and not bool(best.success.all()):
+            active = (~best.success).nonzero().squeeze(1)
             iteration += 1
-            k = min(self.candidates, self.queries - spent)
+            k = min(self.candidates, self.queries - spent)  # never past the budget
             rows = active.repeat_interleave(k)
-            cand = self.propose(patches[rows], tops[rows], lefts[rows], x.shape, spent, iteration,
-                                generator)  # fmt: skip
-            cand_margin, cand_success = score(
-                query, paste_at(x[rows], *cand, mask), y[rows], self.targeted
-            )
-            used[active] += k
+            cand = self.propose(
+                best.patches[rows], best.tops[rows], best.lefts[rows], x.shape, spent,
+                iteration, generator,
+            )  # fmt: skip
+            result = score(query, paste_at(x[rows], *cand, mask), y[rows], self.targeted)
+            best.accept(active, k, cand, *result)
             spent += k
-            key = (cand_margin - cand_success.float() * SUCCESS_BONUS).view(-1, k)
-            pick = key.argmin(dim=1) + torch.arange(len(active), device=x.device) * k
-            better = cand_success[pick] | (cand_margin[pick] < margin[active])
-            keep, pick = active[better], pick[better]
-            patches[keep], tops[keep], lefts[keep] = cand[0][pick], cand[1][pick], cand[2][pick]
-            margin[keep], success[keep] = cand_margin[pick], cand_success[pick]
-        return paste_at(x, patches, tops, lefts, mask), used
+        return paste_at(x, best.patches, best.tops, best.lefts, mask), best.used
 
     def propose(
         self,
@@ -170,3 +163,35 @@ class SparseRS(Attack):
             return patches, tops, lefts
         side = square_side(progress, p, self.p_init)
         return resample_squares(patches, side, generator), tops, lefts
+
+
+@dataclass
+class _Best:
+    """Each image's best patch and location so far, its margin and success, and the queries
+    it has spent."""
+
+    patches: torch.Tensor
+    tops: torch.Tensor
+    lefts: torch.Tensor
+    margin: torch.Tensor
+    success: torch.Tensor
+    used: torch.Tensor
+
+    def accept(
+        self,
+        active: torch.Tensor,
+        k: int,
+        candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        margin: torch.Tensor,
+        success: torch.Tensor,
+    ) -> None:
+        """Charge the ``k`` candidates of each ``active`` image (rows in image order), and keep
+        each image's best one where it succeeds or lowers the margin."""
+        self.used[active] += k
+        key = (margin - success.float() * SUCCESS_BONUS).view(-1, k)
+        pick = key.argmin(dim=1) + torch.arange(len(active), device=margin.device) * k
+        better = success[pick] | (margin[pick] < self.margin[active])
+        keep, pick = active[better], pick[better]
+        self.patches[keep] = candidates[0][pick]
+        self.tops[keep], self.lefts[keep] = candidates[1][pick], candidates[2][pick]
+        self.margin[keep], self.success[keep] = margin[pick], success[pick]

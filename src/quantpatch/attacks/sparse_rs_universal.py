@@ -2,11 +2,12 @@
 
 One patch for all images, searched by random search on a fixed training batch: each pass
 pastes the candidate into every training image and keeps it when it fools more of them (ties:
-a lower mean hinge margin of the images not yet fooled). Placement follows the paper's
-location-robust variant: every image gets a random location (drawn from ``eot``, by default
-anywhere, unrotated) and every ``loc_period``-th pass draws fresh ones and re-scores the current
-patch there instead of proposing pixels, so the patch cannot rely on one spot. ``perturb``
-pastes it like ``universal`` (at ``eval_eot`` placements), so it caches like any universal patch.
+a lower mean hinge margin of the images not yet fooled). Placement, our choice among the
+paper's options: every image gets its own random location (drawn from ``eot``: by default
+anywhere, unrotated), and every ``loc_period``-th pass draws fresh ones (whenever ``eot`` varies
+them) and re-scores the current patch there instead of proposing pixels, so the patch cannot
+rely on one spot. ``perturb`` pastes it like ``universal`` (at ``eval_eot`` placements), so it
+caches like any universal patch.
 
 The budget is ``steps`` forward passes of the training batch (the first evaluation included),
 i.e. ``steps x min(batch_size, len(train))`` image queries, recorded in ``queries_used``.
@@ -18,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from quantpatch._runtime import resolve_device
 from quantpatch.attacks.base import ATTACKS, check_int
@@ -106,8 +108,11 @@ class SparseRSUniversal(UniversalPatch):
             return int(success.sum()), -float(margin.clamp(min=0).mean())
 
         best = evaluate(patch)
-        for step in range(1, self.steps):
-            if step % self.loc_period == 0 and self.eot.location == "random":
+        moves = self.eot.location == "random" or self.eot.transforms
+        bar = tqdm(range(1, self.steps), desc=f"fit {self.name}", disable=not self.progress,
+                   leave=False)  # fmt: skip
+        for step in bar:
+            if step % self.loc_period == 0 and moves:
                 paste = self._placements(len(x), x.shape, gen, device)
                 best = evaluate(patch)
                 continue
