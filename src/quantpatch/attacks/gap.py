@@ -96,7 +96,7 @@ class GAP(UniversalPatch):
             sample_placement(steps * batch, (height, width), p, self.eot, gen), (height, width),
             p, device,
         )  # fmt: skip
-        images, labels = _resident(train, device)
+        images, _ = _resident(train, device)  # the loss aims at the target or least likely class
         index, mask = index.to(images.device), self.mask(device)
         frozen = self.frozen_copies(models, device)
         optimizer = torch.optim.Adam(generator.parameters(), lr=self.lr)
