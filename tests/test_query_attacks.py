@@ -115,10 +115,15 @@ def test_query_attacks_reject_gradient_settings_and_bad_budgets():
             create_attack("sparse-rs", **bad)
     with pytest.raises(ConfigError):
         create_attack("sparse-rs-universal", steps=0)
+    images, labels = torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ConfigError):
-        create_attack("sparse-rs", progress=False).perturb(
-            [], torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), CPU
-        )
+        create_attack("sparse-rs", progress=False).perturb([], images, labels, CPU)
+    ten_classes = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    attack = create_attack(
+        "sparse-rs", patch_size=3, targeted=True, target_class=12, progress=False
+    )
+    with pytest.raises(ConfigError, match="target_class 12"):
+        attack.perturb([ten_classes], images, labels, CPU)
 
 
 def test_sparse_rs_on_an_onnx_runtime_int8_session(lab, tmp_path: Path):

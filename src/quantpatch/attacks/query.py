@@ -75,8 +75,9 @@ def score(
     for model in query:
         logits = model(images).float()
         if len(labels) and int(labels.max()) >= logits.shape[1]:
+            what = "target_class" if targeted else "label"
             raise ConfigError(
-                f"class {int(labels.max())} but the model has {logits.shape[1]} classes"
+                f"{what} {int(labels.max())} but the model has {logits.shape[1]} classes"
             )
         m, s = margin_and_success(logits, labels, targeted)
         margin, success = margin + m, success & s
