@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,3 +57,23 @@ def mnist_lenet_fp32():
     )
     train_model(model, ds.train, TrainConfig(**LENET_FP32_TRAIN), "cpu", progress=False)
     return ds, model.eval()
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """A LeNet trained for a few seconds on 512 digits, plus clean predictions on 512 more:
+    the attack tests' model (trained once, shared by every attack test file)."""
+    from quantpatch.data import load_dataset
+    from quantpatch.models import TrainConfig, create_model, predict_logits, train_model
+
+    data = load_dataset("mnist5k", limit=512)
+    torch.manual_seed(0)  # the weight init
+    model = create_model(
+        "lenet", in_channels=1, num_classes=10, image_size=28, mean=data.mean, std=data.std
+    )
+    config = TrainConfig(epochs=4, lr=0.05, batch_size=8, weight_decay=0.0, seed=0)
+    train_model(model, data.train, config, "cpu", progress=False)
+    images, labels = data.test.images, data.test.labels
+    clean = predict_logits(model, images, "cpu").argmax(1)
+    assert (clean == labels).float().mean() > 0.8  # it learned something
+    return SimpleNamespace(model=model, train=data.train, images=images, labels=labels, clean=clean)

@@ -4,7 +4,6 @@ LeNet trained for a few seconds on 512 mnist5k digits."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from quantpatch.attacks import (
     sample_placement,
 )
 from quantpatch.attacks.placement import make_canvas, prepare_paste
-from quantpatch.data import Split, load_dataset
+from quantpatch.data import Split
 from quantpatch.errors import (
     ConfigError,
     CorruptFileError,
@@ -33,10 +32,13 @@ from quantpatch.errors import (
     UnknownNameError,
 )
 from quantpatch.metrics import attack_success
-from quantpatch.models import TrainConfig, create_model, predict_logits, train_model
+from quantpatch.models import create_model, predict_logits
 
 CPU = torch.device("cpu")
-ALL_ATTACKS = {"universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf"}
+ALL_ATTACKS = {
+    "universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf",
+    "sparse-rs", "sparse-rs-universal", "gap",
+}  # fmt: skip
 
 
 def reference_paste(images, patch, placement, mask=None):
@@ -252,6 +254,8 @@ def test_registry_lists_all_attacks_with_their_kinds():
     assert ATTACKS.get("pgd-linf").kind == "pixel" and not ATTACKS.get("pgd-linf").universal
     assert not ATTACKS.get("patch-pgd").universal and ATTACKS.get("universal").universal
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).multi_precision] == ["multibit"]
+    query_only = [n for n in ATTACKS.names() if not ATTACKS.get(n).needs_gradients]
+    assert query_only == ["sparse-rs", "sparse-rs-universal"]
 
 
 def test_per_image_template_gives_attack_batch_frozen_models_and_attack_labels():
@@ -307,22 +311,7 @@ def test_create_attack_rejects_bad_names_and_params():
 
 
 # ---------------------------------------------------------------------------- trained model
-@pytest.fixture(scope="module")
-def lab():
-    """A LeNet trained for a few seconds on 512 digits, plus clean predictions on 512 more."""
-    data = load_dataset("mnist5k", limit=512)
-    torch.manual_seed(0)  # the weight init
-    model = create_model(
-        "lenet", in_channels=1, num_classes=10, image_size=28, mean=data.mean, std=data.std
-    )
-    config = TrainConfig(epochs=4, lr=0.05, batch_size=8, weight_decay=0.0, seed=0)
-    train_model(model, data.train, config, CPU, progress=False)
-    images, labels = data.test.images, data.test.labels
-    clean = predict_logits(model, images, CPU).argmax(1)
-    assert (clean == labels).float().mean() > 0.8  # it learned something
-    return SimpleNamespace(model=model, train=data.train, images=images, labels=labels, clean=clean)
-
-
+# ``lab`` (conftest): a LeNet trained for a few seconds on 512 digits, with clean predictions.
 def asr(lab, adversarial, n=None, target=None):
     n = n or len(adversarial)
     pred = predict_logits(lab.model, adversarial, CPU).argmax(1)

@@ -19,7 +19,7 @@ def test_list_models_and_attacks(capsys) -> None:
     assert "lenet" in out and "resnet20" in out and "tv:<name>" in out
     assert main(["list", "attacks"]) == 0
     out = capsys.readouterr().out
-    for name in ("universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf"):
+    for name in ("universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf", "sparse-rs"):
         assert name in out
 
 

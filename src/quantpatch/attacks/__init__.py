@@ -1,4 +1,5 @@
-"""Adversarial attacks: universal and per-image patches, plus pixel L-inf PGD for contrast.
+"""Adversarial attacks: universal and per-image patches (white-box, generative and
+query-only), plus pixel L-inf PGD for contrast.
 
 ``create_attack(name, **params)`` is the one entry point; ``ATTACKS`` lists the names.
 Importing an attack module registers it.
@@ -21,16 +22,23 @@ from quantpatch.attacks import lavan  # noqa: E402,F401  isort: skip
 from quantpatch.attacks import patch_pgd  # noqa: E402,F401  isort: skip
 from quantpatch.attacks import multibit  # noqa: E402,F401  isort: skip
 from quantpatch.attacks import pgd_linf  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import sparse_rs  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import sparse_rs_universal  # noqa: E402,F401  isort: skip
+from quantpatch.attacks import gap  # noqa: E402,F401  isort: skip
+from quantpatch.attacks.gap import GAP  # noqa: E402  isort: skip
 from quantpatch.attacks.lavan import LaVAN  # noqa: E402  isort: skip
 from quantpatch.attacks.multibit import MultibitPatch  # noqa: E402  isort: skip
 from quantpatch.attacks.patch_pgd import PatchPGD  # noqa: E402  isort: skip
 from quantpatch.attacks.pgd_linf import PGDLinf  # noqa: E402  isort: skip
 from quantpatch.attacks.random_patch import RandomPatch  # noqa: E402  isort: skip
+from quantpatch.attacks.sparse_rs import SparseRS  # noqa: E402  isort: skip
+from quantpatch.attacks.sparse_rs_universal import SparseRSUniversal  # noqa: E402  isort: skip
 from quantpatch.attacks.universal import UniversalPatch  # noqa: E402  isort: skip
 
 __all__ = [
     "ATTACKS",
     "EOT",
+    "GAP",
     "Attack",
     "LaVAN",
     "MultibitPatch",
@@ -39,6 +47,8 @@ __all__ = [
     "PerImageAttack",
     "Placement",
     "RandomPatch",
+    "SparseRS",
+    "SparseRSUniversal",
     "UniversalPatch",
     "apply_patch",
     "create_attack",

@@ -61,6 +61,9 @@ class Attack:
     kind: ClassVar[Literal["patch", "pixel"]] = "patch"
     multi_precision: ClassVar[bool] = False
     source_free: ClassVar[bool] = False
+    # False for query (score-based) attacks: they only call the models, so any callable
+    # images -> logits (an ONNX Runtime session, say) can be their source.
+    needs_gradients: ClassVar[bool] = True
     default_steps: ClassVar[int] = 200
     default_lr: ClassVar[float] = 0.05
     default_eot: ClassVar[EOT] = EOT()
