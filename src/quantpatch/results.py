@@ -174,9 +174,15 @@ class CellRecord(RateRecord):
     target_arch: str
     target_precision: str
     white_box: bool = Field(description="crafted on the target model itself")
-    threat: Literal["white-box", "white-box ensemble", "transfer", "source-free"] = Field(
-        description="'white-box ensemble': crafted on several models, the target among them "
-        "(multibit); 'source-free': needs no model (random patch)"
+    threat: Literal["white-box", "white-box ensemble", "query-only", "transfer", "source-free"] = (
+        Field(
+            description="'white-box ensemble': crafted on several models, the target among "
+            "them (multibit); 'query-only': a score-based attack that saw only the target's "
+            "logits (sparse-rs); 'source-free': needs no model (random patch)"
+        )
+    )
+    mean_queries: float | None = Field(
+        None, description="query attacks: model queries per image, mean over the images"
     )
     attack: str = Field(description="label: attack name plus the settings that set it apart")
     attack_name: str

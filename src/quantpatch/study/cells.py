@@ -51,6 +51,12 @@ def sources_for(context: StudyContext, cls: type[Attack], settings: AttackSettin
     if cls.multi_precision:
         return [Source.ensemble(arch, context.siblings(arch)) for arch in context.config.models]
     chosen = settings.sources
+    if not cls.needs_gradients:  # query attacks run on any target, ONNX Runtime included
+        return [
+            Source.of_target(target)
+            for target in context.targets
+            if chosen is None or target.precision in chosen
+        ]
     return [
         Source.single(model)
         for model in context.models.values()
@@ -86,8 +92,7 @@ def fit_cached(context: StudyContext, cell: Cell, attack: Attack) -> float:
     def build(path: Path) -> None:
         nonlocal elapsed
         started = time.perf_counter()
-        attack.fit([model.module for model in cell.source.models], context.dataset.train,
-                   context.device)  # fmt: skip
+        attack.fit(cell.source.predictors(), context.dataset.train, context.device)
         elapsed = time.perf_counter() - started
         save_tensors(path, attack.state_dict(), {"cell": cell.cell_id, "fit_s": elapsed})
 
@@ -103,8 +108,9 @@ def run_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
     attack = make_attack(cell.attack, cell.patch_size, cell.seed, context.progress)
     fit_s = fit_cached(context, cell, attack)
     started = time.perf_counter()
-    models = [model.module for model in cell.source.models]
-    adversarial = attack.perturb(models, context.eval_images, context.eval_labels, context.device)
+    adversarial = attack.perturb(
+        cell.source.predictors(), context.eval_images, context.eval_labels, context.device
+    )
     perturb_s = time.perf_counter() - started
     patch = getattr(attack, "patch", None)
     if isinstance(patch, torch.Tensor):

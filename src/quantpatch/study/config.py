@@ -22,11 +22,16 @@ from pydantic import (
 )
 
 from quantpatch._yaml import load_yaml_mapping
+from quantpatch.attacks import ATTACKS
 from quantpatch.errors import ConfigError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
 
 ORT_INT8 = "ort-int8"
+"""ORT static int8 of each fp32 model."""
+QAT_DEPLOYED = QuantSpec(8, 8)
+"""The QAT precision that deploys on ORT's int8 kernels as trained (exported as QDQ)."""
+ORT_QAT = f"ort-{QAT_DEPLOYED.name}"
 
 
 def _as_spec(value: Any) -> QuantSpec:
@@ -268,14 +273,20 @@ class StudyConfig(_Strict):
     @model_validator(mode="after")
     def _known_sources(self) -> StudyConfig:
         known = {p.name for p in self.precisions} | {"fp32"}
+        deployed = ({ORT_INT8} | ({ORT_QAT} if QAT_DEPLOYED in self.precisions else set())
+                    if self.ort_int8 else set())  # fmt: skip
         for attack in self.attacks:
+            queries_only = attack.name in ATTACKS and not ATTACKS.get(attack.name).needs_gradients
+            allowed = known | deployed if queries_only else known
             unknown = [
-                s for s in attack.sources or [] if s not in known and not s.startswith("fp32-ft")
+                s for s in attack.sources or [] if s not in allowed and not s.startswith("fp32-ft")
             ]
             if unknown:
+                hint = (" (ONNX Runtime targets only take query attacks such as sparse-rs)"
+                        if set(unknown) & deployed else "")  # fmt: skip
                 raise ValueError(
-                    f"attack '{attack.label}' sources name {', '.join(unknown)}, not a precision "
-                    f"of the study ({', '.join(sorted(known))})"
+                    f"attack '{attack.label}' sources name {', '.join(unknown)}, not a source "
+                    f"of the study ({', '.join(sorted(allowed))}){hint}"
                 )
         return self
 

@@ -77,10 +77,27 @@ class Source:
     arch: str | None
     precision: str | None
     models: tuple[PreparedModel, ...]
+    deployed: Target | None = None
+    """Set for a query attack crafted on a runtime target (ONNX Runtime): its logits are all
+    the attack sees."""
 
     @classmethod
     def single(cls, model: PreparedModel) -> Source:
         return cls(model.name, model.arch, model.precision, (model,))
+
+    @classmethod
+    def of_target(cls, target: Target) -> Source:
+        """A target as a query attack's source: its PyTorch model where it has one (the same
+        source, and cache key, as a gradient attack's), else its logits function."""
+        if target.model is not None:
+            return cls.single(target.model)
+        return cls(target.name, target.arch, target.precision, (), target)
+
+    def predictors(self) -> list:
+        """What the attack is given: PyTorch modules, or the runtime's logits function."""
+        if self.deployed is not None:
+            return [self.deployed.predict]
+        return [model.module for model in self.models]
 
     @classmethod
     def ensemble(cls, arch: str, models: tuple[PreparedModel, ...]) -> Source:
@@ -92,6 +109,8 @@ class Source:
 
     @property
     def keys(self) -> list[str]:
+        if self.deployed is not None:
+            return [self.deployed.key]
         return [model.key for model in self.models]
 
 

@@ -62,7 +62,8 @@ def cell_record(
         target_arch=target.arch,
         target_precision=target.precision,
         white_box=cell.source.label == target.name,
-        threat=_threat(cell, target),
+        threat=_threat(cell, attack, target),
+        mean_queries=_mean_queries(attack),
         attack=cell.attack.label,
         attack_name=cell.attack.name,
         attack_kind=attack.kind,
@@ -76,14 +77,22 @@ def cell_record(
     )
 
 
-def _threat(cell: Cell, target: Target) -> str:
-    if not cell.source.models:
+def _threat(cell: Cell, attack: Attack, target: Target) -> str:
+    if not cell.source.models and cell.source.deployed is None:
         return "source-free"
     if cell.source.label == target.name:
-        return "white-box"
+        return "white-box" if attack.needs_gradients else "query-only"
     if target.model is not None and target.model in cell.source.models:
         return "white-box ensemble"
     return "transfer"
+
+
+def _mean_queries(attack: Attack) -> float | None:
+    """Queries per image of a query attack's last run (its ``queries_used``), else None."""
+    used = getattr(attack, "queries_used", None)
+    if isinstance(used, torch.Tensor) and used.numel():
+        return float(used.float().mean())
+    return None
 
 
 def save_patch_png(path: Path, patch: torch.Tensor, upscale: int = 8) -> None:

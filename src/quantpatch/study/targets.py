@@ -22,14 +22,11 @@ from quantpatch.results import (
     ModelRecord,
     RateRecord,
 )
-from quantpatch.study.config import ORT_INT8
+from quantpatch.study.config import ORT_INT8, ORT_QAT, QAT_DEPLOYED
 from quantpatch.study.core import PreparedModel, StudyContext, Target
 
 CALIBRATION_IMAGES = 512
 """Training images ONNX Runtime calibrates its int8 activation ranges on."""
-
-QAT_DEPLOYED = QuantSpec(8, 8)
-"""The QAT precision that deploys on ORT's int8 kernels as trained (exported as QDQ)."""
 
 ADVERSARIAL_PROBE: dict[str, Any] = {"name": "pgd-linf", "eps": 0.1, "steps": 10, "seed": 0}
 """Adversarial images for the deployment check: near the decision boundary, where a
@@ -130,7 +127,7 @@ def qdq_target(context: StudyContext, qat: PreparedModel) -> Target:
     example = context.eval_images[:2]
     session, key = _session(context, parts, lambda path: export_qdq(
         qat.module, path, example, uint8_weights=uint8_weights))  # fmt: skip
-    return Target(qat.arch, f"ort-{qat.precision}", qat.spec, "onnxruntime", session, key)
+    return Target(qat.arch, ORT_QAT, qat.spec, "onnxruntime", session, key)
 
 
 def _session(
