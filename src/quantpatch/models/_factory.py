@@ -14,6 +14,7 @@ from quantpatch.errors import CorruptFileError, DataNotFoundError, ShapeError, U
 from quantpatch.models._base import MODELS, Normalize, NormalizedClassifier
 
 TV_PREFIX = "tv:"
+TIMM_PREFIX = "timm:"
 _TORCH_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
 
 
@@ -22,7 +23,9 @@ def model_choices() -> list[tuple[str, str]]:
     return [
         *MODELS.describe(),
         (f"{TV_PREFIX}<name>", "any torchvision classifier, e.g. tv:resnet18 (random init)"),
-    ]
+        (f"{TIMM_PREFIX}<name>", "any timm architecture, e.g. timm:resnet18 (random init; "
+         "pip install timm)"),
+    ]  # fmt: skip
 
 
 def create_model(
@@ -42,6 +45,8 @@ def create_model(
     """
     if name.startswith(TV_PREFIX):
         net = _torchvision_net(name[len(TV_PREFIX) :], in_channels, num_classes, image_size)
+    elif name.startswith(TIMM_PREFIX):
+        net = _timm_net(name[len(TIMM_PREFIX) :], in_channels, num_classes, image_size)
     else:
         net = MODELS.get(name)(in_channels, num_classes, image_size)
     normalize = Normalize(0.5 if mean is None else mean, 0.5 if std is None else std, in_channels)
@@ -130,6 +135,8 @@ def check_model_name(name: str) -> None:
     nothing), so a study fails before any work."""
     if name.startswith(TV_PREFIX):
         _check_torchvision_name(name[len(TV_PREFIX) :])
+    elif name.startswith(TIMM_PREFIX):
+        _check_timm_name(name[len(TIMM_PREFIX) :])
     else:
         MODELS.get(name)
 
@@ -155,6 +162,34 @@ def _torchvision_net(name: str, in_channels: int, num_classes: int, image_size: 
     if in_channels == 1:
         net = _GrayToRGB(net)
     _dry_run(net, f"tv:{name}", in_channels, image_size)
+    return net
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise UnknownNameError(
+            "timm: models need the timm package (pip install timm or quantpatch[timm])"
+        ) from None
+    return timm
+
+
+def _check_timm_name(name: str) -> None:
+    timm = _timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:4]}*")[:8] or timm.list_models()[:8]
+        raise UnknownNameError(f"unknown timm architecture '{name}'; e.g. {', '.join(close)}, ...")
+
+
+def _timm_net(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+    """``timm.create_model(name, pretrained=False)`` with this dataset's channels and classes
+    (nothing is downloaded: weights come only from a local file)."""
+    _check_timm_name(name)
+    net = _timm().create_model(
+        name, pretrained=False, num_classes=num_classes, in_chans=in_channels
+    )
+    _dry_run(net, f"timm:{name}", in_channels, image_size)
     return net
 
 

@@ -14,10 +14,12 @@ from quantpatch.models import (
     create_model,
     evaluate_accuracy,
     load_checkpoint,
+    load_weights,
     save_checkpoint,
     train_model,
 )
 from quantpatch.quant import FP32, QuantSpec, build_quantized, quantize
+from quantpatch.study.cache import file_sha256
 from quantpatch.study.core import PreparedModel, StudyContext
 
 
@@ -42,9 +44,16 @@ def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False)
         std=dataset.std,
     )
 
+    weights = None if independent else config.weights.get(arch)
+    if weights is not None:  # the user's own fp32 model: loaded, never trained
+        parts = {"arch": arch, "data": context.data_identity(), "weights": file_sha256(weights)}
+
     def build(path: Path) -> None:
-        desc = f"train {arch}" + (" (independent seed)" if independent else "")
-        train_model(model, dataset.train, train_cfg, context.device, context.progress, desc)
+        if weights is not None:
+            load_weights(model, weights)
+        else:
+            desc = f"train {arch}" + (" (independent seed)" if independent else "")
+            train_model(model, dataset.train, train_cfg, context.device, context.progress, desc)
         _save(context, path, model, arch, FP32, train_cfg.seed)
 
     tag = "indep" if independent else ""

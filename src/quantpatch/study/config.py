@@ -107,6 +107,32 @@ def _compact(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.=-]+", "", text.replace(" ", "")) or "x"
 
 
+class OnnxModelSettings(_Strict):
+    """A user's ONNX file (fp32, or QDQ int8) as a target of the grid, run by ONNX Runtime.
+
+    Its input size, channels and classes are read from the file and checked against the
+    dataset; ``mean``/``std`` are the normalisation the file expects (left out: it takes the
+    [0, 1] images as they are). It is evaluated on every attack's images, and query attacks
+    can be crafted on it (``sources: [<name>]``)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    path: Path
+    mean: list[float] | None = Field(None, min_length=1)
+    std: list[float] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> OnnxModelSettings:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"onnx model '{self.name}': give both mean and std, or neither")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError(f"onnx model '{self.name}': std must be positive")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/onnx"
+
+
 class AnalysisSettings(_Strict):
     """Which "why" analyses run; each is cheap next to training and can be switched off."""
 
@@ -193,6 +219,14 @@ class StudyConfig(_Strict):
         min_length=1,
     )
     ort_int8: bool = True
+    weights: dict[str, Path] = Field(
+        default_factory=dict,
+        description="fp32 weights per model from a local file (safetensors or a .pt state "
+        "dict), e.g. {'timm:resnet18': w.safetensors}: that model is loaded, not trained",
+    )
+    onnx_models: list[OnnxModelSettings] = Field(
+        default_factory=list, description="users' ONNX files evaluated as targets (onnx:<name>)"
+    )
     controls: bool = Field(
         True,
         description="add, per architecture and QAT schedule, the fp32 model fine-tuned on that "
@@ -253,6 +287,12 @@ class StudyConfig(_Strict):
     def _distinct_models(cls, values: list[str]) -> list[str]:
         return _distinct(values, "model")
 
+    @field_validator("onnx_models")
+    @classmethod
+    def _distinct_onnx(cls, values: list[OnnxModelSettings]) -> list[OnnxModelSettings]:
+        _distinct([v.name for v in values], "onnx model name")
+        return values
+
     @field_validator("precisions")
     @classmethod
     def _distinct_precisions(cls, values: list[QuantSpec]) -> list[QuantSpec]:
@@ -275,6 +315,7 @@ class StudyConfig(_Strict):
         known = {p.name for p in self.precisions} | {"fp32"}
         deployed = ({ORT_INT8} | ({ORT_QAT} if QAT_DEPLOYED in self.precisions else set())
                     if self.ort_int8 else set())  # fmt: skip
+        deployed |= {"onnx"}  # users' ONNX files (their precision in results)
         for attack in self.attacks:
             queries_only = attack.name in ATTACKS and not ATTACKS.get(attack.name).needs_gradients
             allowed = known | deployed if queries_only else known
@@ -298,6 +339,7 @@ class StudyConfig(_Strict):
             ("train_overrides", list(self.train_overrides), self.models),
             ("qat_overrides", [s.name for s in self.qat_overrides], [p.name for p in self.precisions]),
             ("analyses.models", self.analyses.models or [], self.models),
+            ("weights", list(self.weights), self.models),
         )  # fmt: skip
         for where, names, known in checks:
             if where.partition(".")[0] not in self.model_fields_set:

@@ -11,10 +11,10 @@ import torch
 from pydantic import ValidationError
 
 from quantpatch._io import read_json, write_json_atomic
-from quantpatch.errors import CorruptFileError
+from quantpatch.errors import CorruptFileError, ShapeError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
-from quantpatch.quant import QuantSpec
+from quantpatch.quant import FP32, QuantSpec
 from quantpatch.results import (
     DeploymentRecord,
     InputCheckRecord,
@@ -22,8 +22,12 @@ from quantpatch.results import (
     ModelRecord,
     RateRecord,
 )
-from quantpatch.study.config import ORT_INT8, ORT_QAT, QAT_DEPLOYED
+from quantpatch.study.cache import file_sha256
+from quantpatch.study.config import ORT_INT8, ORT_QAT, QAT_DEPLOYED, OnnxModelSettings
 from quantpatch.study.core import PreparedModel, StudyContext, Target
+
+USER_ONNX = "onnx"
+"""The precision label of a user's ONNX file in results ('<name>/onnx')."""
 
 CALIBRATION_IMAGES = 512
 """Training images ONNX Runtime calibrates its int8 activation ranges on."""
@@ -47,6 +51,8 @@ def prepare_targets(context: StudyContext) -> None:
     ORT static int8 of each fp32 model, and each QAT w8a8 model deployed as trained."""
     for prepared in context.models.values():
         add_target(context, torch_target(prepared, context.device))
+    for settings in context.config.onnx_models:
+        add_target(context, user_onnx_target(context, settings))
     if not context.config.ort_int8:
         return
     for arch in context.config.models:
@@ -58,6 +64,57 @@ def prepare_targets(context: StudyContext) -> None:
         if qat is not None:
             target = qdq_target(context, qat)
             add_target(context, target, qdq_deployment(context, probe, qat, target, fp32_ort))
+
+
+def user_onnx_target(context: StudyContext, settings: OnnxModelSettings) -> Target:
+    """A user's ONNX file as a target: the [0, 1] images normalised as the file expects."""
+    from quantpatch.quant.onnx import OrtModel
+
+    session = OrtModel(settings.path)
+    mean, std = _normalisation(settings, context.dataset.in_channels)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return session((images - mean) / std)
+
+    quantized = session.kernels()["int8"] > 0
+    spec = QuantSpec(8, 8, method="ptq") if quantized else FP32
+    key = "onnx-" + file_sha256(settings.path)[:16]
+    return Target(settings.name, USER_ONNX, spec, "onnxruntime", predict, key)
+
+
+def _normalisation(settings: OnnxModelSettings, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if settings.mean is None or settings.std is None:
+        return torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1)
+
+    def per_channel(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values).reshape(1, -1, 1, 1).expand(1, channels, 1, 1)
+
+    return per_channel(settings.mean), per_channel(settings.std)
+
+
+def check_onnx_model(settings: OnnxModelSettings, images: torch.Tensor, num_classes: int) -> None:
+    """Fail in seconds when a user's ONNX file cannot take the dataset's images or does not
+    give one logit per class (its input and output shapes, read from the file, are named)."""
+    from quantpatch.quant.onnx import OrtModel
+
+    session = OrtModel(settings.path)
+    declared = session.session.get_inputs()[0].shape
+    mean, std = _normalisation(settings, images.shape[1])
+    if settings.mean is not None and len(settings.mean) not in (1, images.shape[1]):
+        raise ShapeError(f"onnx model '{settings.name}': {len(settings.mean)} mean values for "
+                         f"{images.shape[1]}-channel images")  # fmt: skip
+    try:
+        logits = session((images[:2] - mean) / std)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind error types
+        raise ShapeError(
+            f"onnx model '{settings.name}' ({settings.path}) expects input {declared}, the "
+            f"dataset has {tuple(images.shape[1:])} images: {str(exc).splitlines()[0]}"
+        ) from None
+    if logits.ndim != 2 or logits.shape[1] != num_classes:
+        raise ShapeError(
+            f"onnx model '{settings.name}' gives outputs of shape {tuple(logits.shape)}; the "
+            f"dataset has {num_classes} classes"
+        )
 
 
 def add_target(

@@ -5,10 +5,11 @@ from __future__ import annotations
 from quantpatch._runtime import resolve_device
 from quantpatch.attacks import ATTACKS
 from quantpatch.data import Dataset
-from quantpatch.errors import ConfigError, PatchTooLargeError
-from quantpatch.models import check_model_name
+from quantpatch.errors import ConfigError, DataNotFoundError, PatchTooLargeError
+from quantpatch.models import check_model_name, create_model
 from quantpatch.study.cells import make_attack
 from quantpatch.study.config import StudyConfig
+from quantpatch.study.targets import check_onnx_model
 
 
 def validate_study(config: StudyConfig) -> None:
@@ -16,6 +17,11 @@ def validate_study(config: StudyConfig) -> None:
     device; raises the specific ``QuantpatchError`` naming what is wrong."""
     for arch in config.models:
         check_model_name(arch)
+    files = [("weights", path) for path in config.weights.values()]
+    files += [("onnx model", m.path) for m in config.onnx_models]
+    for what, path in files:
+        if not path.is_file():
+            raise DataNotFoundError(f"{what} file not found: {path}")
     for settings in config.attacks:
         cls = ATTACKS.get(settings.name)
         sizes = config.patch_sizes if cls.kind == "patch" else [None]
@@ -45,6 +51,7 @@ def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
         raise PatchTooLargeError(
             f"patch size {too_big[0]} px is larger than the {side} px images of {dataset.name}"
         )
+    _check_user_models(config, dataset)
     for settings in config.attacks:
         target_class = settings.params.get("target_class")
         if isinstance(target_class, int) and target_class >= dataset.num_classes:
@@ -52,3 +59,13 @@ def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
                 f"attack '{settings.label}': target_class {target_class} but {dataset.name} has "
                 f"{dataset.num_classes} classes"
             )
+
+
+def _check_user_models(config: StudyConfig, dataset: Dataset) -> None:
+    """Users' weights load into their architecture for this dataset, and users' ONNX files
+    take its images and give one logit per class (both cheap next to training)."""
+    for arch, path in config.weights.items():
+        create_model(arch, in_channels=dataset.in_channels, num_classes=dataset.num_classes,
+                     image_size=dataset.image_size, weights=path)  # fmt: skip
+    for settings in config.onnx_models:
+        check_onnx_model(settings, dataset.test.images[:2], dataset.num_classes)
