@@ -441,7 +441,7 @@ def test_universal_perturb_is_deterministic_and_model_free(lab, fitted_universal
 
 def test_state_dict_checks(fitted_universal):
     state = fitted_universal.state_dict()
-    assert set(state) == {"patch"} and state["patch"].shape == (1, 10, 10)
+    assert set(state) == {"patch", "fit_curve"} and state["patch"].shape == (1, 10, 10)
     assert state["patch"].min() >= 0 and state["patch"].max() <= 1
     fresh = create_attack("universal", patch_size=8)
     with pytest.raises(ShapeError):
@@ -474,3 +474,56 @@ def test_multibit_and_lavan_run_on_several_models(lab):
     assert per_image.patch is None
     adversarial = per_image.perturb([lab.model, twin], x, y, CPU)
     assert only_box_changed(x, adversarial, 20, 3, 6) and not torch.equal(adversarial, x)
+
+
+# ---------------------------------------------------------------------------- fit curves
+def test_fit_curve_records_about_20_points_and_shows_learning(lab, fitted_universal):
+    curve = fitted_universal.fit_curve  # 80 steps: one point per 4 steps
+    assert [point.step for point in curve] == list(range(4, 81, 4))
+    assert all(math.isfinite(p.loss) and 0 <= p.success <= 1 for p in curve)
+    # untargeted: the loss (maximised) and the batch success both rise over the fit
+    assert curve[-1].loss > curve[0].loss and curve[-1].success > curve[0].success + 0.1, curve
+    odd = create_attack("universal", patch_size=6, steps=21, batch_size=4, progress=False)
+    odd.fit([lab.model], Split(lab.train.images[:32], lab.train.labels[:32]), CPU)
+    steps = [p.step for p in odd.fit_curve]  # every 2 steps, and the last one
+    assert steps == [*range(2, 21, 2), 21]
+    for p, images in zip(odd.fit_curve, [8] * 10 + [4], strict=True):  # steps x batch
+        assert p.success * images == round(p.success * images)
+
+
+def test_fit_curve_points_are_the_fit_loss_and_success(lab):
+    """One training image at a fixed place with a vanishing step size: every point is the
+    loss and outcome of (almost) the returned patch on that image."""
+    image, label = lab.images[:1], lab.labels[:1]
+    for targeted in (False, True):
+        target = {"targeted": True, "target_class": int(label) ^ 1} if targeted else {}
+        attack = create_attack("lavan", patch_size=9, steps=3, batch_size=5, lr=1e-9,
+                               progress=False, **target)  # fmt: skip
+        attack.fit([lab.model], Split(image, label), CPU)
+        adv = apply_patch(image, attack.patch, Placement.fixed(1, 9, 9, 9))
+        with torch.no_grad():
+            logits = lab.model(adv)
+        expected = F.cross_entropy(logits, attack.attack_labels(label)).item()
+        hit = bool(logits.argmax(1) == attack.attack_labels(label))
+        assert [p.step for p in attack.fit_curve] == [1, 2, 3]
+        for point in attack.fit_curve:
+            assert point.loss == pytest.approx(expected, rel=1e-4)
+            assert point.success == float(hit if targeted else not hit)
+
+
+def test_fit_curve_survives_state_dict_and_bad_curves_are_refused(fitted_universal):
+    state = fitted_universal.state_dict()
+    assert state["fit_curve"].shape == (20, 3) and state["fit_curve"].dtype == torch.float64
+    clone = create_attack("universal", **UNIVERSAL)
+    clone.load_state_dict(state)
+    assert clone.fit_curve == fitted_universal.fit_curve
+    clone.load_state_dict({"patch": state["patch"]})  # a state saved before curves existed
+    assert clone.fit_curve == [] and "fit_curve" not in clone.state_dict()
+    curve = state["fit_curve"]
+    for bad, error in [(curve[:, :2], ShapeError), (curve.flip(0), CorruptFileError),
+                       (curve + torch.tensor([0, 0, 1.5]), CorruptFileError),
+                       (curve + torch.tensor([0.5, 0, 0]), CorruptFileError)]:  # fmt: skip
+        with pytest.raises(error):
+            clone.load_state_dict({"patch": state["patch"], "fit_curve": bad})
+    assert create_attack("universal", steps=0).fit_curve == []
+
