@@ -527,3 +527,58 @@ def test_fit_curve_survives_state_dict_and_bad_curves_are_refused(fitted_univers
             clone.load_state_dict({"patch": state["patch"], "fit_curve": bad})
     assert create_attack("universal", steps=0).fit_curve == []
 
+
+# ---------------------------------------------------------------------------- best fixed location
+class CornerDetector(torch.nn.Module):
+    """Class 1 once the top-left 8 x 8 pixels are bright on average, else class 0: only a
+    patch overlapping that corner can fool it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x[:, :, :8, :8].mean(dim=(1, 2, 3)) - 0.3
+        return torch.stack([-bright, bright], dim=1) * 20
+
+
+def test_lavan_search_finds_the_only_vulnerable_position():
+    dark = Split(torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))
+    params = {"patch_size": 8, "steps": 30, "batch_size": 8, "lr": 0.2, "progress": False}
+    searched = create_attack("lavan", location="search", **params)
+    searched.fit([CornerDetector()], dark, CPU)
+    assert searched.searched_location == (3, 3)  # the grid position nearest the corner
+    assert searched.eot.location == (3, 3) and searched.config()["location"] == "search"
+    fixed = create_attack("lavan", location=(3, 3), **params)
+    fixed.fit([CornerDetector()], dark, CPU)
+    assert torch.equal(searched.patch, fixed.patch)  # the search only chose the place
+    assert searched.fit_curve == fixed.fit_curve and searched.fit_curve[-1].success == 1.0
+    x, y = dark.images[:4], dark.labels[:4]
+    assert only_box_changed(x, searched.perturb([], x, y, CPU), 3, 3, 8)
+    centre = create_attack("lavan", **params)
+    centre.fit([CornerDetector()], dark, CPU)
+    assert centre.fit_curve[-1].success == 0.0  # the centre cannot reach the corner
+
+    state = searched.state_dict()
+    assert state["location"].tolist() == [3, 3]
+    restored = create_attack("lavan", location="search", **params)
+    restored.load_state_dict(state)
+    assert restored.searched_location == (3, 3)
+    assert torch.equal(restored.perturb([], x, y, CPU), searched.perturb([], x, y, CPU))
+    with pytest.raises(ShapeError):
+        restored.load_state_dict({"patch": state["patch"]})  # where was it?
+    with pytest.raises(ConfigError):
+        create_attack("lavan", **params).load_state_dict(state)  # a fixed lavan
+    with pytest.raises(ConfigError):
+        create_attack("lavan", mode="per-image", location="search")
+
+
+def test_lavan_search_beats_random_noise_and_matches_the_centre(lab):
+    params = {"patch_size": 8, "steps": 30, "batch_size": 32, "progress": False}
+    searched = create_attack("lavan", location="search", **params)
+    searched.fit([lab.model], lab.train, CPU)
+    centre = create_attack("lavan", location="center", **params)
+    centre.fit([lab.model], lab.train, CPU)
+    noise = create_attack("random", patch_size=8, eot={"rotation_max_deg": 0,
+                                                        "location": searched.eot.location})  # fmt: skip
+    found = asr(lab, searched.perturb([], lab.images, lab.labels, CPU))
+    at_centre = asr(lab, centre.perturb([], lab.images, lab.labels, CPU))
+    random = asr(lab, noise.perturb([], lab.images, lab.labels, CPU))
+    assert found.rate >= at_centre.rate, (searched.searched_location, found, at_centre)
+    assert found.ci[0] > random.ci[1], (found, random)
