@@ -82,6 +82,8 @@ class Attack:
     default_steps: ClassVar[int] = 200
     default_lr: ClassVar[float] = 0.05
     default_eot: ClassVar[EOT] = EOT()
+    searched_location: tuple[int, int] | None = None
+    """(top, left) where a placement search put the universal patch; None without a search."""
 
     def __init__(
         self,

@@ -84,8 +84,7 @@ class LaVAN(PerImageAttack):
             raise ConfigError("lavan uses a fixed location: 'center', 'search' or (top, left)")
         self.eot = eot
         self.location = "search" if search else eot.location
-        self.searched_location: tuple[int, int] | None = None
-        """Where ``location="search"`` put the patch (top, left), once fitted or loaded."""
+        self.searched_location = None  # set once a search placed the patch (fit or load)
         self.mode = mode
         self.universal = mode == "universal"  # type: ignore[misc]  # instance follows mode
 
