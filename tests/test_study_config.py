@@ -13,6 +13,7 @@ from quantpatch.errors import ConfigError
 from quantpatch.report.tables import SeedRate, pool
 from quantpatch.study import load_study
 from quantpatch.study.cache import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
+from quantpatch.study.validate import validate_study
 
 
 def test_attacks_that_differ_in_a_parameter_get_different_labels() -> None:
@@ -127,3 +128,21 @@ def test_seeds_are_not_pooled_as_more_images() -> None:
     assert three.ci == one.ci  # same images: the interval does not shrink with seeds
     spread = pool([cell(0, 30), cell(1, 50)])
     assert spread.rate == pytest.approx(0.4) and spread.spread > 0.1
+
+
+STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_shipped_studies_validate(path: Path) -> None:
+    validate_study(load_study(path))
+
+
+def test_placement_study_pairs_both_threat_models() -> None:
+    """EOT random placement and LaVAN at a searched fixed location, same budget, every model."""
+    config = load_study(Path(__file__).parents[1] / "studies" / "placement.yaml")
+    attacks = {a.name: a for a in config.attacks}
+    eot, fixed = attacks["universal"], attacks["lavan"]
+    assert fixed.params["location"] == "search" and fixed.params["mode"] == "universal"
+    assert eot.params["steps"] == fixed.params["steps"] and "eot" not in eot.params
+    assert eot.sources is None and fixed.sources is None and len(config.precisions) >= 4
