@@ -23,13 +23,7 @@ import torch
 from torch import nn
 
 from quantpatch.attacks.base import ATTACKS, PerImageAttack
-from quantpatch.attacks.placement import (
-    EOT,
-    Placement,
-    grid_corners,
-    make_canvas,
-    prepare_paste,
-)
+from quantpatch.attacks.placement import EOT, grid_corners, paste_at
 from quantpatch.data._types import Split
 from quantpatch.errors import ConfigError, ShapeError
 
@@ -140,9 +134,8 @@ class LaVAN(PerImageAttack):
         for start in range(0, len(scored), self.batch_size):
             x = scored.images[start : start + self.batch_size].to(device)
             y = self.attack_labels(scored.labels[start : start + self.batch_size].to(device))
-            placement = Placement.fixed(len(x), *corner, self.patch_size)
-            plan = prepare_paste(placement, tuple(x.shape[-2:]), self.patch_size, device)
-            loss, fooled = self.fit_objective(models, plan(x, make_canvas(patch, mask)), y)
+            top, left = (torch.full((len(x),), v) for v in corner)
+            loss, fooled = self.fit_objective(models, paste_at(x, patch, top, left, mask), y)
             hits += int(fooled.sum())
             total += float(loss) * len(x)
         return hits, (-total if self.targeted else total)
