@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quantpatch._io import load_tensors, save_tensors
 from quantpatch._registry import Registry
 from quantpatch.attacks import (
     ATTACKS,
@@ -511,11 +512,12 @@ def test_fit_curve_points_are_the_fit_loss_and_success(lab):
             assert point.success == float(hit if targeted else not hit)
 
 
-def test_fit_curve_survives_state_dict_and_bad_curves_are_refused(fitted_universal):
+def test_fit_curve_survives_state_dict_and_bad_curves_are_refused(fitted_universal, tmp_path):
     state = fitted_universal.state_dict()
     assert state["fit_curve"].shape == (20, 3) and state["fit_curve"].dtype == torch.float64
+    save_tensors(tmp_path / "patch.safetensors", state, {})  # how the study caches fits
     clone = create_attack("universal", **UNIVERSAL)
-    clone.load_state_dict(state)
+    clone.load_state_dict(load_tensors(tmp_path / "patch.safetensors")[0])
     assert clone.fit_curve == fitted_universal.fit_curve
     clone.load_state_dict({"patch": state["patch"]})  # a state saved before curves existed
     assert clone.fit_curve == [] and "fit_curve" not in clone.state_dict()
