@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quantpatch._io import load_tensors, save_tensors
 from quantpatch._registry import Registry
 from quantpatch.attacks import (
     ATTACKS,
@@ -430,7 +431,7 @@ def test_universal_perturb_is_deterministic_and_model_free(lab, fitted_universal
 
 def test_state_dict_checks(fitted_universal):
     state = fitted_universal.state_dict()
-    assert set(state) == {"patch"} and state["patch"].shape == (1, 10, 10)
+    assert set(state) == {"patch", "fit_curve"} and state["patch"].shape == (1, 10, 10)
     assert state["patch"].min() >= 0 and state["patch"].max() <= 1
     fresh = create_attack("universal", patch_size=8)
     with pytest.raises(ShapeError):
@@ -463,3 +464,112 @@ def test_multibit_and_lavan_run_on_several_models(lab):
     assert per_image.patch is None
     adversarial = per_image.perturb([lab.model, twin], x, y, CPU)
     assert only_box_changed(x, adversarial, 20, 3, 6) and not torch.equal(adversarial, x)
+
+
+# ---------------------------------------------------------------------------- fit curves
+def test_fit_curve_records_about_20_points_and_shows_learning(lab, fitted_universal):
+    curve = fitted_universal.fit_curve  # 80 steps: one point per 4 steps
+    assert [point.step for point in curve] == list(range(4, 81, 4))
+    assert all(math.isfinite(p.loss) and 0 <= p.success <= 1 for p in curve)
+    # untargeted: the loss (maximised) and the batch success both rise over the fit
+    assert curve[-1].loss > curve[0].loss and curve[-1].success > curve[0].success + 0.1, curve
+    odd = create_attack("universal", patch_size=6, steps=21, batch_size=4, progress=False)
+    odd.fit([lab.model], Split(lab.train.images[:32], lab.train.labels[:32]), CPU)
+    steps = [p.step for p in odd.fit_curve]  # every 2 steps, and the last one
+    assert steps == [*range(2, 21, 2), 21]
+    for p, images in zip(odd.fit_curve, [8] * 10 + [4], strict=True):  # steps x batch
+        assert p.success * images == round(p.success * images)
+
+
+def test_fit_curve_points_are_the_fit_loss_and_success(lab):
+    """One training image at a fixed place with a vanishing step size: every point is the
+    loss and outcome of (almost) the returned patch on that image."""
+    image, label = lab.images[:1], lab.labels[:1]
+    for targeted in (False, True):
+        target = {"targeted": True, "target_class": int(label) ^ 1} if targeted else {}
+        attack = create_attack("lavan", patch_size=9, steps=3, batch_size=5, lr=1e-9,
+                               progress=False, **target)  # fmt: skip
+        attack.fit([lab.model], Split(image, label), CPU)
+        adv = apply_patch(image, attack.patch, Placement.fixed(1, 9, 9, 9))
+        with torch.no_grad():
+            logits = lab.model(adv)
+        expected = F.cross_entropy(logits, attack.attack_labels(label)).item()
+        hit = bool(logits.argmax(1) == attack.attack_labels(label))
+        assert [p.step for p in attack.fit_curve] == [1, 2, 3]
+        for point in attack.fit_curve:
+            assert point.loss == pytest.approx(expected, rel=1e-4)
+            assert point.success == float(hit if targeted else not hit)
+
+
+def test_fit_curve_survives_state_dict_and_bad_curves_are_refused(fitted_universal, tmp_path):
+    state = fitted_universal.state_dict()
+    assert state["fit_curve"].shape == (20, 3) and state["fit_curve"].dtype == torch.float64
+    save_tensors(tmp_path / "patch.safetensors", state, {})  # how the study caches fits
+    clone = create_attack("universal", **UNIVERSAL)
+    clone.load_state_dict(load_tensors(tmp_path / "patch.safetensors")[0])
+    assert clone.fit_curve == fitted_universal.fit_curve
+    clone.load_state_dict({"patch": state["patch"]})  # a state saved before curves existed
+    assert clone.fit_curve == [] and "fit_curve" not in clone.state_dict()
+    curve = state["fit_curve"]
+    for bad, error in [(curve[:, :2], ShapeError), (curve.flip(0), CorruptFileError),
+                       (curve + torch.tensor([0, 0, 1.5]), CorruptFileError),
+                       (curve + torch.tensor([0.5, 0, 0]), CorruptFileError)]:  # fmt: skip
+        with pytest.raises(error):
+            clone.load_state_dict({"patch": state["patch"], "fit_curve": bad})
+    assert create_attack("universal", steps=0).fit_curve == []
+
+
+# ---------------------------------------------------------------------------- best fixed location
+class CornerDetector(torch.nn.Module):
+    """Class 1 once the top-left 8 x 8 pixels are bright on average, else class 0: only a
+    patch overlapping that corner can fool it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x[:, :, :8, :8].mean(dim=(1, 2, 3)) - 0.3
+        return torch.stack([-bright, bright], dim=1) * 20
+
+
+def test_lavan_search_finds_the_only_vulnerable_position():
+    dark = Split(torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))
+    params = {"patch_size": 8, "steps": 30, "batch_size": 8, "lr": 0.2, "progress": False}
+    searched = create_attack("lavan", location="search", **params)
+    searched.fit([CornerDetector()], dark, CPU)
+    assert searched.searched_location == (3, 3)  # the grid position nearest the corner
+    assert searched.eot.location == (3, 3) and searched.config()["location"] == "search"
+    fixed = create_attack("lavan", location=(3, 3), **params)
+    fixed.fit([CornerDetector()], dark, CPU)
+    assert torch.equal(searched.patch, fixed.patch)  # the search only chose the place
+    assert searched.fit_curve == fixed.fit_curve and searched.fit_curve[-1].success == 1.0
+    x, y = dark.images[:4], dark.labels[:4]
+    assert only_box_changed(x, searched.perturb([], x, y, CPU), 3, 3, 8)
+    centre = create_attack("lavan", **params)
+    centre.fit([CornerDetector()], dark, CPU)
+    assert centre.fit_curve[-1].success == 0.0  # the centre cannot reach the corner
+
+    state = searched.state_dict()
+    assert state["location"].tolist() == [3, 3]
+    restored = create_attack("lavan", location="search", **params)
+    restored.load_state_dict(state)
+    assert restored.searched_location == (3, 3)
+    assert torch.equal(restored.perturb([], x, y, CPU), searched.perturb([], x, y, CPU))
+    with pytest.raises(ShapeError):
+        restored.load_state_dict({"patch": state["patch"]})  # where was it?
+    with pytest.raises(ConfigError):
+        create_attack("lavan", **params).load_state_dict(state)  # a fixed lavan
+    with pytest.raises(ConfigError):
+        create_attack("lavan", mode="per-image", location="search")
+
+
+def test_lavan_search_beats_random_noise_and_matches_the_centre(lab):
+    params = {"patch_size": 8, "steps": 30, "batch_size": 32, "progress": False}
+    searched = create_attack("lavan", location="search", **params)
+    searched.fit([lab.model], lab.train, CPU)
+    centre = create_attack("lavan", location="center", **params)
+    centre.fit([lab.model], lab.train, CPU)
+    noise = create_attack("random", patch_size=8, eot={"rotation_max_deg": 0,
+                                                        "location": searched.eot.location})  # fmt: skip
+    found = asr(lab, searched.perturb([], lab.images, lab.labels, CPU))
+    at_centre = asr(lab, centre.perturb([], lab.images, lab.labels, CPU))
+    random = asr(lab, noise.perturb([], lab.images, lab.labels, CPU))
+    assert found.rate >= at_centre.rate, (searched.searched_location, found, at_centre)
+    assert found.ci[0] > random.ci[1], (found, random)

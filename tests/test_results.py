@@ -16,7 +16,9 @@ from quantpatch.errors import CorruptFileError
 from quantpatch.metrics import Rate
 from quantpatch.results import (
     FORMAT_VERSION,
+    JSON_ONLY,
     CellRecord,
+    CurvePoint,
     RateRecord,
     ResultsFile,
     Timings,
@@ -43,12 +45,33 @@ def _cell(**overrides) -> CellRecord:
 def test_csv_columns_come_from_the_record() -> None:
     columns = csv_columns()
     for name in CellRecord.model_fields:
-        if name != "timings":
+        if name not in ("timings", *JSON_ONLY):
             assert name in columns
     assert {"fit_s", "perturb_s", "eval_s"} <= set(columns)
     rows = list(csv.DictReader(io.StringIO(cells_to_csv([_cell(), _cell(seed=1)]))))
     assert len(rows) == 2 and rows[1]["seed"] == "1" and rows[0]["fit_s"] == "1.0"
     assert list(rows[0]) == columns
+
+
+CURVE = [CurvePoint(step=5, loss=1.0, success=0.2), CurvePoint(step=10, loss=2.5, success=0.5)]
+
+
+def test_fit_curves_are_json_only_and_optional(tmp_path: Path) -> None:
+    fitted = _cell(fit_curve=CURVE, patch_location=(10, 3))
+    assert not set(JSON_ONLY) & set(csv_columns())
+    assert cells_to_csv([fitted]) == cells_to_csv([_cell()])  # the CSV is unchanged
+    path = _results_file(tmp_path, cells=[fitted.model_dump(mode="json")])
+    loaded = load_results(path).cells[0]
+    assert loaded == fitted and loaded.fit_curve[1].success == 0.5
+    old = json.loads(path.read_text())  # results written before curves existed
+    for field in JSON_ONLY:
+        del old["cells"][0][field]
+    path.write_text(json.dumps(old))
+    assert load_results(path).cells[0].fit_curve is None
+    with pytest.raises(ValidationError):
+        CurvePoint(step=0, loss=1.0, success=0.5)
+    with pytest.raises(ValidationError):
+        CurvePoint(step=1, loss=1.0, success=1.5)
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,13 @@ def test_results_match_schema_and_cover_the_grid(finished_run: Path) -> None:
     for cell in results["cells"]:
         assert 0 <= cell["ci_low"] <= cell["rate"] <= cell["ci_high"] <= 1
         assert cell["n"] > 0
+    # every target record of a cell carries its patch's fit curve: 40 steps, a point per 2
+    curves = {c["cell"]: c["fit_curve"] for c in universal}
+    assert len(curves) == len(torch_models) and len(universal) == len(torch_models) * len(targets)
+    assert all(c["fit_curve"] == curves[c["cell"]] for c in universal)
+    for curve in curves.values():
+        assert [p["step"] for p in curve] == list(range(2, 41, 2))
+    assert all(c["fit_curve"] is None for c in results["cells"] if c["attack"] == "random")
 
 
 def test_fp32_control_gets_the_qat_schedule(finished_run: Path) -> None:
@@ -182,6 +189,7 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
         {"name": "universal", "params": {"steps": 10, "batch_size": 64}},
         {"name": "universal", "params": {"steps": 10, "targeted": True, "target_class": 0}},
         {"name": "lavan", "params": {"mode": "universal", "steps": 10}},
+        {"name": "lavan", "params": {"mode": "universal", "steps": 10, "location": "search"}},
         {"name": "lavan", "params": {"mode": "per-image", "steps": 5}},
         {"name": "patch-pgd", "params": {"steps": 5}},
         {"name": "multibit", "params": {"steps": 10}},
@@ -210,9 +218,12 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     assert main(argv) == 0
     cells = _results(finished_run / "suite")["cells"]
     assert {c["attack"] for c in cells} == {
-        "universal", "universal-targeted", "lavan-universal", "lavan-per-image", "patch-pgd",
-        "multibit", "pgd-linf", "random",
+        "universal", "universal-targeted", "lavan-universal", "lavan-universal-locationsearch",
+        "lavan-per-image", "patch-pgd", "multibit", "pgd-linf", "random",
     }  # fmt: skip
+    searched = {tuple(c["patch_location"]) for c in cells if c["attack"].endswith("search")}
+    assert len(searched) >= 1 and all(len(loc) == 2 for loc in searched)
+    assert all(c["patch_location"] is None for c in cells if not c["attack"].endswith("search"))
     multibit = {c["target"]: c["threat"] for c in cells if c["attack"] == "multibit"}
     assert multibit == {"lenet/fp32": "white-box ensemble", "lenet/w2a2": "white-box ensemble"}
     per_image = [c["rate"] for c in cells if c["attack"] == "patch-pgd" and c["white_box"]]
@@ -220,3 +231,4 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     assert min(per_image) > max(noise)
     html = (finished_run / "suite" / "report.html").read_text()
     assert "Patch vs pixel attacks" in html and "masking" in html.lower()
+    assert "Fit curves" in html and "Placement threat models" in html

@@ -13,6 +13,7 @@ from quantpatch.errors import ConfigError
 from quantpatch.report.tables import SeedRate, pool
 from quantpatch.study import load_study
 from quantpatch.study.cache import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
+from quantpatch.study.validate import validate_study
 
 
 def test_attacks_that_differ_in_a_parameter_get_different_labels() -> None:
@@ -137,3 +138,21 @@ def test_default_attacks_craft_per_image_attacks_on_the_ends_of_the_bit_range() 
                        "pgd-linf": ["fp32", "w2a2"], "random": None}  # fmt: skip
     narrowed = load_study(None, precisions=["fp32", "w8a8", "w4a4"]).attacks
     assert {a.name: a.sources for a in narrowed}["patch-pgd"] == ["fp32", "w4a4"]
+
+
+STUDIES = sorted((Path(__file__).parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_shipped_studies_validate(path: Path) -> None:
+    validate_study(load_study(path))
+
+
+def test_placement_study_pairs_both_threat_models() -> None:
+    """EOT random placement and LaVAN at a searched fixed location, same budget, every model."""
+    config = load_study(Path(__file__).parents[1] / "studies" / "placement.yaml")
+    attacks = {a.name: a for a in config.attacks}
+    eot, fixed = attacks["universal"], attacks["lavan"]
+    assert fixed.params["location"] == "search" and fixed.params["mode"] == "universal"
+    assert eot.params["steps"] == fixed.params["steps"] and "eot" not in eot.params
+    assert eot.sources is None and fixed.sources is None and len(config.precisions) >= 4

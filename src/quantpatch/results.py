@@ -158,6 +158,16 @@ class Timings(Record):
     eval_s: float = Field(ge=0)
 
 
+class CurvePoint(Record):
+    """One point of a universal patch's fit curve, averaged over the steps since the last one."""
+
+    step: int = Field(ge=1, description="optimisation steps done")
+    loss: float = Field(description="mean batch cross-entropy (maximised unless targeted)")
+    success: float = Field(
+        ge=0, le=1, description="share of the patched training images fooling every source model"
+    )
+
+
 class CellRecord(RateRecord):
     """One (source, attack, patch size, seed) cell evaluated on one target model.
 
@@ -194,12 +204,24 @@ class CellRecord(RateRecord):
     seed: int
     target_clean_accuracy: float
     timings: Timings
+    # Optional, JSON only (not CSV columns): results written before them load with None.
+    fit_curve: list[CurvePoint] | None = Field(
+        None, description="the universal patch's fit curve (None: nothing fitted or not recorded)"
+    )
+    patch_location: tuple[int, int] | None = Field(
+        None, description="(top, left) a location search chose for the patch (lavan 'search')"
+    )
+
+
+JSON_ONLY = ("fit_curve", "patch_location")
+"""CellRecord fields kept out of the CSV table (curves do not fit a cell of it)."""
 
 
 def csv_columns() -> list[str]:
     """CellRecord's fields: what the cell is, then its rate, then the flattened timings."""
     rate = list(RateRecord.model_fields)
-    identity = [f for f in CellRecord.model_fields if f not in rate and f != "timings"]
+    skip = {*rate, "timings", *JSON_ONLY}
+    identity = [f for f in CellRecord.model_fields if f not in skip]
     return identity + rate + list(Timings.model_fields)
 
 
@@ -209,7 +231,7 @@ def cells_to_csv(cells: list[CellRecord]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=csv_columns(), lineterminator="\n")
     writer.writeheader()
     for cell in cells:
-        row = cell.model_dump()
+        row = cell.model_dump(exclude=set(JSON_ONLY))
         timings = row.pop("timings")
         writer.writerow({**row, **timings})
     return buffer.getvalue()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,26 @@ ATTACKS: Registry = Registry("attack")
 SUCCESS_BONUS = 1e6
 # Move the whole train split to the device once when it is at most this large.
 _RESIDENT_BYTES = 1 << 30
+# About this many points per fit curve (each the mean over the steps since the last one).
+FIT_CURVE_POINTS = 20
 
 BatchStep = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 Render = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class FitPoint(NamedTuple):
+    """One point of a universal fit's curve, averaged over the steps since the previous point.
+
+    ``step``: steps done so far; ``loss``: mean batch loss (the cross-entropy the fit
+    minimises when targeted and maximises otherwise, averaged over the models); ``success``:
+    share of those steps' patched training images that every model misclassifies (targeted:
+    classifies as the target). Clean-wrong images count too, so it is a training signal close
+    to, not the same as, the evaluated ASR.
+    """
+
+    step: int
+    loss: float
+    success: float
 
 
 class Attack:
@@ -67,6 +85,8 @@ class Attack:
     default_steps: ClassVar[int] = 200
     default_lr: ClassVar[float] = 0.05
     default_eot: ClassVar[EOT] = EOT()
+    searched_location: tuple[int, int] | None = None
+    """(top, left) where a placement search put the universal patch; None without a search."""
 
     def __init__(
         self,
@@ -105,6 +125,9 @@ class Attack:
         self.seed = check_int("seed", seed, minimum=None)
         self.progress = bool(progress)
         self.patch: torch.Tensor | None = None
+        self.fit_curve: list[FitPoint] = []
+        """The last fit's curve (``learn_patch``); empty before a fit or when loaded from a
+        state without one."""
 
     # ----------------------------------------------------------------- public API
     def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
@@ -142,8 +165,14 @@ class Attack:
         return torch.cat(out) if out else images.clone()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{"patch": (C, p, p)}`` once a universal patch exists, else ``{}``."""
-        return {"patch": self.patch.detach().cpu().clone()} if self.patch is not None else {}
+        """``{"patch": (C, p, p), "fit_curve": (K, 3) float64 rows (step, loss, success)}``
+        once a universal patch exists (the curve only when one was recorded), else ``{}``."""
+        if self.patch is None:
+            return {}
+        state = {"patch": self.patch.detach().cpu().clone()}
+        if self.fit_curve:
+            state["fit_curve"] = torch.tensor(self.fit_curve, dtype=torch.float64)
+        return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore a patch saved by ``state_dict`` (shape and range are checked)."""
@@ -158,7 +187,9 @@ class Attack:
             raise ShapeError(f"state must hold a (C, {p}, {p}) 'patch', got {shape}")
         if not bool(torch.isfinite(patch).all()) or patch.min() < 0 or patch.max() > 1:
             raise CorruptFileError("patch values must be finite and in [0, 1]")
+        curve = _fit_curve_from(state.get("fit_curve"))
         self.patch = patch.detach().float().cpu().clone()
+        self.fit_curve = curve
 
     @classmethod
     def accepted_params(cls) -> list[str]:
@@ -216,20 +247,47 @@ class Attack:
     ) -> torch.Tensor:
         """Learn a (C, p, p) patch on ``train``: Adam on the batch-mean cross-entropy averaged
         over ``models`` (of the target class when targeted, else of the true class, maximised)
-        and over placements drawn from ``eot``; returns it on the CPU.
-
-        All randomness is drawn up front from the seeded "fit" stream, so the loop itself is
-        just paste + forward + backward.
+        and over placements drawn from ``eot``; returns it on the CPU and keeps the fit's
+        curve in ``fit_curve``. ``choose_placement`` runs first (a subclass may fix where the
+        patch goes, e.g. LaVAN's location search).
         """
         device = resolve_device(device)
         if len(train) == 0:
             raise ShapeError("cannot fit a universal patch on an empty train split")
+        frozen = self.frozen_copies(models, device)
+        self.choose_placement(frozen, train, device)
+        patch, self.fit_curve = self.fit_patch(
+            frozen, train, device, self.eot, self.steps, self.generator("fit")
+        )
+        return patch
+
+    def choose_placement(
+        self, models: Sequence[nn.Module], train: Split, device: torch.device
+    ) -> None:
+        """Called by ``learn_patch`` before the fit with frozen ``models``: by default the
+        patch is learned where ``eot`` says."""
+
+    def fit_patch(
+        self,
+        models: Sequence[nn.Module],
+        train: Split,
+        device: torch.device,
+        eot: EOT,
+        steps: int,
+        gen: torch.Generator,
+    ) -> tuple[torch.Tensor, list[FitPoint]]:
+        """The universal fit itself on frozen ``models``: (patch on the CPU, its curve).
+
+        All randomness is drawn up front from ``gen``, so the loop itself is just paste +
+        forward + backward. The curve is summed on the device and read every
+        ``ceil(steps / FIT_CURVE_POINTS)`` steps, so recording it neither draws random numbers
+        nor changes the patch.
+        """
         _, channels, height, width = train.images.shape
-        p, steps, batch = self.patch_size, self.steps, self.batch_size
-        gen = self.generator("fit")
+        p, batch = self.patch_size, self.batch_size
         patch = torch.rand(channels, p, p, generator=gen)
         index = torch.randint(len(train), (steps, batch), generator=gen)
-        placements = sample_placement(steps * batch, (height, width), p, self.eot, gen)
+        placements = sample_placement(steps * batch, (height, width), p, eot, gen)
         plan = prepare_paste(placements, (height, width), p, device)
         images, labels = _resident(train, device)
         index = index.to(images.device)
@@ -239,22 +297,33 @@ class Attack:
         optimizer = torch.optim.Adam(
             [patch], lr=self.lr, maximize=not self.targeted, fused=device.type == "cuda"
         )
-        frozen = self.frozen_copies(models, device)
+        every = max(1, math.ceil(steps / FIT_CURVE_POINTS))
+        curve: list[FitPoint] = []
+        window_loss = torch.zeros((), dtype=torch.float64, device=device)
+        window_hits = torch.zeros((), dtype=torch.int64, device=device)
         bar = tqdm(total=steps, desc=f"fit {self.name}", disable=not self.progress, leave=False)
         with bar:
             for step in range(steps):
                 x = images[index[step]].to(device, non_blocking=True)
                 adv = plan[step * batch : (step + 1) * batch](x, make_canvas(patch, mask))
-                loss = self.mean_ce(frozen, adv, labels[step])
+                loss, fooled = self.fit_objective(models, adv, labels[step])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
                     patch.clamp_(0.0, 1.0)
+                    window_loss += loss.detach()
+                    window_hits += fooled.sum()
+                if (step + 1) % every == 0 or step == steps - 1:
+                    done = step + 1 - (curve[-1].step if curve else 0)
+                    curve.append(FitPoint(step + 1, float(window_loss) / done,
+                                          int(window_hits) / (done * batch)))  # fmt: skip
+                    window_loss.zero_()
+                    window_hits.zero_()
                 if self.progress and (step % 25 == 0 or step == steps - 1):
                     bar.set_postfix(ce=f"{float(loss):.3f}", refresh=False)
                 bar.update(1)
-        return patch.detach().cpu()
+        return patch.detach().cpu(), curve
 
     # ----------------------------------------------------------------- the two perturb steps
     def _paste_step(self, images: torch.Tensor, device: torch.device) -> BatchStep:
@@ -310,19 +379,24 @@ class Attack:
             return torch.full_like(labels, int(self.target_class))  # type: ignore[arg-type]
         return labels
 
-    def mean_ce(
+    def fit_objective(
         self, models: Sequence[nn.Module], images: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """Batch-mean cross-entropy averaged over ``models``: the lean loss of universal fits
-        (minimise it when targeted, maximise it otherwise)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch-mean cross-entropy averaged over ``models``, per-image success): the lean
+        loss of universal fits (minimise it when targeted, maximise it otherwise) and, read
+        off the same logits without gradient, whether every model is fooled (targeted: says
+        the target)."""
         total = None
+        fooled = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
         for model in models:
             logits = model(images)
             self._check_target(logits)
             ce = F.cross_entropy(logits, labels)
             total = ce if total is None else total + ce
+            hit = logits.detach().argmax(dim=1) == labels
+            fooled = fooled & (hit if self.targeted else ~hit)
         assert total is not None
-        return total if len(models) == 1 else total / len(models)
+        return (total if len(models) == 1 else total / len(models)), fooled
 
     def _check_target(self, logits: torch.Tensor) -> None:
         if self.targeted and self.target_class >= logits.shape[1]:  # type: ignore[operator]
@@ -461,6 +535,27 @@ def check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def _fit_curve_from(value: Any) -> list[FitPoint]:
+    """A saved (K, 3) curve back as points (absent: no curve); anything else is refused."""
+    if value is None:
+        return []
+    if not isinstance(value, torch.Tensor) or value.ndim != 2 or value.shape[1] != 3:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+        raise ShapeError(
+            f"a saved fit_curve must be (K, 3) rows (step, loss, success), got {shape}"
+        )
+    rows = value.detach().double().cpu()
+    steps, success = rows[:, 0], rows[:, 2]
+    if (
+        not bool(torch.isfinite(rows).all())
+        or bool((steps != steps.round()).any() or (steps < 1).any())
+        or bool((steps[1:] <= steps[:-1]).any())
+        or bool((success < 0).any() or (success > 1).any())
+    ):
+        raise CorruptFileError("fit_curve needs increasing whole steps and successes in [0, 1]")
+    return [FitPoint(int(step), float(loss), float(hit)) for step, loss, hit in rows.tolist()]
 
 
 def _resident(train: Split, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

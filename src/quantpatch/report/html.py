@@ -10,6 +10,7 @@ from quantpatch._io import write_text_atomic
 from quantpatch.report import figures
 from quantpatch.report.analysis_sections import analysis_sections
 from quantpatch.report.findings import key_findings
+from quantpatch.report.fits import fit_section
 from quantpatch.report.page import Page
 from quantpatch.report.queries import query_section
 from quantpatch.report.tables import (
@@ -35,6 +36,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _patches_section(page, run_dir)
     _attack_sections(page, results, order)
     query_section(page, results.cells, results.models, order)
+    fit_section(page, results.cells, order)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out

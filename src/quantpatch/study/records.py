@@ -21,6 +21,7 @@ from quantpatch.metrics import Rate
 from quantpatch.results import (
     Analyses,
     CellRecord,
+    CurvePoint,
     RateRecord,
     ResultsFile,
     Timings,
@@ -74,7 +75,16 @@ def cell_record(
         seed=cell.seed,
         target_clean_accuracy=context.model_record(target.name).clean.rate,
         timings=timings,
+        fit_curve=fit_curve_record(attack),
+        patch_location=attack.searched_location,
     )
+
+
+def fit_curve_record(attack: Attack) -> list[CurvePoint] | None:
+    """The attack's fit curve (fitted now or loaded from the patch cache), None without one."""
+    if not attack.fit_curve:
+        return None
+    return [CurvePoint(step=p.step, loss=p.loss, success=p.success) for p in attack.fit_curve]
 
 
 def _threat(cell: Cell, attack: Attack, target: Target) -> str:
