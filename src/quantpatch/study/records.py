@@ -50,6 +50,7 @@ def cell_record(
     """One cell scored on one target."""
     height, width = context.eval_images.shape[-2:]
     size = cell.patch_size
+    threat, adaptive = _threat(cell, target), is_adaptive(cell, target)
     return CellRecord(
         **RateRecord.of(rate).model_dump(),
         study=context.config.name,
@@ -61,8 +62,11 @@ def cell_record(
         target=target.name,
         target_arch=target.arch,
         target_precision=target.precision,
-        white_box=cell.source.label == target.name,
-        threat=_threat(cell, target),
+        defense=target.defense,
+        white_box=threat == "white-box",
+        threat=threat,
+        adaptive=adaptive,
+        adaptive_via=target.adaptive_via if adaptive else None,
         attack=cell.attack.label,
         attack_name=cell.attack.name,
         attack_kind=attack.kind,
@@ -76,9 +80,23 @@ def cell_record(
     )
 
 
+def is_adaptive(cell: Cell, target: Target) -> bool:
+    """Crafted knowing the target's defence: through it, or (forward-only defence) on the
+    model behind it."""
+    if target.defense is None:
+        return False
+    if target.adaptive_via == "underlying-model":
+        return cell.source.label == target.base_name
+    return cell.source.label == target.name
+
+
 def _threat(cell: Cell, target: Target) -> str:
     if not cell.source.models:
         return "source-free"
+    if cell.source.label == target.name or is_adaptive(cell, target):
+        return "white-box"
+    if target.defense is not None:
+        return "transfer"  # crafted without the defence: non-adaptive
     if cell.source.label == target.name:
         return "white-box"
     if target.model is not None and target.model in cell.source.models:
