@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from quantpatch._yaml import load_yaml_mapping
+from quantpatch.defenses import DEFENSES
 from quantpatch.errors import ConfigError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
@@ -91,6 +92,12 @@ class DefenseSettings(_Strict):
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
+
+    @field_validator("name")
+    @classmethod
+    def _known_defense(cls, value: str) -> str:
+        DEFENSES.get(value)  # an unknown name fails the config, listing the defences
+        return value
 
     def base_label(self) -> str:
         return self.name
