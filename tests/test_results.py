@@ -99,3 +99,15 @@ def test_report_reads_results_without_the_study_stack() -> None:
 def test_study_never_imports_the_report() -> None:
     loaded = _imported_after("import quantpatch.study")
     assert not any(m.startswith("quantpatch.report") for m in loaded)
+
+
+def test_format_3_files_read_as_undefended(tmp_path: Path) -> None:
+    """Format 4 only added the defence fields; a format-3 file (without them) still reads,
+    as the undefended, non-adaptive study it was."""
+    data = json.loads(_results_file(tmp_path).read_text())
+    for cell in data["cells"]:
+        for field in ("defense", "adaptive", "adaptive_via"):
+            del cell[field]
+    path = _results_file(tmp_path, format_version=3, cells=data["cells"])
+    cell = load_results(path).cells[0]
+    assert cell.defense is None and not cell.adaptive and cell.adaptive_via is None
