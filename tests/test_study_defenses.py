@@ -175,3 +175,14 @@ def test_defences_are_opt_in_and_get_distinct_labels() -> None:
     assert [d.label for d in config.defenses] == ["jpeg-quality50", "jpeg-quality90"]
     with pytest.raises(ConfigError):
         load_study(None, defenses=[{"name": "median"}, {"name": "median"}])
+
+
+def test_the_defences_study_file_is_valid() -> None:
+    """studies/defences.yaml names only known defences with valid parameters."""
+    from quantpatch.study.validate import validate_study
+
+    config = load_study(Path(__file__).parents[1] / "studies" / "defences.yaml")
+    validate_study(config)
+    assert {d.name for d in config.defenses} == {
+        "median", "gaussian-blur", "lgs", "jpeg", "bit-depth", "patchcleanser"
+    }  # fmt: skip
