@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantpatch.errors import ShapeError
-from quantpatch.metrics import Rate, attack_success, wilson_interval
+from quantpatch.metrics import Rate, attack_success, difference_interval, wilson_interval
 
 
 def test_untargeted_counts_only_clean_correct_images() -> None:
@@ -37,3 +37,12 @@ def test_wilson_interval_is_well_behaved_at_the_edges() -> None:
 def test_shapes_are_checked() -> None:
     with pytest.raises(ShapeError):
         attack_success(torch.zeros(3), torch.zeros(3), torch.zeros(4))
+
+
+def test_difference_interval_matches_newcombe() -> None:
+    """Newcombe (1998), Table II example: 56/70 - 48/80, method 10: 0.0524 to 0.3339."""
+    diff, low, high = difference_interval(Rate(56, 70), Rate(48, 80))
+    assert diff == pytest.approx(0.2)
+    assert (low, high) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    same = difference_interval(Rate(0, 10), Rate(0, 10))
+    assert same[0] == 0 and same[1] < 0 < same[2]

@@ -122,3 +122,11 @@ def test_report_reads_results_without_the_study_stack() -> None:
 def test_study_never_imports_the_report() -> None:
     loaded = _imported_after("import quantpatch.study")
     assert not any(m.startswith("quantpatch.report") for m in loaded)
+
+
+def test_format_3_files_are_refused(tmp_path: Path) -> None:
+    """Format 4 redefined the deployment check; a format-3 file is refused in one line that
+    says what to do, never misread."""
+    path = _results_file(tmp_path, format_version=3)
+    with pytest.raises(CorruptFileError, match="rerun the study"):
+        load_results(path)

@@ -24,6 +24,10 @@ from quantpatch.metrics import Rate
 FORMAT_VERSION = 4
 """Bumped whenever a record gains, loses or redefines a field."""
 
+READABLE_VERSIONS = (FORMAT_VERSION,)
+"""Formats this version reads. Format 4 redefined the deployment check (matched simulation and
+fp32 null, clean and adversarial), so format-3 files are refused: rerun the study."""
+
 
 class Record(BaseModel):
     """Strict, immutable base: unknown fields are refused, so typos never pass silently."""
@@ -121,6 +125,18 @@ class DeploymentRecord(Record):
     speedup_vs_fp32: float
 
 
+class CertifiedRecord(Record):
+    """PatchCleanser's certificate on the clean evaluation images: an image is certified when
+    every pair of masks leaves the true label, so no patch of ``patch_size`` anywhere can
+    change its double-masking prediction (Xiang et al. 2022, Theorem 1)."""
+
+    patch_size: int = Field(ge=1, description="side (px) of the patch certified against")
+    masks: int = Field(ge=1, description="masks in the first round (M; M (M + 1) / 2 pairs)")
+    mask_size: tuple[int, int]
+    clean: RateRecord = Field(description="double-masking accuracy on the clean images")
+    certified: RateRecord = Field(description="certified robust accuracy")
+
+
 class ModelRecord(Record):
     """One evaluated model (a target of the grid): its clean accuracy on the evaluation images."""
 
@@ -144,6 +160,10 @@ class ModelRecord(Record):
         description="for an fp32 control fine-tuned on a QAT schedule: the quantized models "
         "that got the same extra training",
     )
+    defense: str | None = Field(
+        None, description="label of the defence in front of the model; None: undefended"
+    )
+    certified: CertifiedRecord | None = Field(None, description="for a patchcleanser target")
     deployment: DeploymentRecord | None = None
 
 
@@ -183,7 +203,12 @@ class CellRecord(RateRecord):
     target: str
     target_arch: str
     target_precision: str
-    white_box: bool = Field(description="crafted on the target model itself")
+    defense: str | None = Field(
+        None, description="label of the target's defence; None: an undefended target"
+    )
+    white_box: bool = Field(
+        description="crafted on the target model itself (for a defended target: adaptive)"
+    )
     threat: Literal["white-box", "white-box ensemble", "query-only", "transfer", "source-free"] = (
         Field(
             description="'white-box ensemble': crafted on several models, the target among "
@@ -193,6 +218,17 @@ class CellRecord(RateRecord):
     )
     mean_queries: float | None = Field(
         None, description="query attacks: model queries per image, mean over the images"
+    )
+    adaptive: bool = Field(
+        False,
+        description="crafted knowing the target's defence: white-box through it; False on a "
+        "defended target: crafted on an undefended model (non-adaptive)",
+    )
+    adaptive_via: Literal["exact", "bpda", "underlying-model"] | None = Field(
+        None,
+        description="how an adaptive attack saw the defence: exact gradients, straight-through "
+        "(BPDA) ones, or none: a forward-only defence (patchcleanser) has no gradient, so its "
+        "adaptive attack is the white-box attack on the model behind it",
     )
     attack: str = Field(description="label: attack name plus the settings that set it apart")
     attack_name: str
@@ -353,7 +389,7 @@ class Analyses(Record):
 class ResultsFile(Record):
     """The whole of results.json."""
 
-    format_version: Literal[FORMAT_VERSION] = FORMAT_VERSION  # type: ignore[valid-type]
+    format_version: Literal[READABLE_VERSIONS] = FORMAT_VERSION  # type: ignore[valid-type]
     study: str
     dataset: str
     config: dict[str, Any] = Field(description="the resolved study configuration, verbatim")
@@ -384,10 +420,11 @@ def load_results(path: str | Path) -> ResultsFile:
 
 
 def parse_results(data: Any, source: str = "results") -> ResultsFile:
-    if isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+    if isinstance(data, dict) and data.get("format_version") not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
         raise CorruptFileError(
             f"{source}: results format {data.get('format_version')!r}, this quantpatch reads "
-            f"format {FORMAT_VERSION}; rerun the study to regenerate it"
+            f"formats {readable}; rerun the study to regenerate it"
         )
     try:
         return ResultsFile.model_validate(data)

@@ -4,7 +4,8 @@ from quantpatch.metrics.rates import (
     Rate,
     accuracy,
     attack_success,
+    difference_interval,
     wilson_interval,
 )
 
-__all__ = ["Rate", "accuracy", "attack_success", "wilson_interval"]
+__all__ = ["Rate", "accuracy", "attack_success", "difference_interval", "wilson_interval"]

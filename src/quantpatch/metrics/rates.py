@@ -25,6 +25,17 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     return (low, high)
 
 
+def difference_interval(a: Rate, b: Rate) -> tuple[float, float, float]:
+    """(a - b, low, high): Newcombe's hybrid score interval (his method 10) for a difference of
+    two rates, built from their Wilson intervals, so it too behaves at 0 and 1. It treats the
+    two samples as independent: on the same images (paired) it is conservative."""
+    (la, ha), (lb, hb) = a.ci, b.ci
+    diff = a.rate - b.rate
+    low = diff - math.sqrt((a.rate - la) ** 2 + (hb - b.rate) ** 2)
+    high = diff + math.sqrt((ha - a.rate) ** 2 + (b.rate - lb) ** 2)
+    return diff, low, high
+
+
 @dataclass(frozen=True)
 class Rate:
     """k successes out of n, with the 95 % Wilson interval."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from quantpatch._io import write_text_atomic
 from quantpatch.report import figures
 from quantpatch.report.analysis_sections import analysis_sections
+from quantpatch.report.defenses import defenses_section
 from quantpatch.report.findings import key_findings
 from quantpatch.report.fits import fit_section
 from quantpatch.report.page import Page
@@ -26,9 +27,10 @@ from quantpatch.results import CellRecord, ModelRecord, ResultsFile, load_result
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render ``RUN_DIR/results.json`` (and patch PNGs) into one self-contained HTML file."""
     run_dir = Path(run_dir)
-    results = load_results(run_dir / "results.json")
+    everything = load_results(run_dir / "results.json")
+    results = undefended(everything)
     out = Path(out) if out else run_dir / "report.html"
-    order = ModelOrder(results.models)
+    order = ModelOrder(everything.models)
     page = Page(run_dir / "figures")
     _header(page, results)
     key_findings(page, results, order)
@@ -37,9 +39,19 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _attack_sections(page, results, order)
     query_section(page, results.cells, results.models, order)
     fit_section(page, results.cells, order)
+    defenses_section(page, everything, order)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out
+
+
+def undefended(results: ResultsFile) -> ResultsFile:
+    """The results without defended targets: every section but "Defences" reads these, so a
+    study's transfer matrices and findings read the same with or without defences."""
+    return results.model_copy(update={
+        "models": [m for m in results.models if m.defense is None],
+        "cells": [c for c in results.cells if c.defense is None],
+    })  # fmt: skip
 
 
 def _header(page: Page, results: ResultsFile) -> None:

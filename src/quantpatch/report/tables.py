@@ -24,11 +24,12 @@ class ModelOrder:
         is_float = m.weight_bits is None and m.act_bits is None
         group = 3 if m.runtime != "torch" else (0 if is_float and not m.control_of else 1)
         group = 2 if not is_float and group == 1 else group  # fp32, controls, quantized, ORT
-        return (m.arch, group, -(m.weight_bits or 32), -(m.act_bits or 32), m.precision)
+        return (m.arch, group, -(m.weight_bits or 32), -(m.act_bits or 32), m.precision,
+                m.defense or "")  # fmt: skip
 
     def __call__(self, name: str) -> tuple:
         arch, _, precision = name.partition("/")
-        return self._rank.get(name, (arch, 4, 0, 0, precision))
+        return self._rank.get(name, (arch, 4, 0, 0, precision, ""))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from quantpatch.metrics import attack_success
 from quantpatch.results import CellRecord, Timings
 from quantpatch.study.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import Cell, Source, StudyContext
+from quantpatch.study.core import Cell, Source, StudyContext, Target
 from quantpatch.study.records import cell_record, save_patch_png
 
 
@@ -27,7 +27,9 @@ def expand_cells(context: StudyContext) -> list[Cell]:
         for settings in config.attacks:
             cls = ATTACKS.get(settings.name)
             sizes = config.patch_sizes if cls.kind == "patch" else [None]
-            for source in sources_for(context, cls, settings):
+            for source in sources_for(context, cls, settings) + adaptive_sources_for(
+                context, cls, settings
+            ):
                 for size in sizes:
                     parts = {
                         "sources": source.keys,
@@ -55,13 +57,37 @@ def sources_for(context: StudyContext, cls: type[Attack], settings: AttackSettin
         return [
             Source.of_target(target)
             for target in context.targets
-            if chosen is None or target.precision in chosen
-        ]
+            if target.defense is None and (chosen is None or target.precision in chosen)
+        ]  # (through a defence: adaptive_sources_for)
     return [
         Source.single(model)
         for model in context.models.values()
         if chosen is None or model.precision in chosen
     ]
+
+
+def adaptive_sources_for(
+    context: StudyContext, cls: type[Attack], settings: AttackSettings
+) -> list[Source]:
+    """One source per input-defended PyTorch target, the defence included (white-box through
+    it): the adaptive cells. None for attacks that use no model or several (multibit), or
+    that the study marks ``adaptive: false``; a forward-only defence has no such source (its
+    adaptive attack is the undefended model's, already in the grid)."""
+    if cls.source_free or cls.multi_precision or not settings.adaptive:
+        return []
+    chosen = settings.sources
+    return [
+        Source.single(model)
+        for model in context.adaptive_sources.values()
+        if chosen is None or model.precision in chosen
+    ]
+
+
+def scored_targets(context: StudyContext, cell: Cell) -> list[Target]:
+    """Every target; an adaptive cell only the defended target it was crafted through."""
+    if cell.source.defense is None:
+        return context.targets
+    return [t for t in context.targets if t.name == cell.source.label]
 
 
 def make_attack(settings: AttackSettings, patch_size: int | None, seed: int, progress: bool):
@@ -117,7 +143,7 @@ def run_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
         save_patch_png(context.out / "patches" / f"{cell.cell_id}.png", patch)
     target_class = attack.target_class if attack.targeted else None
     records = []
-    for target in context.targets:
+    for target in scored_targets(context, cell):
         started = time.perf_counter()
         adv_pred = target.predict_labels(adversarial)
         rate = attack_success(target.clean_pred, adv_pred, context.eval_labels, target_class)

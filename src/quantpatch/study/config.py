@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -23,6 +23,7 @@ from pydantic import (
 
 from quantpatch._yaml import load_yaml_mapping
 from quantpatch.attacks import ATTACKS
+from quantpatch.defenses import DEFENSES
 from quantpatch.errors import ConfigError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
@@ -73,6 +74,12 @@ class AttackSettings(_Strict):
         description="precisions to craft on (e.g. [fp32, w2a2]; controls as fp32-ft); default: "
         "every model. The adversarial images of each source are still scored on every target.",
     )
+    adaptive: bool = Field(
+        True,
+        description="when the study has defences: also craft this attack white-box through each "
+        "input defence (BPDA where it is not differentiable) and score it on that defended "
+        "target; a forward-only defence (patchcleanser) is attacked through its model",
+    )
 
     def base_label(self) -> str:
         mode = self.params.get("mode")
@@ -80,7 +87,31 @@ class AttackSettings(_Strict):
         return f"{self.name}{f'-{mode}' if mode else ''}{targeted}"
 
 
-def _unique_labels(attacks: list[AttackSettings]) -> list[AttackSettings]:
+class DefenseSettings(_Strict):
+    """One defence of the grid; ``params`` go to the defence's constructor. Every model (each
+    precision, ORT int8 included) is also evaluated behind it, named '<model>+<label>'.
+
+    ``label`` names it in results; left out, it is derived like an attack's (name, plus the
+    settings that set it apart from the study's other defences of the same name)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
+
+    @field_validator("name")
+    @classmethod
+    def _known_defense(cls, value: str) -> str:
+        DEFENSES.get(value)  # an unknown name fails the config, listing the defences
+        return value
+
+    def base_label(self) -> str:
+        return self.name
+
+
+Labelled = TypeVar("Labelled", AttackSettings, DefenseSettings)
+
+
+def _unique_labels(attacks: list[Labelled]) -> list[Labelled]:
     """Fill in missing labels: the base label, plus ``-<param><value>`` for every parameter
     whose value differs among attacks sharing that base label, so settings that change results
     never merge into one label (and are never pooled as seeds)."""
@@ -237,6 +268,10 @@ class StudyConfig(_Strict):
         min_length=1,
         validate_default=True,
     )
+    defenses: list[DefenseSettings] = Field(
+        default_factory=list,
+        description="defences every model is also evaluated behind (opt-in; none by default)",
+    )
     patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     n_eval: int = Field(500, ge=1, description="test images every patch is evaluated on")
@@ -308,6 +343,13 @@ class StudyConfig(_Strict):
     def _labelled_attacks(cls, values: list[AttackSettings]) -> list[AttackSettings]:
         labelled = _unique_labels(values)
         _distinct([a.label for a in labelled], "attack (label)")
+        return labelled
+
+    @field_validator("defenses")
+    @classmethod
+    def _labelled_defenses(cls, values: list[DefenseSettings]) -> list[DefenseSettings]:
+        labelled = _unique_labels(values)
+        _distinct([d.label for d in labelled], "defense (label)")
         return labelled
 
     @model_validator(mode="after")

@@ -30,6 +30,8 @@ class PreparedModel:
     key: str
     tag: str = ""
     """Set on controls: 'ft' is the fp32 model fine-tuned like the QAT models."""
+    defense: str | None = None
+    """Set on adaptive attack sources: the label of the input defence ``module`` holds."""
 
     @property
     def precision(self) -> str:
@@ -37,11 +39,20 @@ class PreparedModel:
 
     @property
     def name(self) -> str:
-        return f"{self.arch}/{self.precision}"
+        return defended_name(f"{self.arch}/{self.precision}", self.defense)
+
+
+def defended_name(model: str, defense: str | None) -> str:
+    """'<arch>/<precision>' behind a defence: '<arch>/<precision>+<defence label>'."""
+    return f"{model}+{defense}" if defense else model
 
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 Runtime = Literal["torch", "onnxruntime"]
+AdaptiveVia = Literal["exact", "bpda", "underlying-model"]
+"""Gradients through a differentiable defence, straight-through (BPDA) ones through a
+non-differentiable one, or none: a forward-only defence's adaptive attack is the white-box
+attack on the model behind it."""
 
 
 @dataclass(eq=False)
@@ -59,10 +70,19 @@ class Target:
     key: str
     model: PreparedModel | None = None
     clean_pred: torch.Tensor | None = field(default=None, repr=False)
+    defense: str | None = None
+    """The label of the defence in front of the model; None: undefended."""
+    adaptive_via: AdaptiveVia | None = None
+    """How an adaptive attack sees the defence (None when undefended)."""
+
+    @property
+    def base_name(self) -> str:
+        """The undefended model's name."""
+        return f"{self.arch}/{self.precision}"
 
     @property
     def name(self) -> str:
-        return f"{self.arch}/{self.precision}"
+        return defended_name(self.base_name, self.defense)
 
     def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict(images).argmax(dim=1)
@@ -113,6 +133,11 @@ class Source:
             return [self.deployed.key]
         return [model.key for model in self.models]
 
+    @property
+    def defense(self) -> str | None:
+        """The input defence an adaptive source attacks through (None: an undefended source)."""
+        return self.models[0].defense if len(self.models) == 1 else None
+
 
 @dataclass(frozen=True, eq=False)
 class Cell:
@@ -147,6 +172,8 @@ class StudyContext:
     model_records: list[ModelRecord] = field(default_factory=list)
     control_of: dict[str, list[str]] = field(default_factory=dict)
     """Control name -> the quantized models whose QAT schedule it repeats in float."""
+    adaptive_sources: dict[str, PreparedModel] = field(default_factory=dict)
+    """Defended target name -> its model behind the input defence, as an attack source."""
 
     def __post_init__(self) -> None:
         # a seeded, stratified subset: test files are often sorted by class

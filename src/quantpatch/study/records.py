@@ -51,6 +51,7 @@ def cell_record(
     """One cell scored on one target."""
     height, width = context.eval_images.shape[-2:]
     size = cell.patch_size
+    threat, adaptive = _threat(cell, attack, target), is_adaptive(cell, target)
     return CellRecord(
         **RateRecord.of(rate).model_dump(),
         study=context.config.name,
@@ -62,9 +63,12 @@ def cell_record(
         target=target.name,
         target_arch=target.arch,
         target_precision=target.precision,
-        white_box=cell.source.label == target.name,
-        threat=_threat(cell, attack, target),
+        defense=target.defense,
+        white_box=threat in ("white-box", "query-only"),
+        threat=threat,
         mean_queries=_mean_queries(attack),
+        adaptive=adaptive,
+        adaptive_via=target.adaptive_via if adaptive else None,
         attack=cell.attack.label,
         attack_name=cell.attack.name,
         attack_kind=attack.kind,
@@ -87,11 +91,23 @@ def fit_curve_record(attack: Attack) -> list[CurvePoint] | None:
     return [CurvePoint(step=p.step, loss=p.loss, success=p.success) for p in attack.fit_curve]
 
 
+def is_adaptive(cell: Cell, target: Target) -> bool:
+    """Crafted knowing the target's defence: through it, or (forward-only defence) on the
+    model behind it."""
+    if target.defense is None:
+        return False
+    if target.adaptive_via == "underlying-model":
+        return cell.source.label == target.base_name
+    return cell.source.label == target.name
+
+
 def _threat(cell: Cell, attack: Attack, target: Target) -> str:
     if not cell.source.models and cell.source.deployed is None:
         return "source-free"
-    if cell.source.label == target.name:
+    if cell.source.label == target.name or is_adaptive(cell, target):
         return "white-box" if attack.needs_gradients else "query-only"
+    if target.defense is not None:
+        return "transfer"  # crafted without the defence: non-adaptive
     if target.model is not None and target.model in cell.source.models:
         return "white-box ensemble"
     return "transfer"

@@ -38,6 +38,7 @@ from quantpatch.study.cache import ArtifactCache, warn
 from quantpatch.study.cells import expand_cells, run_cell
 from quantpatch.study.config import StudyConfig
 from quantpatch.study.core import Cell, PreparedModel, StudyContext
+from quantpatch.study.defended import prepare_defended_targets
 from quantpatch.study.records import write_results
 from quantpatch.study.targets import prepare_targets
 from quantpatch.study.validate import validate_against_data, validate_study
@@ -76,6 +77,7 @@ def prepare(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyCo
     )  # fmt: skip
     prepare_models(context)
     prepare_targets(context)
+    prepare_defended_targets(context)
     return context
 
 

@@ -9,12 +9,13 @@ from quantpatch.errors import ConfigError, DataNotFoundError, PatchTooLargeError
 from quantpatch.models import check_model_name, create_model
 from quantpatch.study.cells import make_attack
 from quantpatch.study.config import StudyConfig
+from quantpatch.study.defended import build_defense
 from quantpatch.study.targets import check_onnx_model
 
 
 def validate_study(config: StudyConfig) -> None:
-    """Names, every attack parameter (by building each attack once per patch size) and the
-    device; raises the specific ``QuantpatchError`` naming what is wrong."""
+    """Names, every attack parameter (by building each attack once per patch size), every
+    defence parameter (by building each defence) and the device; raises the specific ``QuantpatchError`` naming what is wrong."""
     for arch in config.models:
         check_model_name(arch)
     files = [("weights", path) for path in config.weights.values()]
@@ -30,6 +31,8 @@ def validate_study(config: StudyConfig) -> None:
                 make_attack(settings, size, config.seeds[0], progress=False)
             except ConfigError as exc:
                 raise ConfigError(f"attack '{settings.label}': {exc}") from None
+    for defense in config.defenses:
+        build_defense(defense)
     resolve_device(config.device)
 
 
@@ -52,6 +55,13 @@ def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
             f"patch size {too_big[0]} px is larger than the {side} px images of {dataset.name}"
         )
     _check_user_models(config, dataset)
+    for defense in config.defenses:
+        certifier = build_defense(defense)
+        if hasattr(certifier, "mask_set"):  # a certified patch size must fit the images
+            try:
+                certifier.mask_set(tuple(dataset.train.images.shape[-2:]))
+            except PatchTooLargeError as exc:
+                raise PatchTooLargeError(f"defense '{defense.label}': {exc}") from None
     for settings in config.attacks:
         target_class = settings.params.get("target_class")
         if isinstance(target_class, int) and target_class >= dataset.num_classes:

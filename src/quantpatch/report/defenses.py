@@ -1,0 +1,220 @@
+"""The "Defences" section: what each defence costs in clean accuracy and buys against patches,
+per bit-width, under the non-adaptive and the adaptive threat model, and PatchCleanser's
+certificates. Built from result records only; absent when the study has no defences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from quantpatch.metrics import Rate, difference_interval  # noqa: E402
+from quantpatch.report.page import Page  # noqa: E402
+from quantpatch.report.tables import ModelOrder, SeedRate, fmt_rate, group, pool  # noqa: E402
+from quantpatch.results import CellRecord, ModelRecord, ResultsFile  # noqa: E402
+
+UNDEFENDED = "none"
+VIA = {
+    "exact": "exact gradients",
+    "bpda": "BPDA (straight-through)",
+    "underlying-model": "attacks the model behind it (forward-only)",
+}
+
+
+def base_name(model: ModelRecord) -> str:
+    """The undefended model behind a (possibly defended) target."""
+    return f"{model.arch}/{model.precision}"
+
+
+@dataclass(frozen=True)
+class Point:
+    """One target under one attack: its clean accuracy and the ASR it is shown with."""
+
+    model: ModelRecord
+    asr: SeedRate | None
+    adaptive: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Adaptive vs non-adaptive ASR on one defended target, for one attack and size."""
+
+    model: ModelRecord
+    attack: str
+    patch_size: int | None
+    source: str
+    non_adaptive: SeedRate | None
+    adaptive: SeedRate | None
+    via: str | None
+
+    def difference(self) -> tuple[float, float, float] | None:
+        """(adaptive - non-adaptive, 95 % low, high), Newcombe's interval on seed-pooled rates."""
+        if self.adaptive is None or self.non_adaptive is None:
+            return None
+        return difference_interval(_as_rate(self.adaptive), _as_rate(self.non_adaptive))
+
+
+def _as_rate(rate: SeedRate) -> Rate:
+    return Rate(round(rate.rate * rate.n), rate.n)
+
+
+def crafted_attacks(cells: list[CellRecord]) -> list[tuple[str, int | None]]:
+    """(attack, size) of the attacks crafted on a model (the random patch needs none)."""
+    return sorted({(c.attack, c.patch_size) for c in cells if c.threat != "source-free"},
+                  key=lambda item: (item[0], item[1] or 0))  # fmt: skip
+
+
+def _non_adaptive_source(model: ModelRecord, by_pair: dict[tuple, list[CellRecord]]) -> str:
+    """The undefended model itself when it was a source; else (ORT int8) its fp32 sibling."""
+    base = base_name(model)
+    return base if (base, model.name) in by_pair else f"{model.arch}/fp32"
+
+
+def gaps(results: ResultsFile, attack: str, size: int | None) -> list[Gap]:
+    """One row per defended target: non-adaptive (crafted on the undefended model, scored
+    behind the defence) next to adaptive (crafted knowing the defence)."""
+    chosen = [c for c in results.cells if c.attack == attack and c.patch_size == size]
+    by_pair = group(chosen, "source", "target")
+    adaptive = group([c for c in chosen if c.adaptive], "target")
+    rows = []
+    for model in (m for m in results.models if m.defense):
+        source = _non_adaptive_source(model, by_pair)
+        mine = adaptive.get((model.name,), [])
+        rows.append(Gap(model, attack, size, source, pool(by_pair.get((source, model.name), [])),
+                        pool(mine), mine[0].adaptive_via if mine else None))  # fmt: skip
+    return rows
+
+
+def points(results: ResultsFile, attack: str, size: int | None) -> list[Point]:
+    """Every target (undefended ones included) with the strongest ASR the grid measured for
+    it: white-box (adaptive behind a defence) where there is one, else transfer."""
+    chosen = [c for c in results.cells if c.attack == attack and c.patch_size == size]
+    by_pair = group(chosen, "source", "target")
+    adaptive = group([c for c in chosen if c.adaptive], "target")
+    out = []
+    for model in results.models:
+        if (model.name,) in adaptive:
+            out.append(Point(model, pool(adaptive[(model.name,)]), True, "adaptive"))
+            continue
+        if model.defense is None and (model.name, model.name) in by_pair:
+            out.append(Point(model, pool(by_pair[(model.name, model.name)]), True, model.name))
+            continue
+        source = _non_adaptive_source(model, by_pair)
+        out.append(Point(model, pool(by_pair.get((source, model.name), [])), False, source))
+    return out
+
+
+def tradeoff_figure(points: list[Point], order: ModelOrder) -> Figure:
+    """Clean accuracy (y) vs ASR (x) per architecture: one colour per defence, its
+    bit-widths joined from fp32 to the lowest (then ORT int8), one marker per precision;
+    filled = white-box/adaptive ASR, hollow = transfer only. Up and left is better."""
+    archs = sorted({p.model.arch for p in points})
+    # undefended last, in black, so it is drawn on top of defences that change nothing
+    defenses = [*sorted({p.model.defense for p in points if p.model.defense}), UNDEFENDED]
+    ordered = sorted(points, key=lambda p: order(base_name(p.model)))
+    kinds = dict.fromkeys(base_name(p.model).partition("/")[2] for p in ordered)
+    markers = dict(zip(kinds, "osD^vP*Xph<>" * 4, strict=False))
+    colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(defenses)} | {UNDEFENDED: "black"}
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.6 * len(archs), 3.8), squeeze=False)
+    for ax, arch in zip(axes[0], archs, strict=True):
+        for defense in defenses:
+            mine = sorted((p for p in points if p.model.arch == arch and p.asr is not None
+                           and (p.model.defense or UNDEFENDED) == defense),
+                          key=lambda p: order(base_name(p.model)))  # fmt: skip
+            if mine:
+                _trace(ax, mine, colours[defense], markers, defense)
+        ax.set_title(arch)
+        ax.set_xlabel("ASR (%)")
+        ax.set_ylabel("clean accuracy (%)")
+        ax.set_xlim(-2, 102)
+    handles = [plt.Line2D([], [], color=colours[d], label=d) for d in defenses]
+    handles += [plt.Line2D([], [], color="gray", marker=m, linestyle="", label=p)
+                for p, m in markers.items()]  # fmt: skip
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _trace(ax, mine: list[Point], colour, markers: dict[str, str], label: str) -> None:
+    xs = [100 * p.asr.rate for p in mine]
+    ys = [100 * p.model.clean.rate for p in mine]
+    ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.6, label=label)
+    for p, x, y in zip(mine, xs, ys, strict=True):
+        low, high = p.asr.ci
+        ax.errorbar(
+            x, y, xerr=[[x - 100 * low], [100 * high - x]],
+            yerr=[[y - 100 * p.model.clean.ci_low], [100 * p.model.clean.ci_high - y]],
+            color=colour, marker=markers[base_name(p.model).partition("/")[2]],
+            markerfacecolor=colour if p.adaptive else "white", capsize=2, linewidth=0.8,
+        )  # fmt: skip
+
+
+def defenses_section(page: Page, results: ResultsFile, order: ModelOrder) -> None:
+    """The whole section; nothing when no target has a defence."""
+    if not any(m.defense for m in results.models):
+        return
+    page.heading("Defences")
+    page.para(
+        "Every model is also evaluated behind every defence ('<model>+<defence>'). "
+        "Non-adaptive: adversarial images crafted on the undefended model, scored behind the "
+        "defence (ORT int8 has no gradients: crafted on its fp32 sibling). Adaptive: the "
+        "attack crafted white-box through the defence, with exact gradients where it is "
+        "differentiable and straight-through ones (BPDA) where it is not; PatchCleanser "
+        "is forward-only, so its adaptive attack is the white-box attack on the model behind "
+        "it. No defence is randomised, so no expectation over transformations is needed."
+    )
+    for attack, size in crafted_attacks(results.cells):
+        label = attack + (f", {size} px" if size else "")
+        page.heading(f"Clean accuracy vs ASR: {label}", 3)
+        page.figure(tradeoff_figure(points(results, attack, size), order),
+                    f"defenses_{attack}_{size}",
+                    "Each colour a defence ('none': undefended), each marker a precision, "
+                    "joined from fp32 down the bit-widths; filled: white-box or adaptive ASR, "
+                    "hollow: transfer only (ORT int8); bars are 95 % Wilson intervals. Up and "
+                    "to the left is better.")  # fmt: skip
+        _gap_table(page, gaps(results, attack, size), order)
+    _certified_table(page, results.models, order)
+
+
+def _gap_table(page: Page, rows: list[Gap], order: ModelOrder) -> None:
+    page.para("Adaptive minus non-adaptive ASR with Newcombe's 95 % interval; an interval "
+              "above 0 means the non-adaptive number overstates the defence.")  # fmt: skip
+    body = []
+    for row in sorted(rows, key=lambda r: (r.model.defense, order(base_name(r.model)))):
+        diff = row.difference()
+        gap = "n/a" if diff is None else (
+            f"{100 * diff[0]:+.1f} pp [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]")  # fmt: skip
+        if diff is not None and diff[2] < 0:
+            gap += ' <span class="flag">adaptive weaker: check the attack</span>'
+        body.append([row.model.name, row.source, _fmt(row.non_adaptive), _fmt(row.adaptive),
+                     gap, VIA.get(row.via, "none: no gradients (ORT)")])  # fmt: skip
+    page.table(["defended target", "non-adaptive source", "non-adaptive ASR", "adaptive ASR",
+                "gap", "adaptive attack"], body)  # fmt: skip
+
+
+def _fmt(rate: SeedRate | None) -> str:
+    return rate.fmt() if rate is not None else "n/a"
+
+
+def _certified_table(page: Page, models: list[ModelRecord], order: ModelOrder) -> None:
+    certified = sorted((m for m in models if m.certified), key=lambda m: order(base_name(m)))
+    if not certified:
+        return
+    undefended = {m.name: m for m in models if m.defense is None}
+    page.heading("PatchCleanser: certified robust accuracy per precision", 3)
+    page.para("Certified: every pair of masks leaves the true label, so no patch of the "
+              "stated size anywhere changes the prediction. Clean: double-masking accuracy.")  # fmt: skip
+    rows = []
+    for m in certified:
+        cert, plain = m.certified, undefended.get(base_name(m))
+        rows.append([base_name(m), m.defense, f"{cert.patch_size} px",
+                     f"{cert.masks} ({cert.mask_size[0]}x{cert.mask_size[1]} px)",
+                     fmt_rate(plain.clean) if plain else "n/a", fmt_rate(cert.clean),
+                     fmt_rate(cert.certified)])  # fmt: skip
+    page.table(["model", "defence", "patch", "masks", "undefended clean", "clean",
+                "certified"], rows)  # fmt: skip

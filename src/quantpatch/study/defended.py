@@ -1,0 +1,145 @@
+"""Defended targets: every model of the study behind every defence, and their certificates.
+
+Each (model x defence) is one more target of the grid, so the cells' adversarial images are
+scored on it like on any model: crafted on an undefended source, that is the non-adaptive
+threat model. An input defence in front of a PyTorch model is also an attack source (BPDA
+where it is not differentiable), for the adaptive cells. PatchCleanser needs forward passes
+only: it wraps ORT int8 sessions as well, and it certifies each model's clean images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+
+from quantpatch._io import content_key, read_json, write_json_atomic
+from quantpatch.defenses import DefendedModel, InputDefense, PatchCleanser, create_defense
+from quantpatch.errors import ConfigError, CorruptFileError
+from quantpatch.metrics import accuracy
+from quantpatch.models import predict_logits
+from quantpatch.results import CertifiedRecord, RateRecord
+from quantpatch.study.cache import EVAL_CODE, code_fingerprint
+from quantpatch.study.config import DefenseSettings
+from quantpatch.study.core import AdaptiveVia, PreparedModel, StudyContext, Target
+from quantpatch.study.targets import add_target
+
+
+def build_defense(settings: DefenseSettings) -> Any:
+    """The defence of ``settings``; a bad name or parameter raises an error naming both."""
+    try:
+        return create_defense(settings.name, **settings.params)
+    except ConfigError as exc:
+        message = str(exc).removeprefix(f"defense '{settings.name}': ")
+        raise ConfigError(f"defense '{settings.label}': {message}") from None
+
+
+def adaptive_via(defense: Any) -> AdaptiveVia:
+    if not isinstance(defense, InputDefense):
+        return "underlying-model"
+    return "exact" if defense.differentiable else "bpda"
+
+
+def prepare_defended_targets(context: StudyContext) -> None:
+    """Put every target built so far (each precision, ORT int8 included) behind every defence
+    of the study; the undefended targets stay in the grid."""
+    undefended = [t for t in context.targets if t.defense is None]
+    for settings in context.config.defenses:
+        defense = build_defense(settings)
+        for base in undefended:
+            target = defended_target(context, base, settings, defense)
+            add_target(context, target)
+            certified = certify(context, base, target, defense)
+            record = context.model_records[-1]
+            context.model_records[-1] = record.model_copy(
+                update={"defense": settings.label, "certified": certified}
+            )
+            if base.model is not None and isinstance(defense, InputDefense):
+                context.adaptive_sources[target.name] = adaptive_source(base.model, target, defense)
+
+
+def defended_target(
+    context: StudyContext, base: Target, settings: DefenseSettings, defense: Any
+) -> Target:
+    """``base`` behind ``defense``: the same images in, the defended labels out."""
+    key = content_key({"model": base.key, "defense": settings.model_dump()})
+    if isinstance(defense, InputDefense):
+        predict = _transformed_predictor(base, defense, context.device)
+    else:
+        predict = _certifier_predictor(base, defense, _device(context, base),
+                                       context.dataset.num_classes)  # fmt: skip
+    return Target(
+        base.arch, base.precision, base.spec, base.runtime, predict, key, base.model,
+        defense=settings.label, adaptive_via=adaptive_via(defense),
+    )  # fmt: skip
+
+
+def _transformed_predictor(base: Target, defense: InputDefense, device: torch.device):
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        # the transform is batched like a model (predict_logits: chunks, inference mode)
+        return base.predict(predict_logits(defense, images, device))
+
+    return predict
+
+
+def _certifier_predictor(base: Target, defense: Any, device: torch.device, num_classes: int):
+    """PatchCleanser gives labels, not logits: one-hot scores keep ``argmax`` meaning them."""
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        labels = defense.predict(base.predict, images, device)
+        return F.one_hot(labels, num_classes).float()
+
+    return predict
+
+
+def _device(context: StudyContext, base: Target) -> torch.device:
+    """Where masked images are built: ONNX Runtime sessions take CPU tensors."""
+    return context.device if base.runtime == "torch" else torch.device("cpu")
+
+
+def adaptive_source(model: PreparedModel, target: Target, defense: InputDefense) -> PreparedModel:
+    """``model`` behind ``defense`` as an attack source (white-box through the defence)."""
+    return PreparedModel(
+        model.arch, model.spec, DefendedModel(model.module, defense), target.key, model.tag,
+        defense=target.defense,
+    )  # fmt: skip
+
+
+def certify(
+    context: StudyContext, base: Target, target: Target, defense: Any
+) -> CertifiedRecord | None:
+    """PatchCleanser's certified accuracy of ``base`` on the evaluation images (cached: it
+    classifies M (M + 1) / 2 masked copies of each image); None for other defences."""
+    if not isinstance(defense, PatchCleanser):
+        return None
+    parts = {"target": target.key, "n_eval": len(context.eval_labels),
+             "data": context.data_identity(), "code": code_fingerprint(*EVAL_CODE)}  # fmt: skip
+
+    def build(path: Path) -> None:
+        record = _certified_record(context, base, defense)
+        write_json_atomic(path, record.model_dump(mode="json"))
+
+    def load(path: Path) -> CertifiedRecord:
+        try:
+            return CertifiedRecord.model_validate(read_json(path))
+        except ValidationError as exc:
+            raise CorruptFileError(f"{path}: {exc.errors()[0]['msg']}") from None
+
+    return context.cache.get("certified", parts, "json", build=build, load=load)
+
+
+def _certified_record(
+    context: StudyContext, base: Target, defense: PatchCleanser
+) -> CertifiedRecord:
+    images, labels = context.eval_images, context.eval_labels
+    pred, certified = defense.certify(base.predict, images, labels, _device(context, base))
+    masks = defense.mask_set(tuple(images.shape[-2:]))
+    return CertifiedRecord(
+        patch_size=defense.patch_size,
+        masks=len(masks),
+        mask_size=masks.size,
+        clean=RateRecord.of(accuracy(pred, labels)),
+        certified=RateRecord.of(accuracy(torch.where(certified, labels, -1), labels)),
+    )
