@@ -50,6 +50,7 @@ def _settings(tiny: dict) -> dict:
         "n_eval": 50,
         "precisions": ["fp32", "w8a8"],
         "ort_int8": False,
+        "controls": False,
         "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
         "attacks": [
             {"name": "universal", "params": {"steps": 5, "batch_size": 32}},
