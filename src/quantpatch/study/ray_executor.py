@@ -56,7 +56,7 @@ class RayExecutor:
 
     def build_models(self, context: StudyContext) -> None:
         self._connect()
-        settings, out = _payload(context)
+        settings, out = task_payload(context)
         options = _task_options(context.config)
         fp32 = ray.remote(_fp32_task).options(**options)
         quantized = ray.remote(_quantized_task).options(**options)
@@ -78,8 +78,8 @@ class RayExecutor:
 
     def run_cells(self, context: StudyContext, cells: list[Cell]) -> list[CellRecord]:
         self._connect()
-        settings, out = _payload(context)
-        task = ray.remote(_cell_task).options(**_task_options(context.config))
+        settings, out = task_payload(context)
+        task = ray.remote(cell_task).options(**_task_options(context.config))
         done: dict[int, list[CellRecord]] = {}
         pending: dict[Any, int] = {}
         for index, cell in enumerate(cells):
@@ -109,9 +109,14 @@ def _given(rows: list[CellRecord]) -> Callable[[StudyContext, Cell], list[CellRe
     return lambda _context, _cell: rows
 
 
-def _payload(context: StudyContext) -> tuple[Settings, str]:
-    """What a task needs to rebuild the context: the settings, with absolute paths."""
-    config = context.config.model_copy(update={"cache_dir": context.config.cache_dir.resolve()})
+def task_payload(context: StudyContext) -> tuple[Settings, str]:
+    """What a task needs to rebuild the context: the settings, with absolute paths (a worker
+    need not share the driver's working folder, only the shared filesystem)."""
+    config = context.config
+    paths = {"cache_dir": config.cache_dir.resolve()}
+    if config.data_root is not None:
+        paths["data_root"] = config.data_root.expanduser().resolve()
+    config = config.model_copy(update=paths)
     return config.model_dump(mode="json"), str(context.out.resolve())
 
 
@@ -197,7 +202,8 @@ def _control_task(settings: Settings, out: str, arch: str, tag: str, _base: Repo
     return _report(f"{arch}/fp32-{tag}", started)
 
 
-def _cell_task(settings: Settings, out: str, key: str) -> Report:
+def cell_task(settings: Settings, out: str, key: str) -> Report:
+    """The records of the cell with ``key`` (public: the scaling benchmark times it alone)."""
     started = time.perf_counter()
     context = _context(settings, out, full=True)
     cell = next((c for c in expand_cells(context) if c.key == key), None)
