@@ -49,6 +49,13 @@ def test_cli_refuses_ray_without_ray_before_any_work(
     assert not out.exists()
 
 
+def test_cli_address_reaches_the_study(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    from quantpatch.cli.main import main
+
+    assert main(["run", "--address", "auto", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "add --executor ray" in capsys.readouterr().err
+
+
 def test_executor_is_not_part_of_the_study() -> None:
     """A study resumed under another executor reuses its run folder."""
     local = load_study()
