@@ -19,6 +19,10 @@ cluster_utils = pytest.importorskip("ray.cluster_utils")
 NODE_CPUS = 1
 """Each node offers one CPU: two workers in all, as small as a cluster gets."""
 
+OBJECT_STORE_BYTES = 100 * 1024**2
+"""Per node, near Ray's minimum: the tasks pass only settings and records (kilobytes), and a
+CI machine's /dev/shm is small."""
+
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
@@ -26,12 +30,12 @@ def ray_cluster() -> Iterator[str]:
     source = str(Path(quantpatch.__file__).resolve().parents[1])  # workers import this code
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (source, saved) if p)
+    node = {"num_cpus": NODE_CPUS, "object_store_memory": OBJECT_STORE_BYTES}
     cluster = cluster_utils.Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": NODE_CPUS, "include_dashboard": False},
+        initialize_head=True, head_node_args={**node, "include_dashboard": False}
     )
     try:
-        cluster.add_node(num_cpus=NODE_CPUS)
+        cluster.add_node(**node)
         cluster.wait_for_nodes()
         yield cluster.address
     finally:
