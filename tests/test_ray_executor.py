@@ -105,3 +105,17 @@ def test_ray_study_matches_local_and_resumes(
     before = _cell_files(run)
     assert _rates(run_study(config, run, progress=False)) == rates
     assert _cell_files(run) == before  # every finished cell reused, none rewritten
+
+
+@pytest.mark.parametrize(
+    ("gpus", "device", "asked"),
+    [(2.0, "auto", {"num_gpus": 1}), (2.0, "cpu", {"num_cpus": 1}), (0, "auto", {"num_cpus": 1})],
+)
+def test_a_task_asks_for_one_gpu_where_the_cluster_has_them(
+    monkeypatch: pytest.MonkeyPatch, gpus: float, device: str, asked: dict
+) -> None:
+    from quantpatch.study import ray_executor
+
+    monkeypatch.setattr(ray_executor.ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": gpus})
+    options = ray_executor._task_options(load_study(device=device))
+    assert options == {**asked, "max_retries": ray_executor.TASK_RETRIES}
