@@ -188,7 +188,7 @@ def main() -> None:
     rows = [overhead(settings, work, repeats)]
     runs = [throughput(settings, work, "local", 1)]
     runs += [throughput(settings, work, "ray", n) for n in WORKERS]
-    row = {"study": settings, "models_prepare_s": prep, "overhead": rows[0]}
+    row = {"quick": args.quick, "study": settings, "models_prepare_s": prep, "overhead": rows[0]}
     row["throughput"] = [r for r, _ in runs]
     row["estimate"] = estimates(args.results or runs[-1][1], serial_s=0.0 if args.results else prep)
     row["estimate_from"] = str(args.results or "this run's 2-worker records")
