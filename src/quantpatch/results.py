@@ -176,6 +176,9 @@ class Timings(Record):
     fit_s: float = Field(ge=0)
     perturb_s: float = Field(ge=0)
     eval_s: float = Field(ge=0)
+    wall_s: float | None = Field(None, ge=0, description="the whole cell, on its worker")
+    executor: Literal["local", "ray"] | None = Field(None, description="what ran the cell")
+    node: str | None = Field(None, description="host (and Ray node id) the cell ran on")
 
 
 class CurvePoint(Record):

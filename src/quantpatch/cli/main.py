@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache-dir", type=Path)
     run.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--executor", choices=["local", "ray"], help="run here (default) or on a Ray cluster"
+    )
+    run.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT (--executor ray)")
     run.set_defaults(handler=_cmd_run)
 
     train = sub.add_parser("train", help="train (and quantize) one model, cached by content")
@@ -139,6 +143,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ort_int8=False if args.no_ort else None,
         cache_dir=args.cache_dir,
         device=args.device,
+        executor=args.executor,
+        ray_address=args.address,
     )
     out = args.out or Path("runs") / config.name
     results = run_study(config, out, progress=not args.quiet)

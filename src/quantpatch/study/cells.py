@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,19 @@ def fit_cached(context: StudyContext, cell: Cell, attack: Attack) -> float:
     return elapsed
 
 
-def run_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
-    """Craft the cell's adversarial images once and score them on every target."""
+def run_cell(
+    context: StudyContext, cell: Cell, *, executor: str = "local", node: str | None = None
+) -> list[CellRecord]:
+    """Craft the cell's adversarial images once and score them on every target; the records
+    say what ran the cell, where and for how long (the input of a scaling estimate)."""
+    started = time.perf_counter()
+    records = _score_cell(context, cell)
+    where = {"executor": executor, "node": node or socket.gethostname()}
+    wall = {"wall_s": time.perf_counter() - started, **where}
+    return [r.model_copy(update={"timings": r.timings.model_copy(update=wall)}) for r in records]
+
+
+def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
     attack = make_attack(cell.attack, cell.patch_size, cell.seed, context.progress)
     fit_s = fit_cached(context, cell, attack)
     started = time.perf_counter()

@@ -291,6 +291,14 @@ class StudyConfig(_Strict):
     analyses: AnalysisSettings = Field(default_factory=AnalysisSettings)
     device: str = "auto"
     cache_dir: Path = Path("runs/.cache")
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="where models and cells run: this process, or the tasks of a Ray cluster "
+        "(cache_dir and the run folder must then be on a filesystem every node shares)",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'HOST:PORT'); default: start a local one"
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -39,6 +40,7 @@ from quantpatch.study.cells import expand_cells, run_cell
 from quantpatch.study.config import StudyConfig
 from quantpatch.study.core import Cell, PreparedModel, StudyContext
 from quantpatch.study.defended import prepare_defended_targets
+from quantpatch.study.executors import Executor, create_executor
 from quantpatch.study.records import write_results
 from quantpatch.study.targets import prepare_targets
 from quantpatch.study.validate import validate_against_data, validate_study
@@ -50,15 +52,40 @@ def run_study(config: StudyConfig, out: str | Path, *, progress: bool = True) ->
     The report is a separate step (``quantpatch.report.build_report``): it reads only what
     this writes."""
     validate_study(config)
+    executor = create_executor(config)  # None: here; refuses what it cannot start, before work
     out = require_writable_dir(out, "run folder")
     require_writable_dir(config.cache_dir, "cache folder")
-    context = prepare(config, out, progress=progress)
-    records = run_cells(context, expand_cells(context))
+    context = prepare(config, out, progress=progress, executor=executor)
+    cells = expand_cells(context)
+    records = executor.run_cells(context, cells) if executor else run_cells(context, cells)
     return write_results(context, records, run_analyses(context))
 
 
-def prepare(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyContext:
-    """Load the data, then train, quantize and wrap every model of the study."""
+def prepare(
+    config: StudyConfig, out: Path, *, progress: bool = True, executor: Executor | None = None
+) -> StudyContext:
+    """Load the data, then train, quantize and wrap every model of the study.
+
+    ``executor`` may build the models elsewhere first (into the shared cache); they are then
+    loaded here, so every later stage sees the same models whoever trained them."""
+    context = open_context(config, out, progress=progress)
+    claim_run_folder(out, context.config)
+    if executor is not None:
+        executor.build_models(context)
+    prepare_models(context)
+    prepare_all_targets(context)
+    return context
+
+
+def prepare_all_targets(context: StudyContext) -> None:
+    """Every target: the models, the ONNX Runtime ones, then each behind every defence."""
+    prepare_targets(context)
+    prepare_defended_targets(context)
+
+
+def open_context(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyContext:
+    """The data and cache of a run, before any model: what every worker of a cluster rebuilds
+    from the config (cheaper than shipping tensors)."""
     seed_everything(config.seeds[0])
     dataset = load_dataset(
         config.dataset,
@@ -70,21 +97,16 @@ def prepare(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyCo
     validate_against_data(config, dataset)
     if config.n_eval > len(dataset.test):  # the default on a small (--limit) dataset
         config = config.model_copy(update={"n_eval": len(dataset.test)})
-    claim_run_folder(out, config)
-    context = StudyContext(
+    return StudyContext(
         config, out, resolve_device(config.device), dataset, ArtifactCache(config.cache_dir),
         progress=progress,
     )  # fmt: skip
-    prepare_models(context)
-    prepare_targets(context)
-    prepare_defended_targets(context)
-    return context
 
 
 RUN_MARKER = "run.json"
 """Names the study a run folder belongs to (its settings' fingerprint)."""
 
-_RUN_ONLY = ("device", "cache_dir")
+_RUN_ONLY = ("device", "cache_dir", "executor", "ray_address")
 """Settings that change where and how fast a study runs, never its numbers."""
 
 
@@ -168,16 +190,34 @@ def run_cells(context: StudyContext, cells: list[Cell]) -> list[CellRecord]:
     bar = tqdm(cells, desc="cells", disable=not context.progress)
     for cell in bar:
         bar.set_postfix_str(cell.cell_id[:60])
-        path = context.out / "cells" / f"{cell.cell_id}.json"
-        # one lock per cell: a concurrent run of the same study waits, then reads the file
-        with FileLock(_lock(context.out, f"cell-{cell.cell_id}")):
-            cached = _read_cell(path, cell.key)
-            if cached is None:
-                cached = run_cell(context, cell)
-                rows = [r.model_dump(mode="json") for r in cached]
-                write_json_atomic(path, {"key": cell.key, "records": rows, "sha256": _digest(rows)})
-        records.extend(cached)
+        records.extend(settle_cell(context, cell, run_cell))
     return records
+
+
+def settle_cell(
+    context: StudyContext, cell: Cell, compute: Callable[[StudyContext, Cell], list[CellRecord]]
+) -> list[CellRecord]:
+    """The cell's records from its file, or ``compute``-d and written there (atomically, with
+    their checksum): the one way any executor finishes a cell, so files and resume agree."""
+    path = _cell_path(context, cell)
+    # one lock per cell: a concurrent run of the same study waits, then reads the file
+    with FileLock(_lock(context.out, f"cell-{cell.cell_id}")):
+        cached = _read_cell(path, cell.key)
+        if cached is None:
+            cached = compute(context, cell)
+            rows = [r.model_dump(mode="json") for r in cached]
+            write_json_atomic(path, {"key": cell.key, "records": rows, "sha256": _digest(rows)})
+    return cached
+
+
+def finished_cell(context: StudyContext, cell: Cell) -> list[CellRecord] | None:
+    """The records of a cell already on disk (None: it still has to run)."""
+    with FileLock(_lock(context.out, f"cell-{cell.cell_id}")):
+        return _read_cell(_cell_path(context, cell), cell.key)
+
+
+def _cell_path(context: StudyContext, cell: Cell) -> Path:
+    return context.out / "cells" / f"{cell.cell_id}.json"
 
 
 def _read_cell(path: Path, key: str) -> list[CellRecord] | None:
