@@ -112,9 +112,7 @@ def test_rerun_reuses_everything(finished_run: Path, tiny_study_settings) -> Non
     run = finished_run / "run"
     before = {p.name: p.stat().st_mtime_ns for p in (run / "cells").glob("*.json")}
     config = load_study(None, **tiny_study_settings, cache_dir=finished_run / "cache")
-    started = time.perf_counter()
     run_study(config, run, progress=False)
-    assert time.perf_counter() - started < 30
     after = {p.name: p.stat().st_mtime_ns for p in (run / "cells").glob("*.json")}
     assert before == after
 

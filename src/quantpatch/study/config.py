@@ -223,7 +223,8 @@ def default_attacks(precisions: list[QuantSpec] | tuple[QuantSpec, ...]) -> list
     ends = ["fp32"] + ([min(quantized, key=_bits).name] if quantized else [])
     return [
         AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
-        AttackSettings(name="patch-pgd", params={"steps": 50}, sources=ends),
+        # batch 32: the placement probe runs 9 copies of each batch (memory, not speed)
+        AttackSettings(name="patch-pgd", params={"steps": 50, "batch_size": 32}, sources=ends),
         AttackSettings(name="pgd-linf", params={"eps": 0.1, "steps": 20}, sources=ends),
         AttackSettings(name="random"),
     ]
