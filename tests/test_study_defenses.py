@@ -111,6 +111,8 @@ def test_report_has_the_defences_section(defended_run: Path) -> None:
     assert list((defended_run / "figures").glob("defenses_*.png"))
     # the other sections keep to the undefended models: no defended target before "Defences"
     assert html.index("+gaussian-blur") > html.index("<h2>Defences")
+    # PatchCleanser's adaptive cells are the undefended model's own: no gap is claimed
+    assert "none by construction" in html
 
 
 def test_report_without_defences_has_no_section(defended_run: Path, tmp_path: Path) -> None:

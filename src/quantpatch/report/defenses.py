@@ -52,15 +52,23 @@ class Gap:
     adaptive: SeedRate | None
     via: str | None
 
+    @property
+    def same_cells(self) -> bool:
+        """A forward-only defence's adaptive attack is the undefended model's own white-box
+        attack: the very cells the non-adaptive column reads, so there is no gap to show."""
+        return self.via == "underlying-model" and self.source == base_name(self.model)
+
     def difference(self) -> tuple[float, float, float] | None:
         """(adaptive - non-adaptive, 95 % low, high), Newcombe's interval on seed-pooled rates."""
-        if self.adaptive is None or self.non_adaptive is None:
+        if self.adaptive is None or self.non_adaptive is None or self.same_cells:
             return None
+        if not self.adaptive.n or not self.non_adaptive.n:
+            return None  # no eligible image on one side: no rate to compare
         return difference_interval(_as_rate(self.adaptive), _as_rate(self.non_adaptive))
 
 
 def _as_rate(rate: SeedRate) -> Rate:
-    return Rate(round(rate.rate * rate.n), rate.n)
+    return Rate(round(rate.rate * rate.n) if rate.n else 0, rate.n)
 
 
 def crafted_attacks(cells: list[CellRecord]) -> list[tuple[str, int | None]]:
@@ -189,6 +197,8 @@ def _gap_table(page: Page, rows: list[Gap], order: ModelOrder) -> None:
         diff = row.difference()
         gap = "n/a" if diff is None else (
             f"{100 * diff[0]:+.1f} pp [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]")  # fmt: skip
+        if row.same_cells:
+            gap = "none by construction (forward-only: the same cells)"
         if diff is not None and diff[2] < 0:
             gap += ' <span class="flag">adaptive weaker: check the attack</span>'
         body.append([row.model.name, row.source, _fmt(row.non_adaptive), _fmt(row.adaptive),

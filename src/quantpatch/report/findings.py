@@ -88,6 +88,8 @@ def _transfer_sentences(
             chosen = [c for c in cells if c.attack == label and c.patch_size == size]
             if chosen[0].threat == "source-free" or chosen[0].source_precision == "multibit":
                 continue
+            if any(c.threat == "query-only" for c in chosen):
+                continue  # query attacks have their own section
             by_pair = group(chosen, "source", "target")
             transfer = pool(by_pair.get((fp32, target), []))
             white = pool(by_pair.get((target, target), []))

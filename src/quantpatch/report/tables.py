@@ -110,7 +110,10 @@ def masking_flags(
     attack from the float sibling that does better is the tell-tale sign."""
     quantized = {m.name for m in models if m.runtime == "torch" and (m.weight_bits or m.act_bits)}
     flags = []
+    queries = {r.attack for r in records if r.threat == "query-only"}  # cannot be masked
     for (attack, size), _ in group(records, "attack", "patch_size").items():
+        if attack in queries:
+            continue
         _, _, cells = transfer_matrix(records, attack, size, order)
         for (source, target), white in cells.items():
             if source != target or target not in quantized:

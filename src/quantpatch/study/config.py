@@ -144,7 +144,7 @@ class OnnxModelSettings(_Strict):
     Its input size, channels and classes are read from the file and checked against the
     dataset; ``mean``/``std`` are the normalisation the file expects (left out: it takes the
     [0, 1] images as they are). It is evaluated on every attack's images, and query attacks
-    can be crafted on it (``sources: [<name>]``)."""
+    can be crafted on the users' files (``sources: [onnx]``)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     path: Path
@@ -366,7 +366,8 @@ class StudyConfig(_Strict):
         known = {p.name for p in self.precisions} | {"fp32"}
         deployed = ({ORT_INT8} | ({ORT_QAT} if QAT_DEPLOYED in self.precisions else set())
                     if self.ort_int8 else set())  # fmt: skip
-        deployed |= {"onnx"}  # users' ONNX files (their precision in results)
+        if self.onnx_models:
+            deployed |= {"onnx"}  # users' ONNX files (their precision in results)
         for attack in self.attacks:
             queries_only = attack.name in ATTACKS and not ATTACKS.get(attack.name).needs_gradients
             allowed = known | deployed if queries_only else known

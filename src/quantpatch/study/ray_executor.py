@@ -118,9 +118,13 @@ def task_payload(context: StudyContext) -> tuple[Settings, str]:
     """What a task needs to rebuild the context: the settings, with absolute paths (a worker
     need not share the driver's working folder, only the shared filesystem)."""
     config = context.config
-    paths = {"cache_dir": config.cache_dir.resolve()}
+    paths: dict[str, Any] = {"cache_dir": config.cache_dir.resolve()}
     if config.data_root is not None:
         paths["data_root"] = config.data_root.expanduser().resolve()
+    paths["weights"] = {arch: path.expanduser().resolve() for arch, path in config.weights.items()}
+    paths["onnx_models"] = [
+        m.model_copy(update={"path": m.path.expanduser().resolve()}) for m in config.onnx_models
+    ]
     config = config.model_copy(update=paths)
     return config.model_dump(mode="json"), str(context.out.resolve())
 

@@ -51,7 +51,7 @@ def cell_record(
     """One cell scored on one target."""
     height, width = context.eval_images.shape[-2:]
     size = cell.patch_size
-    threat, adaptive = _threat(cell, attack, target), is_adaptive(cell, target)
+    threat, adaptive = _threat(cell, attack, target), is_adaptive(cell, attack, target)
     return CellRecord(
         **RateRecord.of(rate).model_dump(),
         study=context.config.name,
@@ -68,7 +68,7 @@ def cell_record(
         threat=threat,
         mean_queries=_mean_queries(attack),
         adaptive=adaptive,
-        adaptive_via=target.adaptive_via if adaptive else None,
+        adaptive_via=_adaptive_via(attack, target) if adaptive else None,
         attack=cell.attack.label,
         attack_name=cell.attack.name,
         attack_kind=attack.kind,
@@ -91,20 +91,26 @@ def fit_curve_record(attack: Attack) -> list[CurvePoint] | None:
     return [CurvePoint(step=p.step, loss=p.loss, success=p.success) for p in attack.fit_curve]
 
 
-def is_adaptive(cell: Cell, target: Target) -> bool:
-    """Crafted knowing the target's defence: through it, or (forward-only defence) on the
-    model behind it."""
+def is_adaptive(cell: Cell, attack: Attack, target: Target) -> bool:
+    """Crafted knowing the target's defence: through it, or (forward-only defence, gradient
+    attack) on the model behind it. A query attack on the model behind a forward-only
+    defence never queried the defence, so it is not adaptive."""
     if target.defense is None:
         return False
-    if target.adaptive_via == "underlying-model":
+    if target.adaptive_via == "underlying-model" and attack.needs_gradients:
         return cell.source.label == target.base_name
     return cell.source.label == target.name
+
+
+def _adaptive_via(attack: Attack, target: Target) -> str | None:
+    """How an adaptive attack saw the defence: a query attack only through its outputs."""
+    return target.adaptive_via if attack.needs_gradients else "queries"
 
 
 def _threat(cell: Cell, attack: Attack, target: Target) -> str:
     if not cell.source.models and cell.source.deployed is None:
         return "source-free"
-    if cell.source.label == target.name or is_adaptive(cell, target):
+    if cell.source.label == target.name or is_adaptive(cell, attack, target):
         return "white-box" if attack.needs_gradients else "query-only"
     if target.defense is not None:
         return "transfer"  # crafted without the defence: non-adaptive

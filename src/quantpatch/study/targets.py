@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from quantpatch._io import read_json, write_json_atomic
+from quantpatch._io import content_key, read_json, write_json_atomic
 from quantpatch.errors import CorruptFileError, ShapeError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
@@ -74,17 +74,24 @@ def user_onnx_target(context: StudyContext, settings: OnnxModelSettings) -> Targ
     mean, std = _normalisation(settings, context.dataset.in_channels)
 
     def predict(images: torch.Tensor) -> torch.Tensor:
-        return session((images - mean) / std)
+        return session((images.cpu() - mean) / std)  # ORT runs on the CPU
 
     quantized = session.kernels()["int8"] > 0
     spec = QuantSpec(8, 8, method="ptq") if quantized else FP32
-    key = "onnx-" + file_sha256(settings.path)[:16]
+    # the file and everything that changes its predictions or its name in results
+    identity = {"sha256": file_sha256(settings.path), "name": settings.name,
+                "mean": settings.mean, "std": settings.std}  # fmt: skip
+    key = "onnx-" + content_key(identity)[:16]
     return Target(settings.name, USER_ONNX, spec, "onnxruntime", predict, key)
 
 
 def _normalisation(settings: OnnxModelSettings, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
     if settings.mean is None or settings.std is None:
         return torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1)
+    for what, values in (("mean", settings.mean), ("std", settings.std)):
+        if len(values) not in (1, channels):
+            raise ShapeError(f"onnx model '{settings.name}': {len(values)} {what} values for "
+                             f"{channels}-channel images")  # fmt: skip
 
     def per_channel(values: list[float]) -> torch.Tensor:
         return torch.tensor(values).reshape(1, -1, 1, 1).expand(1, channels, 1, 1)
@@ -100,9 +107,6 @@ def check_onnx_model(settings: OnnxModelSettings, images: torch.Tensor, num_clas
     session = OrtModel(settings.path)
     declared = session.session.get_inputs()[0].shape
     mean, std = _normalisation(settings, images.shape[1])
-    if settings.mean is not None and len(settings.mean) not in (1, images.shape[1]):
-        raise ShapeError(f"onnx model '{settings.name}': {len(settings.mean)} mean values for "
-                         f"{images.shape[1]}-channel images")  # fmt: skip
     try:
         logits = session((images[:2] - mean) / std)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own pybind error types
