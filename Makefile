@@ -2,6 +2,7 @@
 VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
 STAMP   := $(VENV)/.quantpatch-installed
+TESTS   := $(VENV)/.quantpatch-test-installed
 OUT     ?= runs/demo
 
 .PHONY: demo test lint bench clean
@@ -10,17 +11,22 @@ $(PYTHON):
 	python3 -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PYTHON)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e .
 	touch $(STAMP)
+
+# the test extras (pytest, hypothesis, ruff, timm, ray) only where tests run
+$(TESTS): $(STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(TESTS)
 
 demo: $(STAMP)
 	$(VENV)/bin/quantpatch run --out $(OUT)
 	@echo "Report: $(OUT)/report.html"
 
-test: $(STAMP)
+test: $(TESTS)
 	$(PYTHON) -m pytest
 
-lint: $(STAMP)
+lint: $(TESTS)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 

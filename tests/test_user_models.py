@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from quantpatch._io import save_tensors
-from quantpatch.errors import ConfigError, CorruptFileError, DataNotFoundError, ShapeError, UnknownNameError
+from quantpatch.errors import (
+    ConfigError,
+    CorruptFileError,
+    DataNotFoundError,
+    ShapeError,
+    UnknownNameError,
+)
 from quantpatch.models import create_model, evaluate_accuracy
 from quantpatch.quant.onnx import export_onnx
 from quantpatch.results import load_results
@@ -99,8 +105,11 @@ def test_timm_weights_are_loaded_not_trained(run: Path, files, mnist_lenet_fp32)
         ({"onnx_models": [{"name": "x", "path": "/nonexistent.onnx"}]}, DataNotFoundError, "onnx"),
         ({"weights": {TIMM: "LENET"}}, CorruptFileError, "does not fit"),
         ({"models": ["timm:nope"], "weights": {}}, UnknownNameError, "timm"),
-        ({"onnx_models": [{"name": "n", "path": "ONNX", "mean": [0.1, 0.2], "std": [1, 1]}]},
-         ShapeError, "2 mean values"),
+        (
+            {"onnx_models": [{"name": "n", "path": "ONNX", "mean": [0.1, 0.2], "std": [1, 1]}]},
+            ShapeError,
+            "2 mean values",
+        ),
         ({"onnx_models": []}, ConfigError, "sources name onnx"),
     ],
 )
