@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock
+from pydantic import BaseModel, ValidationError
 
-from quantpatch._io import content_key, write_text_atomic
-from quantpatch.errors import QuantpatchError
+from quantpatch._io import content_key, read_json, write_json_atomic, write_text_atomic
+from quantpatch.errors import CorruptFileError, QuantpatchError
 
 T = TypeVar("T")
+R = TypeVar("R", bound=BaseModel)
 
 CACHE_FORMAT = 2
 """Part of every cache key and seal: bump it when a cached artifact's meaning changes."""
@@ -125,6 +127,23 @@ class ArtifactCache:
         ):
             return "checksum mismatch"
         return None
+
+    def record(
+        self, kind: str, parts: dict[str, Any], record_type: type[R], compute: Callable[[], R]
+    ) -> R:
+        """A cached pydantic record (JSON): ``compute``-d on a miss; an entry that no longer
+        validates is damaged, reported and recomputed like any other."""
+
+        def build(path: Path) -> None:
+            write_json_atomic(path, compute().model_dump(mode="json"))
+
+        def load(path: Path) -> R:
+            try:
+                return record_type.model_validate(read_json(path))
+            except ValidationError as exc:
+                raise CorruptFileError(f"{path}: {exc.errors()[0]['msg']}") from None
+
+        return self.get(kind, parts, "json", build=build, load=load)
 
     @staticmethod
     def _seal(path: Path) -> None:

@@ -8,16 +8,14 @@ only: it wraps ORT int8 sessions as well, and it certifies each model's clean im
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 
-from quantpatch._io import content_key, read_json, write_json_atomic
+from quantpatch._io import content_key
 from quantpatch.defenses import DefendedModel, InputDefense, PatchCleanser, create_defense
-from quantpatch.errors import ConfigError, CorruptFileError
+from quantpatch.errors import ConfigError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.results import CertifiedRecord, RateRecord
@@ -117,17 +115,8 @@ def certify(
     parts = {"target": target.key, "n_eval": len(context.eval_labels),
              "data": context.data_identity(), "code": code_fingerprint(*EVAL_CODE)}  # fmt: skip
 
-    def build(path: Path) -> None:
-        record = _certified_record(context, base, defense)
-        write_json_atomic(path, record.model_dump(mode="json"))
-
-    def load(path: Path) -> CertifiedRecord:
-        try:
-            return CertifiedRecord.model_validate(read_json(path))
-        except ValidationError as exc:
-            raise CorruptFileError(f"{path}: {exc.errors()[0]['msg']}") from None
-
-    return context.cache.get("certified", parts, "json", build=build, load=load)
+    return context.cache.record("certified", parts, CertifiedRecord,
+                                lambda: _certified_record(context, base, defense))  # fmt: skip
 
 
 def _certified_record(

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
-from quantpatch._io import content_key, read_json, write_json_atomic
-from quantpatch.errors import CorruptFileError, ShapeError
+from quantpatch._io import content_key
+from quantpatch.errors import ShapeError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.quant import FP32, QuantSpec
@@ -263,18 +262,8 @@ def _deployment(
     adversarial images and the timing are the slow part of a rerun."""
     parts = {"int8": target.key, "kind": kind, "fp32": probe.fp32.key,
              "n": len(context.eval_labels), "adversarial": ADVERSARIAL_PROBE}  # fmt: skip
-
-    def build(path: Path) -> None:
-        record = _compare(context, kind, reference, probe, target, fp32_ort, simulation())
-        write_json_atomic(path, record.model_dump(mode="json"))
-
-    def load(path: Path) -> DeploymentRecord:
-        try:
-            return DeploymentRecord.model_validate(read_json(path))
-        except ValidationError as exc:
-            raise CorruptFileError(f"{path}: {exc.errors()[0]['msg']}") from None
-
-    return context.cache.get("deployment", parts, "json", build=build, load=load)
+    return context.cache.record("deployment", parts, DeploymentRecord, lambda: _compare(
+        context, kind, reference, probe, target, fp32_ort, simulation()))  # fmt: skip
 
 
 def _compare(
