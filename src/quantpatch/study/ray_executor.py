@@ -1,7 +1,7 @@
 """Run a study's models and cells as tasks on a Ray cluster (``executor: ray``).
 
 The driver (the ``quantpatch run`` process) keeps the run's state: it submits the tasks and
-writes every cell file itself through ``runner.settle_cell``, as the local runner does, so the
+writes every cell file itself through ``stages.settle_cell``, as the local runner does, so the
 files, checksums, resume and a killed run behave the same. A task gets only the study's
 settings: its worker rebuilds the data and loads models from the artifact cache, so the cache
 folder and the run folder (patch images) must be one shared folder, at the same path, on every
@@ -35,7 +35,7 @@ from quantpatch.study.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.cells import expand_cells, run_cell
 from quantpatch.study.config import StudyConfig
 from quantpatch.study.core import Cell, StudyContext
-from quantpatch.study.runner import (
+from quantpatch.study.stages import (
     finished_cell,
     open_context,
     prepare_all_targets,
