@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from quantpatch._io import read_json, write_json_atomic
 from quantpatch._runtime import resolve_device, seed_everything
-from quantpatch.data import load_dataset
+from quantpatch.data import Dataset, load_dataset
 from quantpatch.errors import QuantpatchError
 from quantpatch.results import CellRecord
 from quantpatch.study.artifacts import (
@@ -40,17 +40,22 @@ def prepare_all_targets(context: StudyContext) -> None:
     prepare_defended_targets(context)
 
 
-def open_context(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyContext:
-    """The data and cache of a run, before any model: what every worker of a cluster rebuilds
-    from the config (cheaper than shipping tensors)."""
-    seed_everything(config.seeds[0])
-    dataset = load_dataset(
+def study_dataset(config: StudyConfig) -> Dataset:
+    """The study's dataset, split and subset as its settings say."""
+    return load_dataset(
         config.dataset,
         config.data_root,
         download=config.download,
         seed=config.data_seed,
         limit=config.limit,
     )
+
+
+def open_context(config: StudyConfig, out: Path, *, progress: bool = True) -> StudyContext:
+    """The data and cache of a run, before any model: what every worker of a cluster rebuilds
+    from the config (cheaper than shipping tensors)."""
+    seed_everything(config.seeds[0])
+    dataset = study_dataset(config)
     validate_against_data(config, dataset)
     if config.n_eval > len(dataset.test):  # the default on a small (--limit) dataset
         config = config.model_copy(update={"n_eval": len(dataset.test)})

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantpatch._runtime import resolve_device
-from quantpatch.data import load_dataset
 from quantpatch.metrics import Rate
 from quantpatch.models import evaluate_accuracy
 from quantpatch.quant import QuantSpec
@@ -13,6 +12,7 @@ from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
 from quantpatch.study.cache import ArtifactCache
 from quantpatch.study.config import StudyConfig, load_study
 from quantpatch.study.core import StudyContext
+from quantpatch.study.stages import study_dataset
 from quantpatch.study.validate import validate_study
 
 
@@ -51,13 +51,7 @@ def train_one(
         updates["qat_overrides"] = {}
     if updates:  # validated like a study file: negative epochs are refused, not trained
         config = _revalidate(config, updates)
-    data = load_dataset(
-        config.dataset,
-        config.data_root,
-        download=config.download,
-        seed=config.data_seed,
-        limit=config.limit,
-    )
+    data = study_dataset(config)
     context = StudyContext(
         config, Path("."), resolve_device(config.device), data, ArtifactCache(config.cache_dir)
     )
