@@ -31,7 +31,7 @@ def defended_settings(tiny_study_settings) -> dict:
         "precisions": ["fp32", "w8a8"],
         "calibration": "minmax",
         "controls": False,
-        "attacks": [{"name": "patch-pgd", "params": {"steps": 5}, "sources": ["fp32"]}],
+        "attacks": [{"name": "patch-pgd", "params": {"steps": 5}, "sources": ["fp32", "w8a8"]}],
         "defenses": [BLUR, CLEANSER],
         "n_eval": 48,
         "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
@@ -69,6 +69,19 @@ def test_every_model_behind_every_defence_is_a_target(defended_run: Path) -> Non
     assert all(c.defense is None for c in results.cells if c.target in plain)
 
 
+def test_defended_targets_are_scored_on_their_own_attacks_only(defended_run: Path) -> None:
+    """Behind a defence, a target sees its own model's attack and fp32's (transfer), never
+    another bit-width's: those cells would cost PatchCleanser's masked forwards for nothing."""
+    scored = {(c.source, c.target) for c in load_results(defended_run).cells}
+    for defense in ("gaussian-blur", "patchcleanser"):
+        assert ("lenet/w8a8", f"lenet/w8a8+{defense}") in scored
+        assert ("lenet/fp32", f"lenet/w8a8+{defense}") in scored
+        assert ("lenet/fp32", f"lenet/ort-int8+{defense}") in scored
+        assert ("lenet/w8a8", f"lenet/fp32+{defense}") not in scored
+        assert ("lenet/w8a8", f"lenet/ort-int8+{defense}") not in scored
+    assert ("lenet/w8a8", "lenet/ort-int8") in scored  # undefended targets see every source
+
+
 def test_adaptive_cells_cross_each_input_defence(defended_run: Path) -> None:
     cells = load_results(defended_run).cells
     adaptive = {(c.source, c.target): c for c in cells if c.adaptive}
@@ -78,7 +91,9 @@ def test_adaptive_cells_cross_each_input_defence(defended_run: Path) -> None:
     cell = adaptive[("lenet/fp32", "lenet/fp32+patchcleanser")]
     assert cell.adaptive_via == "underlying-model" and cell.threat == "white-box"
     assert not any(c.adaptive for c in cells if "ort-int8" in c.target)  # no gradients there
-    assert not any(c.adaptive for c in cells if "w8a8" in c.target)  # not a source (sources:)
+    assert not any(c.adaptive for c in cells if "ort-w8a8" in c.target)
+    w8a8_blur = "lenet/w8a8+gaussian-blur"
+    assert adaptive[(w8a8_blur, w8a8_blur)].adaptive_via == "exact"  # every source precision
     # an adaptive cell is scored only on the target it was crafted through
     assert all(c.target == c.source for c in cells if c.source.endswith("+gaussian-blur"))
 

@@ -120,21 +120,27 @@ class PatchCleanser:
     ) -> torch.Tensor:
         """Double-masking labels (CPU) of possibly attacked ``images``.
 
-        First round: every mask on every image. Second round only for the (image, mask) pairs
-        whose first-round label disagrees with the image's majority: that mask plus every
-        mask. Each round is one flattened stream of masked images in large batches.
+        First round: every mask on every image. Second round only for images with a mask
+        whose label disagrees with the image's majority, and only the mask pairs that include
+        a disagreer, each unordered pair once (pairs are symmetric; a mask paired with itself
+        is its first-round label). Each round is one flattened stream in large batches.
         """
         check_images(images)
         n, masks = len(images), len(self.mask_set(tuple(images.shape[-2:])))
         images = images.detach().to(device)
-        everyone = torch.arange(n)
-        first = self._grid_labels(model, images, everyone, None, device)
+        everyone, each = torch.arange(n).repeat_interleave(masks), torch.arange(masks).repeat(n)
+        first = self._labels(model, images, everyone, each, each, device).view(n, masks)
         disagree = first != majority(first)[:, None]
-        image_index, mask_index = disagree.nonzero(as_tuple=True)
-        second = self._grid_labels(model, images, image_index, mask_index, device)
-        agree = torch.zeros(n, masks, dtype=torch.bool)
-        agree[image_index, mask_index] = (second == second[:, :1]).all(dim=1)
-        return double_masking(first, agree)
+        a, b = torch.triu_indices(masks, masks, offset=1)
+        image_index, pair = (disagree[:, a] | disagree[:, b]).nonzero(as_tuple=True)
+        a, b = a[pair], b[pair]
+        second = self._labels(model, images, image_index, a, b, device)
+        table = first.new_full((n, masks, masks), -1)
+        table[image_index, a, b] = second
+        table[image_index, b, a] = second
+        table.diagonal(dim1=1, dim2=2).copy_(first)
+        agree = (table == first[:, :, None]).all(dim=2)
+        return double_masking(first, agree & disagree)
 
     def certify(
         self,
@@ -153,60 +159,47 @@ class PatchCleanser:
             raise ShapeError(f"labels must be ({len(images)},), got {tuple(labels.shape)}")
         n, masks = len(images), len(self.mask_set(tuple(images.shape[-2:])))
         first_mask, second_mask = torch.triu_indices(masks, masks)
+        pairs = len(first_mask)
         images = images.detach().to(device)
-        pairs = self._grid_labels(model, images, torch.arange(n), None, device, pairs=True)
-        table = torch.empty(n, masks, masks, dtype=pairs.dtype)
-        table[:, first_mask, second_mask] = pairs
-        table[:, second_mask, first_mask] = pairs
+        rows = torch.arange(n).repeat_interleave(pairs)
+        flat = self._labels(model, images, rows, first_mask.repeat(n), second_mask.repeat(n),
+                            device)  # fmt: skip
+        table_pairs = flat.view(n, pairs)
+        table = torch.empty(n, masks, masks, dtype=flat.dtype)
+        table[:, first_mask, second_mask] = table_pairs
+        table[:, second_mask, first_mask] = table_pairs
         agree = (table == table[:, :, :1]).all(dim=2)
         pred = double_masking(table.diagonal(dim1=1, dim2=2), agree)
-        certified = (pairs == labels.cpu()[:, None]).all(dim=1)
+        certified = (table_pairs == labels.cpu()[:, None]).all(dim=1)
         return pred, certified
 
-    def _grid_labels(
+    def _labels(
         self,
         model: Predictor,
         images: torch.Tensor,
         rows: torch.Tensor,
-        row_masks: torch.Tensor | None,
+        first_masks: torch.Tensor,
+        second_masks: torch.Tensor,
         device: torch.device | str,
-        pairs: bool = False,
     ) -> torch.Tensor:
-        """(R, K) labels of ``images[rows[r]]`` with column k's mask(s) applied, and also mask
-        ``row_masks[r]`` when given. Columns: every mask, or every unordered pair of masks
-        (``pairs``). The R x K masked images are built and classified in batches of
-        ``batch_size``, never all at once."""
+        """(R,) CPU labels of ``images[rows[r]]`` with masks ``first_masks[r]`` and
+        ``second_masks[r]`` applied (the same mask twice: one mask). The masked images are
+        built and classified in batches of ``batch_size``, never all at once."""
         keep = self._keep(tuple(images.shape[-2:]), images.device)
-        columns = self._keep_pairs(keep) if pairs else keep
-        rows = rows.to(keep.device)
-        row_masks = None if row_masks is None else row_masks.to(keep.device)
-        width = len(columns)
-        total = len(rows) * width
         out = []
-        for start in range(0, total, self.batch_size):
-            flat = torch.arange(start, min(start + self.batch_size, total), device=keep.device)
-            row, column = flat // width, flat % width
+        for start in range(0, len(rows), self.batch_size):
+            chunk = slice(start, start + self.batch_size)
             with torch.inference_mode():
-                kept = columns[column]
-                if row_masks is not None:
-                    kept = kept & keep[row_masks[row]]
-                x = torch.where(kept, images[rows[row]], self.mask_value)
-            out.append(predict_logits(model, x, device, batch_size=len(x)).argmax(dim=1))
-        labels = torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-        return labels.view(len(rows), width)
+                kept = keep[first_masks[chunk].to(keep.device)]
+                kept = kept & keep[second_masks[chunk].to(keep.device)]
+                x = torch.where(kept, images[rows[chunk].to(images.device)], self.mask_value)
+            out.append(predict_logits(model, x, device, batch_size=len(x)).argmax(dim=1).cpu())
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
     def _keep(self, image_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-        key = ("one", image_hw, str(device))
+        key = (image_hw, str(device))
         if key not in self._keeps:
             self._keeps[key] = self.mask_set(image_hw).keep().to(device)
-        return self._keeps[key]
-
-    def _keep_pairs(self, keep: torch.Tensor) -> torch.Tensor:
-        """(M (M + 1) / 2, 1, H, W): both masks of each unordered pair, in triu order."""
-        key = ("pairs", tuple(keep.shape), str(keep.device))
-        if key not in self._keeps:
-            first, second = torch.triu_indices(len(keep), len(keep), device=keep.device)
-            self._keeps[key] = keep[first] & keep[second]
         return self._keeps[key]
 
     def __repr__(self) -> str:

@@ -85,10 +85,25 @@ def adaptive_sources_for(
 
 
 def scored_targets(context: StudyContext, cell: Cell) -> list[Target]:
-    """Every target; an adaptive cell only the defended target it was crafted through."""
-    if cell.source.defense is None:
-        return context.targets
-    return [t for t in context.targets if t.name == cell.source.label]
+    """Which targets a cell's images are scored on.
+
+    An adaptive cell: only the defended target it was crafted through. Otherwise every
+    undefended target, and a defended target only when the cell is its non-adaptive attack
+    (crafted on the model behind the defence, on that architecture's fp32 model, or on no
+    model): defended targets cost up to hundreds of forwards per image (PatchCleanser), and
+    transfer from another bit-width *through* a defence answers no question the study asks."""
+    source = cell.source
+    if source.defense is not None:
+        return [t for t in context.targets if t.name == source.label]
+    return [t for t in context.targets if t.defense is None or _attacks_behind(source, t)]
+
+
+def _attacks_behind(source: Source, target: Target) -> bool:
+    if not source.models and source.deployed is None:
+        return True  # source-free
+    return source.label == target.base_name or (
+        source.arch == target.arch and source.precision == "fp32"
+    )
 
 
 def make_attack(settings: AttackSettings, patch_size: int | None, seed: int, progress: bool):
