@@ -165,6 +165,11 @@ class ModelRecord(Record):
     )
     certified: CertifiedRecord | None = Field(None, description="for a patchcleanser target")
     deployment: DeploymentRecord | None = None
+    recipe: str | None = Field(
+        None,
+        description="label of the training defence that trained the model (one model at "
+        "every precision); None: plain training and QAT",
+    )
 
 
 # -- cells --------------------------------------------------------------------------------------

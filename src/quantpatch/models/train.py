@@ -32,6 +32,7 @@ class TrainConfig(BaseModel):
 
 
 ParamGroups = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_model(
@@ -42,6 +43,7 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     param_groups: ParamGroups | None = None,
+    objective: Objective | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``split`` and return it in eval mode.
 
@@ -49,7 +51,8 @@ def train_model(
     shuffle order comes from a generator seeded with ``config.seed`` (no augmentation), so a
     run is reproducible on a given device. All trainable parameters are optimised, including
     extra ones such as learned quantizer scales; pass ``param_groups`` (torch optimizer style)
-    to give some of them their own lr or weight decay.
+    to give some of them their own lr or weight decay. ``objective(images, labels)`` replaces
+    the cross-entropy of ``model`` (the training defences: several precisions, patches).
     """
     device = resolve_device(device)
     n = len(split)
@@ -77,7 +80,10 @@ def train_model(
                 idx = order[start:stop]
                 images = split.images[idx].to(device, non_blocking=True)
                 labels = split.labels[idx].to(device, non_blocking=True)
-                loss = loss_fn(model(images), labels)
+                if objective is None:
+                    loss = loss_fn(model(images), labels)
+                else:
+                    loss = objective(images, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -97,7 +97,7 @@ def quantize(model: nn.Module, spec: QuantSpec, *, first_last_bits: int | None =
 # -- build ----------------------------------------------------------------------------------------
 
 
-def _param_groups(model: nn.Module) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Quantizer scales train without weight decay (decay would pull the grid towards zero)."""
     scales = {id(m.scale) for m in model.modules() if isinstance(m, FakeQuantizer)}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,7 +152,7 @@ def build_quantized(
                 device,
                 progress=progress,
                 desc=f"QAT {spec.name}",
-                param_groups=_param_groups(qmodel),
+                param_groups=param_groups(qmodel),
             )
         finally:
             set_learnable(qmodel, False)

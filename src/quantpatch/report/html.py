@@ -21,6 +21,7 @@ from quantpatch.report.tables import (
     masking_flags,
     transfer_matrix,
 )
+from quantpatch.report.training import training_section
 from quantpatch.results import CellRecord, ModelRecord, ResultsFile, load_results
 
 
@@ -40,6 +41,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     query_section(page, results.cells, results.models, order)
     fit_section(page, results.cells, order)
     defenses_section(page, everything, order)
+    training_section(page, results, order)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from quantpatch import __version__
+from quantpatch.defenses.training import create_recipe, train_recipe
 from quantpatch.models import (
     TrainConfig,
     create_model,
@@ -19,7 +20,9 @@ from quantpatch.models import (
     train_model,
 )
 from quantpatch.quant import FP32, QuantSpec, build_quantized, quantize
+from quantpatch.quant.switchable import SwitchablePrecision
 from quantpatch.study.cache import file_sha256
+from quantpatch.study.config import RecipeSettings
 from quantpatch.study.core import PreparedModel, StudyContext
 
 
@@ -115,6 +118,53 @@ def prepare_control(
         return copy.deepcopy(base.module)
 
     return _cached_model(context, parts, build, skeleton, base.arch, FP32, tag)
+
+
+def prepare_recipe(
+    context: StudyContext, base: PreparedModel, settings: RecipeSettings
+) -> list[PreparedModel]:
+    """``base`` trained at fp32 and every quantized precision at once by a training defence
+    (cached like any model): one model per precision, tagged with the recipe's label, plus
+    the random-precision model where the recipe serves one."""
+    config = context.config
+    recipe = create_recipe(settings.name, **settings.params)
+    schedule = config.recipe_schedule(settings)
+    specs = [FP32, *(p for p in config.precisions if not p.is_float)]
+    parts = {
+        "base": base.key,
+        "recipe": settings.name,
+        "params": recipe.params(),
+        "specs": [spec.name for spec in specs],
+        "qat": schedule.model_dump(),
+        "calibration": config.calibration,
+        "first_last_bits": config.first_last_bits,
+    }
+
+    def build(path: Path) -> None:
+        model = train_recipe(
+            base.module, specs, recipe, context.dataset.train, schedule,
+            calibration=config.calibration, first_last_bits=config.first_last_bits,
+            device=context.device, progress=context.progress,
+        )  # fmt: skip
+        _save(context, path, model, base.arch, FP32, schedule.seed)
+
+    def skeleton() -> nn.Module:
+        return SwitchablePrecision.from_float(base.module, specs,
+                                              first_last_bits=config.first_last_bits)  # fmt: skip
+
+    whole = _cached_model(context, parts, build, skeleton, base.arch, FP32, settings.label)
+    switchable: SwitchablePrecision = whole.module  # type: ignore[assignment]
+
+    def member(spec: QuantSpec, module: nn.Module, key: str, label: str | None = None):
+        return PreparedModel(base.arch, spec, module, key, tag=settings.label,
+                             recipe=settings.label, label=label)  # fmt: skip
+
+    models = [member(s, switchable.member(s.name), f"{whole.key}-{s.name}") for s in specs]
+    if recipe.random_inference:
+        switchable.active = None
+        models.append(member(config.lowest_precision, switchable, f"{whole.key}-random",
+                             f"random-{settings.label}"))  # fmt: skip
+    return models
 
 
 def control_schedules(context: StudyContext) -> dict[str, TrainConfig]:

@@ -24,6 +24,7 @@ from pydantic import (
 from quantpatch._yaml import load_yaml_mapping
 from quantpatch.attacks import ATTACKS
 from quantpatch.defenses import DEFENSES
+from quantpatch.defenses.training import RECIPES
 from quantpatch.errors import ConfigError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
@@ -108,7 +109,31 @@ class DefenseSettings(_Strict):
         return self.name
 
 
-Labelled = TypeVar("Labelled", AttackSettings, DefenseSettings)
+class RecipeSettings(_Strict):
+    """A quantization-aware training defence (``quantpatch.defenses.training``): per
+    architecture, one model trained at fp32 and every quantized precision of the study at once
+    (shared weights); each precision joins the grid as '<arch>/<precision>-<label>', next to
+    plain QAT. A recipe that serves a random precision also adds '<arch>/random-<label>'.
+
+    ``qat``: its training schedule; left out, the QAT schedule of the study's lowest
+    precision (the longest plain QAT gets), so the recipe trains no longer than plain QAT."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    qat: TrainConfig | None = None
+    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
+
+    @field_validator("name")
+    @classmethod
+    def _known_recipe(cls, value: str) -> str:
+        RECIPES.get(value)  # an unknown name fails the config, listing the recipes
+        return value
+
+    def base_label(self) -> str:
+        return self.name
+
+
+Labelled = TypeVar("Labelled", AttackSettings, DefenseSettings, RecipeSettings)
 
 
 def _unique_labels(attacks: list[Labelled]) -> list[Labelled]:
@@ -273,6 +298,11 @@ class StudyConfig(_Strict):
         default_factory=list,
         description="defences every model is also evaluated behind (opt-in; none by default)",
     )
+    recipes: list[RecipeSettings] = Field(
+        default_factory=list,
+        description="quantization-aware training defences whose models join the grid at every "
+        "precision (opt-in; none by default)",
+    )
     patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     n_eval: int = Field(500, ge=1, description="test images every patch is evaluated on")
@@ -361,9 +391,38 @@ class StudyConfig(_Strict):
         _distinct([d.label for d in labelled], "defense (label)")
         return labelled
 
+    @field_validator("recipes")
+    @classmethod
+    def _labelled_recipes(cls, values: list[RecipeSettings]) -> list[RecipeSettings]:
+        labelled = _unique_labels(values)
+        _distinct([r.label for r in labelled], "recipe (label)")
+        return labelled
+
+    @property
+    def recipe_precisions(self) -> list[str]:
+        """The precision labels the recipes' models get ('w2a2-patch-at', 'random-...')."""
+        names = ["fp32", *(p.name for p in self.precisions if not p.is_float)]
+        labels = []
+        for recipe in self.recipes:
+            labels += [f"{name}-{recipe.label}" for name in names]
+            if RECIPES.get(recipe.name).random_inference:
+                labels.append(f"random-{recipe.label}")
+        return labels
+
+    def recipe_schedule(self, recipe: RecipeSettings) -> TrainConfig:
+        """A recipe's schedule: its own, else the lowest precision's plain QAT schedule."""
+        if recipe.qat is not None:
+            return recipe.qat
+        return self.qat_config_for(self.lowest_precision)
+
+    @property
+    def lowest_precision(self) -> QuantSpec:
+        """The quantized precision with the fewest bits (fp32 when there is none)."""
+        return min(self.precisions, key=lambda p: (p.weight_bits or 32, p.act_bits or 32))
+
     @model_validator(mode="after")
     def _known_sources(self) -> StudyConfig:
-        known = {p.name for p in self.precisions} | {"fp32"}
+        known = {p.name for p in self.precisions} | {"fp32"} | set(self.recipe_precisions)
         deployed = ({ORT_INT8} | ({ORT_QAT} if QAT_DEPLOYED in self.precisions else set())
                     if self.ort_int8 else set())  # fmt: skip
         if self.onnx_models:

@@ -32,9 +32,16 @@ class PreparedModel:
     """Set on controls: 'ft' is the fp32 model fine-tuned like the QAT models."""
     defense: str | None = None
     """Set on adaptive attack sources: the label of the input defence ``module`` holds."""
+    recipe: str | None = None
+    """Set on the models of a training defence: the recipe's label."""
+    label: str | None = None
+    """Replaces the precision label where ``spec`` does not say how it runs (a training
+    defence served at a random precision: 'random-<recipe>')."""
 
     @property
     def precision(self) -> str:
+        if self.label:
+            return self.label
         return f"{self.spec.name}-{self.tag}" if self.tag else self.spec.name
 
     @property

@@ -30,6 +30,7 @@ from quantpatch.study.artifacts import (
     prepare_control,
     prepare_fp32,
     prepare_quantized,
+    prepare_recipe,
 )
 from quantpatch.study.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.cells import expand_cells, run_cell
@@ -66,6 +67,7 @@ class RayExecutor:
         fp32 = ray.remote(_fp32_task).options(**options)
         quantized = ray.remote(_quantized_task).options(**options)
         control = ray.remote(_control_task).options(**options)
+        recipe = ray.remote(_recipe_task).options(**options)
         refs = []
         for arch in context.config.models:
             base = fp32.remote(settings, out, arch)  # its result is the others' dependency
@@ -75,6 +77,8 @@ class RayExecutor:
             if context.config.controls:
                 refs += [control.remote(settings, out, arch, tag, base)
                          for tag in control_schedules(context)]  # fmt: skip
+            refs += [recipe.remote(settings, out, arch, r.label, base)
+                     for r in context.config.recipes]  # fmt: skip
         for report in _as_completed(refs):
             if context.progress:
                 tqdm.write(
@@ -209,6 +213,14 @@ def _control_task(settings: Settings, out: str, arch: str, tag: str, _base: Repo
     schedule = control_schedules(context)[tag]
     prepare_control(context, prepare_fp32(context, arch), schedule, tag)
     return _report(f"{arch}/fp32-{tag}", started)
+
+
+def _recipe_task(settings: Settings, out: str, arch: str, label: str, _base: Report) -> Report:
+    started = time.perf_counter()
+    context = _context(settings, out, full=False)
+    chosen = next(r for r in context.config.recipes if r.label == label)
+    prepare_recipe(context, prepare_fp32(context, arch), chosen)
+    return _report(f"{arch}/{label}", started)
 
 
 def cell_task(settings: Settings, out: str, key: str) -> Report:

@@ -25,6 +25,7 @@ from quantpatch.study.artifacts import (
     prepare_control,
     prepare_fp32,
     prepare_quantized,
+    prepare_recipe,
 )
 from quantpatch.study.cache import ArtifactCache, warn
 from quantpatch.study.config import StudyConfig
@@ -82,6 +83,9 @@ def prepare_models(context: StudyContext) -> None:
                 context.models[prepared.name] = prepared
         if context.config.controls:
             _prepare_controls(context, base)
+        for settings in context.config.recipes:
+            for prepared in prepare_recipe(context, base, settings):
+                context.models[prepared.name] = prepared
         if context.progress:
             tqdm.write(f"models for {arch} ready in {time.perf_counter() - started:.1f} s")
 

@@ -139,6 +139,7 @@ def add_target(
             clean=RateRecord.of(clean),
             control_of=context.control_of.get(target.name, []),
             deployment=deployment,
+            recipe=target.model.recipe if target.model is not None else None,
         )
     )
 

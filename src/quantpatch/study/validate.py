@@ -5,8 +5,11 @@ from __future__ import annotations
 from quantpatch._runtime import resolve_device
 from quantpatch.attacks import ATTACKS
 from quantpatch.data import Dataset
+from quantpatch.defenses.training import create_recipe
 from quantpatch.errors import ConfigError, DataNotFoundError, PatchTooLargeError
 from quantpatch.models import check_model_name, create_model
+from quantpatch.quant import FP32
+from quantpatch.quant.switchable import SwitchablePrecision
 from quantpatch.study.cells import make_attack
 from quantpatch.study.config import StudyConfig
 from quantpatch.study.defended import build_defense
@@ -33,6 +36,12 @@ def validate_study(config: StudyConfig) -> None:
                 raise ConfigError(f"attack '{settings.label}': {exc}") from None
     for defense in config.defenses:
         build_defense(defense)
+    for recipe in config.recipes:
+        try:
+            create_recipe(recipe.name, **recipe.params)
+        except ConfigError as exc:
+            message = str(exc).removeprefix(f"recipe {recipe.name!r}: ")
+            raise ConfigError(f"recipe '{recipe.label}': {message}") from None
     resolve_device(config.device)
 
 
@@ -55,6 +64,7 @@ def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
             f"patch size {too_big[0]} px is larger than the {side} px images of {dataset.name}"
         )
     _check_user_models(config, dataset)
+    _check_recipes(config, dataset)
     for defense in config.defenses:
         certifier = build_defense(defense)
         if hasattr(certifier, "mask_set"):  # a certified patch size must fit the images
@@ -79,3 +89,26 @@ def _check_user_models(config: StudyConfig, dataset: Dataset) -> None:
                      image_size=dataset.image_size, weights=path)  # fmt: skip
     for settings in config.onnx_models:
         check_onnx_model(settings, dataset.test.images[:2], dataset.num_classes)
+
+
+def _check_recipes(config: StudyConfig, dataset: Dataset) -> None:
+    """Training defences share weights across precisions: every architecture must allow it,
+    and a recipe's patch must fit the images."""
+    if not config.recipes:
+        return
+    specs = [FP32, *(p for p in config.precisions if not p.is_float)]
+    for arch in config.models:
+        model = create_model(arch, in_channels=dataset.in_channels,
+                             num_classes=dataset.num_classes, image_size=dataset.image_size)  # fmt: skip
+        try:
+            SwitchablePrecision.from_float(model, specs, first_last_bits=config.first_last_bits)
+        except ConfigError as exc:
+            raise ConfigError(f"recipes: {arch}: {exc}") from None
+    side = min(dataset.train.images.shape[-2:])
+    for recipe in config.recipes:
+        size = recipe.params.get("patch_size")
+        if isinstance(size, int) and size > side:
+            raise PatchTooLargeError(
+                f"recipe '{recipe.label}': patch size {size} px is larger than the {side} px "
+                f"images of {dataset.name}"
+            )

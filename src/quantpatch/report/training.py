@@ -1,0 +1,115 @@
+"""The "Training defences" section: each training recipe's models beside plain QAT at the same
+precision. White-box ASR is the attack crafted on the model itself (adaptive: it knows the
+trained weights; on a random-precision model every step draws precisions, an expectation over
+them); transfer is from the fp32 model of the same training, the threat the recipes target.
+Built from result records only; absent when the study has no recipes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantpatch.report.page import Page
+from quantpatch.report.tables import ModelOrder, SeedRate, group, pool
+from quantpatch.results import CellRecord, ModelRecord, ResultsFile
+
+
+@dataclass(frozen=True)
+class RecipeRow:
+    """One recipe model and its plain-QAT counterpart under one attack and patch size."""
+
+    model: ModelRecord
+    plain: ModelRecord | None
+    white_box: SeedRate | None
+    plain_white_box: SeedRate | None
+    transfer: SeedRate | None
+    plain_transfer: SeedRate | None
+
+    @property
+    def ratio(self) -> float | None:
+        """White-box ASR as a fraction of plain QAT's (the issue's target: at most 0.5)."""
+        if self.white_box is None or self.plain_white_box is None:
+            return None
+        if not self.white_box.n or not self.plain_white_box.rate:
+            return None
+        return self.white_box.rate / self.plain_white_box.rate
+
+
+def plain_counterpart(model: ModelRecord, models: list[ModelRecord]) -> ModelRecord | None:
+    """The plainly trained model with the same arithmetic (a random-precision model: its
+    lowest precision's)."""
+    for other in models:
+        if (other.arch == model.arch and other.recipe is None and other.defense is None
+                and other.runtime == "torch" and not other.control_of
+                and (other.weight_bits, other.act_bits, other.weight_levels)
+                == (model.weight_bits, model.act_bits, model.weight_levels)):  # fmt: skip
+            return other
+    return None
+
+
+def recipe_rows(results: ResultsFile, attack: str, size: int | None) -> list[RecipeRow]:
+    """A row per quantized (or random-precision) model of every recipe."""
+    chosen = [c for c in results.cells if c.attack == attack and c.patch_size == size]
+    by_pair = group(chosen, "source", "target")
+
+    def rate(source: str, target: str | None) -> SeedRate | None:
+        return pool(by_pair.get((source, target), [])) if target else None
+
+    rows = []
+    for model in results.models:
+        if model.recipe is None or model.defense is not None or model.weight_bits is None:
+            continue
+        plain = plain_counterpart(model, results.models)
+        plain_name = plain.name if plain else None
+        rows.append(RecipeRow(
+            model, plain, rate(model.name, model.name), rate(plain_name or "", plain_name),
+            rate(f"{model.arch}/fp32-{model.recipe}", model.name),
+            rate(f"{model.arch}/fp32", plain_name),
+        ))  # fmt: skip
+    return rows
+
+
+def crafted(cells: list[CellRecord]) -> list[tuple[str, int | None]]:
+    return sorted({(c.attack, c.patch_size) for c in cells if c.threat != "source-free"},
+                  key=lambda item: (item[0], item[1] or 0))  # fmt: skip
+
+
+def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> None:
+    """The whole section; nothing when no model comes from a training recipe."""
+    if not any(m.recipe for m in results.models):
+        return
+    page.heading("Training defences")
+    page.para(
+        "Each recipe trains one model at fp32 and every quantized precision at once (shared "
+        "weights, per-precision BatchNorm and quantizer ranges). White-box: the attack crafted "
+        "on that model itself (on a random-precision model, each step draws precisions: an "
+        "expectation over them). Transfer: crafted on the fp32 model of the same training "
+        "(plain QAT: on the plain fp32 model). 'x plain' is white-box ASR over plain QAT's at "
+        "the same precision; the goal is at most 0.5 at a clean-accuracy cost of at most 2 "
+        "points."
+    )
+    for attack, size in crafted(results.cells):
+        rows = recipe_rows(results, attack, size)
+        if not rows:
+            continue
+        page.heading(f"{attack}" + (f", {size} px" if size else ""), 3)
+        body = []
+        for row in sorted(rows, key=lambda r: (order(r.plain.name if r.plain else r.model.name),
+                                               r.model.recipe)):  # fmt: skip
+            body.append([
+                row.model.name, _clean(row.model, row.plain), _fmt(row.white_box),
+                _fmt(row.plain_white_box), "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+                _fmt(row.transfer), _fmt(row.plain_transfer),
+            ])  # fmt: skip
+        page.table(["model", "clean (vs plain QAT)", "white-box ASR", "plain QAT white-box",
+                    "x plain", "transfer from its fp32", "plain QAT transfer"], body)  # fmt: skip
+
+
+def _clean(model: ModelRecord, plain: ModelRecord | None) -> str:
+    text = f"{100 * model.clean.rate:.1f}%"
+    if plain is not None:
+        text += f" ({100 * (model.clean.rate - plain.clean.rate):+.1f} pt)"
+    return text
+
+
+def _fmt(rate: SeedRate | None) -> str:
+    return "n/a" if rate is None or not rate.n else rate.fmt()
