@@ -21,6 +21,9 @@ def test_list_models_and_attacks(capsys) -> None:
     out = capsys.readouterr().out
     for name in ("universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf", "sparse-rs"):
         assert name in out
+    assert main(["list", "recipes"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("random-precision", "patch-at", "disalign"))
 
 
 def test_schema_prints_json(capsys) -> None:

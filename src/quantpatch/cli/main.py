@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_cmd_report)
 
     lister = sub.add_parser("list", help="print a registry")
-    lister.add_argument("what", choices=["datasets", "models", "attacks", "defenses"])
+    lister.add_argument("what", choices=["datasets", "models", "attacks", "defenses", "recipes"])
     lister.set_defaults(handler=_cmd_list)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of study configs or results")
@@ -205,8 +205,10 @@ def _registry(what: str):
         from quantpatch.models import MODELS as registry
     elif what == "attacks":
         from quantpatch.attacks import ATTACKS as registry
-    else:
+    elif what == "defenses":
         from quantpatch.defenses import DEFENSES as registry
+    else:
+        from quantpatch.defenses.training import RECIPES as registry
     return registry
 
 

@@ -158,9 +158,10 @@ class PatchAdversarial(Recipe):
 
 @RECIPES.register
 class Disalignment(Recipe):
-    """Cross-precision gradient disalignment: every precision trained jointly, plus ``weight``
-    times the mean squared cosine similarity of fp32's input gradient and each quantized
-    precision's. (Default 10: on a LeNet probe, 512 training digits, it halved the fp32-w2a2
+    """Cross-precision disalignment: fp32's input gradients turned away from each precision's.
+
+    Every precision trained jointly, plus ``weight`` times the mean squared cosine similarity
+    of fp32's input gradient and each quantized precision's. (Default 10: on a LeNet probe, 512 training digits, it halved the fp32-w2a2
     gradient alignment, where 1 moved it by a tenth and 100 cost 30 points of accuracy.) Fake-quant ops have no second derivative, so the quantized gradients enter
     as constants: the shared weights move fp32's gradient away from them."""
 
