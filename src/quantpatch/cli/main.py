@@ -231,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except QuantpatchError as exc:
         return _fail(str(exc))
+    except BrokenPipeError:  # `quantpatch list ... | head`: the reader left, nothing to say
+        sys.stdout = None  # type: ignore[assignment]  # no flush error at exit either
+        return 0
     except OSError as exc:  # the disk or a path, not a bug: one line as well
         return _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc))
     except KeyboardInterrupt:
