@@ -371,7 +371,11 @@ class Attack:
                 raise ConfigError(
                     f"{type(self).__name__} needs differentiable torch models, got {type(m).__name__}"
                 )
-        return [fast_frozen_copy(m).to(device) for m in models]
+        copies = [fast_frozen_copy(m).to(device) for m in models]
+        for copy in copies:  # a model with random draws (random precision) starts them afresh,
+            if hasattr(copy, "reseed"):  # so an attack does not depend on what ran before it
+                copy.reseed()
+        return copies
 
     def attack_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """The class each image's loss refers to: the target class, or the true label."""

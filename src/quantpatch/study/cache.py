@@ -29,7 +29,8 @@ R = TypeVar("R", bound=BaseModel)
 CACHE_FORMAT = 2
 """Part of every cache key and seal: bump it when a cached artifact's meaning changes."""
 
-MODEL_CODE = ("data", "models", "quant", "_io.py", "study/artifacts.py", "study/targets.py")
+MODEL_CODE = ("data", "models", "quant", "_io.py", "defenses/training.py", "study/artifacts.py",
+              "study/targets.py")  # fmt: skip
 """The source a trained, quantized or exported model depends on."""
 
 EVAL_CODE = ("",)

@@ -37,8 +37,12 @@ simulation that merely matches on clean images would be caught out."""
 
 
 def torch_target(prepared: PreparedModel, device: torch.device) -> Target:
+    restart_draws = getattr(prepared.module, "reseed", None)
+
     def predict(images: torch.Tensor) -> torch.Tensor:
-        return predict_logits(prepared.module, images, device)
+        if restart_draws is not None:  # a random-precision model: the same draw for image k
+            restart_draws()  # of every call, so clean and attacked images meet the same
+        return predict_logits(prepared.module, images, device)  # precision, run after run
 
     return Target(
         prepared.arch, prepared.precision, prepared.spec, "torch", predict, prepared.key, prepared
