@@ -56,6 +56,20 @@ def test_random_precision_draws_per_image_and_repeats_after_reseed() -> None:
     assert torch.equal(predict_logits(model, x, "cpu"), first)
 
 
+def test_draws_restart_inside_wrappers() -> None:
+    """An attack copy or a defence wraps the random model: ``restart_draws`` reaches it, so the
+    draws never depend on what ran before."""
+    from quantpatch._runtime import restart_draws
+    from quantpatch.defenses import DefendedModel, create_defense
+
+    model = SwitchablePrecision.from_float(_resnet(), [FP32, W2A2]).eval()
+    model.active = None
+    wrapped = DefendedModel(model, create_defense("median", kernel_size=3))
+    first = torch.randint(2, (8,), generator=model.generator)
+    restart_draws(wrapped)
+    assert torch.equal(torch.randint(2, (8,), generator=model.generator), first)
+
+
 def test_attention_models_share_their_weights_too() -> None:
     """Every weight of a quantized ViT member is the float member's parameter (only norms and
     quantizer ranges are per precision)."""

@@ -100,6 +100,7 @@ def test_a_rerun_reuses_the_trained_recipe(recipe_run: Path, recipe_settings, tm
         ({"name": "patch-at", "params": {"steps": 0}}, ConfigError, "steps"),
         ({"name": "disalign", "params": {"strength": 1}}, ConfigError, "strength"),
         ({"name": "patch-at", "params": {"patch_size": 40}}, PatchTooLargeError, "40 px"),
+        ({"name": "patch-at", "label": "ft"}, ConfigError, "already taken"),
     ],
 )
 def test_bad_recipes_fail_before_work(recipe_settings, tmp_path, recipe, error, match) -> None:

@@ -29,6 +29,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
+def restart_draws(module: object) -> None:
+    """Restart the random draws of every submodule that makes them (``reseed()``: a model
+    served at a random precision), so what a caller measures does not depend on what ran
+    before it in this process: a resumed run or a Ray worker gets the same numbers."""
+    if isinstance(module, torch.nn.Module):
+        for sub in module.modules():
+            reseed = getattr(sub, "reseed", None)
+            if callable(reseed):
+                reseed()
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a CPU generator for explicit sampling."""
     random.seed(seed)

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantpatch._registry import Registry
-from quantpatch._runtime import resolve_device
+from quantpatch._runtime import resolve_device, restart_draws
 from quantpatch.attacks.placement import (
     EOT,
     MASK_SHAPES,
@@ -372,9 +372,8 @@ class Attack:
                     f"{type(self).__name__} needs differentiable torch models, got {type(m).__name__}"
                 )
         copies = [fast_frozen_copy(m).to(device) for m in models]
-        for copy in copies:  # a model with random draws (random precision) starts them afresh,
-            if hasattr(copy, "reseed"):  # so an attack does not depend on what ran before it
-                copy.reseed()
+        for copy in copies:  # random draws (random precision), also inside a defence, start
+            restart_draws(copy)  # afresh: an attack does not depend on what ran before it
         return copies
 
     def attack_labels(self, labels: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from quantpatch._runtime import restart_draws
 from quantpatch.errors import ConfigError
 from quantpatch.models.train import predict_logits
 
@@ -36,6 +37,7 @@ def query_functions(models: Sequence[Predictor], device: torch.device) -> list[P
     for model in models:
         if not callable(model):
             raise ConfigError(f"a query attack needs callables, got {type(model).__name__}")
+        restart_draws(model)  # a random-precision model: the same draws attack after attack
 
     def wrap(model: Predictor) -> Predictor:
         def query(images: torch.Tensor) -> torch.Tensor:

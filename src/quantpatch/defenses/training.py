@@ -46,6 +46,8 @@ class Recipe:
     name = "recipe"
     random_inference = False
     """True: the model is also served (and attacked) at a random precision per image."""
+    label_smoothing = 0.0
+    """Of the training schedule (``train_recipe`` sets it), like plain QAT's loss."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = check_int(f"{self.name} seed", seed, minimum=0)
@@ -58,9 +60,12 @@ class Recipe:
         return {"seed": self.seed}
 
 
-def joint_loss(model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
+def joint_loss(
+    model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0
+):
     """Mean cross-entropy of every precision of ``model`` on the same batch."""
-    losses = [F.cross_entropy(model.member(name)(images), labels) for name in model.names]
+    losses = [F.cross_entropy(model.member(name)(images), labels, label_smoothing=smoothing)
+              for name in model.names]  # fmt: skip
     return torch.stack(losses).mean()
 
 
@@ -72,7 +77,7 @@ class RandomPrecision(Recipe):
     random_inference = True
 
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
-        return joint_loss(model, images, labels)
+        return joint_loss(model, images, labels, self.label_smoothing)
 
 
 @RECIPES.register
@@ -112,11 +117,11 @@ class PatchAdversarial(Recipe):
                 **super().params()}  # fmt: skip
 
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
-        clean = joint_loss(model, images, labels)
+        clean = joint_loss(model, images, labels, self.label_smoothing)
         drawn = model.names[int(torch.randint(len(model.names), (1,), generator=self.generator))]
         with _evaluating(model.member(drawn)) as member:
             patched = self.patched(member, images, labels)
-        adversarial = joint_loss(model, patched, labels)
+        adversarial = joint_loss(model, patched, labels, self.label_smoothing)
         return (clean + self.weight * adversarial) / (1 + self.weight)
 
     def patched(self, member: nn.Module, images: torch.Tensor, labels: torch.Tensor):
@@ -178,7 +183,9 @@ class Disalignment(Recipe):
         if FP32.name not in model.names or len(model.names) < 2:
             raise ConfigError("disalign needs fp32 and at least one quantized precision")
         x = images.detach().requires_grad_(True)
-        losses = {name: F.cross_entropy(model.member(name)(x), labels) for name in model.names}
+        losses = {name: F.cross_entropy(model.member(name)(x), labels,
+                                        label_smoothing=self.label_smoothing)
+                  for name in model.names}  # fmt: skip
         (reference,) = torch.autograd.grad(losses[FP32.name], x, create_graph=True)
         reference = reference.flatten(1)
         similarity = []
@@ -224,6 +231,7 @@ def train_recipe(
             calibrate(member, images, calibration, device, seed=config.seed)
         members[spec.name] = member
     model = SwitchablePrecision(members, seed=config.seed)
+    recipe.label_smoothing = config.label_smoothing
     set_learnable(model, True)
     try:
         train_model(model, train, config, device, progress, f"QAT {recipe.name}",

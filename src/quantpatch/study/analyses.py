@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from quantpatch import analysis
 from quantpatch._io import content_key, read_json, write_json_atomic
+from quantpatch._runtime import restart_draws
 from quantpatch.attacks import Attack, Placement, apply_patch
 from quantpatch.metrics import attack_success
 from quantpatch.models import predict_logits
@@ -140,7 +141,7 @@ def gradient_alignment(context: StudyContext, settings: AttackSettings) -> Gradi
     models = list(context.models.values())
     independent = [prepare_fp32(context, arch, independent=True) for arch in context.config.models]
     grads = {
-        (m.name, kind): analysis.input_gradients(m.module, x, labels, context.device)
+        (m.name, kind): _input_gradients(m.module, x, labels, context.device)
         for m in models + independent
         for kind, x in inputs.items()
     }
@@ -168,6 +169,11 @@ def gradient_alignment(context: StudyContext, settings: AttackSettings) -> Gradi
         pairs=pairs_of(itertools.combinations(models, 2)),
         controls=pairs_of(controls),
     )
+
+
+def _input_gradients(module, images, labels, device) -> torch.Tensor:
+    restart_draws(module)  # a random-precision model draws the same precisions every time
+    return analysis.input_gradients(module, images, labels, device)
 
 
 def _same_class_partner(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

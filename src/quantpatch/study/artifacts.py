@@ -21,7 +21,7 @@ from quantpatch.models import (
 )
 from quantpatch.quant import FP32, QuantSpec, build_quantized, quantize
 from quantpatch.quant.switchable import SwitchablePrecision
-from quantpatch.study.cache import file_sha256
+from quantpatch.study.cache import RECIPE_CODE, code_fingerprint, file_sha256
 from quantpatch.study.config import RecipeSettings
 from quantpatch.study.core import PreparedModel, StudyContext
 
@@ -138,6 +138,7 @@ def prepare_recipe(
         "qat": schedule.model_dump(),
         "calibration": config.calibration,
         "first_last_bits": config.first_last_bits,
+        "recipe_code": code_fingerprint(*RECIPE_CODE),
     }
 
     def build(path: Path) -> None:

@@ -29,9 +29,12 @@ R = TypeVar("R", bound=BaseModel)
 CACHE_FORMAT = 2
 """Part of every cache key and seal: bump it when a cached artifact's meaning changes."""
 
-MODEL_CODE = ("data", "models", "quant", "_io.py", "defenses/training.py", "study/artifacts.py",
-              "study/targets.py")  # fmt: skip
+MODEL_CODE = ("data", "models", "quant", "_io.py", "study/artifacts.py", "study/targets.py")
 """The source a trained, quantized or exported model depends on."""
+
+RECIPE_CODE = ("defenses", "attacks/placement.py")
+"""What a training defence's model depends on beyond ``MODEL_CODE`` (its objective, the patch
+paste of patch-at): part of those models' keys only, so plain models survive edits there."""
 
 EVAL_CODE = ("",)
 """Everything else (patches, cells, analyses) may depend on any module: the whole package."""

@@ -398,6 +398,20 @@ class StudyConfig(_Strict):
         _distinct([r.label for r in labelled], "recipe (label)")
         return labelled
 
+    @model_validator(mode="after")
+    def _recipes_fit_the_grid(self) -> StudyConfig:
+        """A recipe trains quantized precisions next to fp32, and its models' names must not
+        be any other model's (a control's 'fp32-ft', a precision named like one)."""
+        if self.recipes and all(p.is_float for p in self.precisions):
+            raise ValueError("recipes train quantized precisions; the study has none")
+        taken = {p.name for p in self.precisions} | {"fp32"}
+        clashes = [n for n in self.recipe_precisions
+                   if n in taken or n.startswith(("fp32-ft", "fp32-indep"))]  # fmt: skip
+        if clashes or len(set(self.recipe_precisions)) != len(self.recipe_precisions):
+            raise ValueError(f"recipe labels give model names already taken: "
+                             f"{', '.join(clashes) or 'two recipes alike'}; choose another label")  # fmt: skip
+        return self
+
     @property
     def recipe_precisions(self) -> list[str]:
         """The precision labels the recipes' models get ('w2a2-patch-at', 'random-...')."""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quantpatch._io import content_key
+from quantpatch._runtime import restart_draws
 from quantpatch.errors import ShapeError
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
@@ -37,12 +38,9 @@ simulation that merely matches on clean images would be caught out."""
 
 
 def torch_target(prepared: PreparedModel, device: torch.device) -> Target:
-    restart_draws = getattr(prepared.module, "reseed", None)
-
     def predict(images: torch.Tensor) -> torch.Tensor:
-        if restart_draws is not None:  # a random-precision model: the same draw for image k
-            restart_draws()  # of every call, so clean and attacked images meet the same
-        return predict_logits(prepared.module, images, device)  # precision, run after run
+        restart_draws(prepared.module)  # a random-precision model: the same draw for image k
+        return predict_logits(prepared.module, images, device)  # of every call, run after run
 
     return Target(
         prepared.arch, prepared.precision, prepared.spec, "torch", predict, prepared.key, prepared
