@@ -14,7 +14,14 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.metrics import Rate, difference_interval  # noqa: E402
 from quantpatch.report.page import Page  # noqa: E402
-from quantpatch.report.tables import ModelOrder, SeedRate, fmt_rate, group, pool  # noqa: E402
+from quantpatch.report.tables import (  # noqa: E402
+    ModelOrder,
+    SeedRate,
+    crafted_attacks,
+    fmt_rate,
+    group,
+    pool,
+)
 from quantpatch.results import CellRecord, ModelRecord, ResultsFile  # noqa: E402
 
 UNDEFENDED = "none"
@@ -69,12 +76,6 @@ class Gap:
 
 def _as_rate(rate: SeedRate) -> Rate:
     return Rate(round(rate.rate * rate.n) if rate.n else 0, rate.n)
-
-
-def crafted_attacks(cells: list[CellRecord]) -> list[tuple[str, int | None]]:
-    """(attack, size) of the attacks crafted on a model (the random patch needs none)."""
-    return sorted({(c.attack, c.patch_size) for c in cells if c.threat != "source-free"},
-                  key=lambda item: (item[0], item[1] or 0))  # fmt: skip
 
 
 def _non_adaptive_source(model: ModelRecord, by_pair: dict[tuple, list[CellRecord]]) -> str:

@@ -100,6 +100,12 @@ def attack_sizes(records: list[CellRecord]) -> list[tuple[str, int | None]]:
     return sorted(seen, key=lambda item: (item[0], item[1] or 0))
 
 
+def crafted_attacks(cells: list[CellRecord]) -> list[tuple[str, int | None]]:
+    """(attack, size) of the attacks crafted on a model (the random patch needs none)."""
+    return sorted({(c.attack, c.patch_size) for c in cells if c.threat != "source-free"},
+                  key=lambda item: (item[0], item[1] or 0))  # fmt: skip
+
+
 def masking_flags(
     records: list[CellRecord], models: list[ModelRecord], order: ModelOrder
 ) -> list[dict]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantpatch.report.page import Page
-from quantpatch.report.tables import ModelOrder, SeedRate, group, pool
-from quantpatch.results import CellRecord, ModelRecord, ResultsFile
+from quantpatch.report.tables import ModelOrder, SeedRate, crafted_attacks, group, pool
+from quantpatch.results import ModelRecord, ResultsFile
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ def recipe_rows(results: ResultsFile, attack: str, size: int | None) -> list[Rec
     chosen = [c for c in results.cells if c.attack == attack and c.patch_size == size]
     by_pair = group(chosen, "source", "target")
 
-    def rate(source: str, target: str | None) -> SeedRate | None:
-        return pool(by_pair.get((source, target), [])) if target else None
+    def rate(source: str | None, target: str | None) -> SeedRate | None:
+        return pool(by_pair.get((source, target), [])) if source and target else None
 
     rows = []
     for model in results.models:
@@ -61,16 +61,11 @@ def recipe_rows(results: ResultsFile, attack: str, size: int | None) -> list[Rec
         plain = plain_counterpart(model, results.models)
         plain_name = plain.name if plain else None
         rows.append(RecipeRow(
-            model, plain, rate(model.name, model.name), rate(plain_name or "", plain_name),
+            model, plain, rate(model.name, model.name), rate(plain_name, plain_name),
             rate(f"{model.arch}/fp32-{model.recipe}", model.name),
             rate(f"{model.arch}/fp32", plain_name),
         ))  # fmt: skip
     return rows
-
-
-def crafted(cells: list[CellRecord]) -> list[tuple[str, int | None]]:
-    return sorted({(c.attack, c.patch_size) for c in cells if c.threat != "source-free"},
-                  key=lambda item: (item[0], item[1] or 0))  # fmt: skip
 
 
 def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> None:
@@ -87,7 +82,7 @@ def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
         "the same precision; the goal is at most 0.5 at a clean-accuracy cost of at most 2 "
         "points."
     )
-    for attack, size in crafted(results.cells):
+    for attack, size in crafted_attacks(results.cells):
         rows = recipe_rows(results, attack, size)
         if not rows:
             continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from quantpatch._registry import Registry
 from quantpatch._yaml import load_yaml_mapping
 from quantpatch.attacks import ATTACKS
 from quantpatch.defenses import DEFENSES
@@ -88,28 +89,36 @@ class AttackSettings(_Strict):
         return f"{self.name}{f'-{mode}' if mode else ''}{targeted}"
 
 
-class DefenseSettings(_Strict):
-    """One defence of the grid; ``params`` go to the defence's constructor. Every model (each
-    precision, ORT int8 included) is also evaluated behind it, named '<model>+<label>'.
+class _RegisteredSettings(_Strict):
+    """A registered name, its constructor ``params`` and a results ``label`` (derived like an
+    attack's when left out); an unknown name fails the config, listing the registry."""
 
-    ``label`` names it in results; left out, it is derived like an attack's (name, plus the
-    settings that set it apart from the study's other defences of the same name)."""
-
+    _registry: ClassVar[Registry]
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
 
     @field_validator("name")
     @classmethod
-    def _known_defense(cls, value: str) -> str:
-        DEFENSES.get(value)  # an unknown name fails the config, listing the defences
+    def _known_name(cls, value: str) -> str:
+        cls._registry.get(value)
         return value
 
     def base_label(self) -> str:
         return self.name
 
 
-class RecipeSettings(_Strict):
+class DefenseSettings(_RegisteredSettings):
+    """One defence of the grid; ``params`` go to the defence's constructor. Every model (each
+    precision, ORT int8 included) is also evaluated behind it, named '<model>+<label>'.
+
+    ``label`` names it in results; left out, it is derived like an attack's (name, plus the
+    settings that set it apart from the study's other defences of the same name)."""
+
+    _registry: ClassVar[Registry] = DEFENSES
+
+
+class RecipeSettings(_RegisteredSettings):
     """A quantization-aware training defence (``quantpatch.defenses.training``): per
     architecture, one model trained at fp32 and every quantized precision of the study at once
     (shared weights); each precision joins the grid as '<arch>/<precision>-<label>', next to
@@ -118,19 +127,8 @@ class RecipeSettings(_Strict):
     ``qat``: its training schedule; left out, the QAT schedule of the study's lowest
     precision (the longest plain QAT gets), so the recipe trains no longer than plain QAT."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    _registry: ClassVar[Registry] = RECIPES
     qat: TrainConfig | None = None
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
-
-    @field_validator("name")
-    @classmethod
-    def _known_recipe(cls, value: str) -> str:
-        RECIPES.get(value)  # an unknown name fails the config, listing the recipes
-        return value
-
-    def base_label(self) -> str:
-        return self.name
 
 
 Labelled = TypeVar("Labelled", AttackSettings, DefenseSettings, RecipeSettings)
