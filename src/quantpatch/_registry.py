@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
-from quantpatch.errors import UnknownNameError
+from quantpatch.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T", bound=Callable)
 
@@ -56,6 +57,22 @@ class Registry(Generic[T]):
                 f"unknown {self.kind} '{name}'; choose from: {choices}"
             ) from None
 
+    def create(self, name: str, **params: Any) -> Any:
+        """Build ``name`` from ``params``, after one check for every registry: a parameter the
+        factory does not take, or a required one left out, is a ``ConfigError`` naming what it
+        takes (the factory's own checks then judge the values)."""
+        factory = self.get(name)
+        accepted, required = accepted_params(factory)
+        unknown = sorted(set(params) - set(accepted))
+        missing = [p for p in required if p not in params]
+        if unknown or missing:
+            problem = (f"does not take {', '.join(unknown)}" if unknown
+                       else f"needs {', '.join(missing)}")  # fmt: skip
+            raise ConfigError(
+                f"{self.kind} '{name}' {problem}; it takes: {', '.join(accepted) or 'nothing'}"
+            )
+        return factory(**params)
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 
@@ -75,3 +92,27 @@ def _defined_name(factory: Callable) -> str:
     of being listed under its Python class name."""
     name = getattr(factory, "name", None) if isinstance(factory, type) else None
     return name if isinstance(name, str) else factory.__name__
+
+
+def accepted_params(factory: Callable) -> tuple[list[str], list[str]]:
+    """(keyword parameters ``factory`` takes, those without a default). For a class, its
+    ``__init__``, following ``**kwargs`` up the class chain to the parents that take them."""
+    if not isinstance(factory, type):
+        return _parameters(inspect.signature(factory).parameters.values())
+    accepted: list[str] = []
+    required: list[str] = []
+    for klass in factory.__mro__:
+        if "__init__" not in vars(klass) or klass is object:
+            continue
+        params = list(inspect.signature(vars(klass)["__init__"]).parameters.values())[1:]
+        names, needed = _parameters(params)
+        accepted += [n for n in names if n not in accepted]
+        required += [n for n in needed if n not in required]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return accepted, required
+
+
+def _parameters(params: Any) -> tuple[list[str], list[str]]:
+    named = [p for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name for p in named], [p.name for p in named if p.default is p.empty]
