@@ -79,21 +79,14 @@ def test_name_parse_round_trip(spec: QuantSpec) -> None:
         (QuantSpec(2, None), "w2a32"),
         (QuantSpec(None, 8), "w32a8"),
         (QuantSpec(8, 8, method="ptq"), "w8a8-ptq"),
-        (QuantSpec(4, 4, per_channel=False, symmetric=False), "w4a4-pt-asym"),
+        (QuantSpec(4, 4, per_channel=False, weight_grid="asym"), "w4a4-pt-asym"),
         (QuantSpec(4, 4, weight_grid="asym"), "w4a4-asym"),
-        (QuantSpec(1, 1, symmetric=True), "w1a1"),
+        (QuantSpec(1, 1), "w1a1"),
     ],
 )
 def test_short_names(spec: QuantSpec, name: str) -> None:
     assert spec.name == name
     assert QuantSpec.parse(name) == spec
-
-
-def test_symmetric_flag_still_reads_and_builds_the_two_old_grids() -> None:
-    assert QuantSpec(4, 4, symmetric=False) == QuantSpec.parse("w4a4-asym")
-    assert QuantSpec(4, 4, True, False) == QuantSpec(4, 4, weight_grid="asym")  # old positions
-    assert QuantSpec.parse("w4a4").symmetric and not QuantSpec.parse("w4a4-asym").symmetric
-    assert FP32.symmetric and QuantSpec(None, 8, symmetric=False) == QuantSpec(None, 8)
 
 
 def test_parse_aliases_and_float() -> None:
@@ -147,8 +140,6 @@ def test_parse_message_lists_accepted_form() -> None:
         {"weight_bits": 4.0, "act_bits": 4},
         {"weight_bits": 4, "act_bits": 4, "method": "dynamic"},
         {"weight_bits": 4, "act_bits": 4, "weight_grid": "nope"},
-        {"weight_bits": 4, "act_bits": 4, "symmetric": False, "weight_grid": "narrow"},
-        {"weight_bits": 4, "act_bits": 4, "symmetric": True, "weight_grid": "asym"},
         {"weight_bits": 4, "act_bits": 4, "per_channel": None},
     ],
 )
@@ -273,8 +264,6 @@ def test_full_range_2bit_weights_take_four_levels_where_narrow_takes_three(metho
         weight = q[0].quantized_weight().detach()
         levels[name] = {len(weight[c].unique()) for c in range(8)}
     assert levels == {"w2a2": {3}, "w2a2-full": {4}}
-    with pytest.raises(InvalidSpecError, match="full"):  # no old flag value to collide with
-        _ = QuantSpec.parse("w2a2-full").symmetric
     with pytest.raises(InvalidSpecError, match="w1a1-full"):
         QuantSpec.parse("w1a1-full")
 

@@ -31,7 +31,6 @@ FLOAT_BITS = 32
 
 _NAME_RE = re.compile(r"^w(\d+)a(\d+)((?:-[a-z][a-z0-9]*)*)$")
 _SETTINGS = ("ptq", "qat", "pt")  # suffixes that are not grid names
-_FLAG_GRIDS = {True: DEFAULT_WEIGHT_GRID, False: ACTIVATION_GRID}  # the older symmetric flag
 
 
 def _spec_form() -> str:
@@ -76,9 +75,7 @@ class QuantSpec:
     signed, zero point 0, ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, so 2 bit is ternary {-1, 0, 1}·s
     and 1 bit binary), ``full`` (signed, zero point 0, ``[-2^(b-1), 2^(b-1) - 1]``: 2 bit is
     {-2, -1, 0, 1}·s; ``w2a2-full``; 2 bits or more) or ``asym`` (affine with a zero point,
-    as activations); activations are always per-tensor on the ``asym`` grid. ``symmetric`` is
-    the older two-way choice between ``narrow`` (``True``) and ``asym`` (``False``); it is
-    accepted and readable for those two, not stored.
+    as activations); activations are always per-tensor on the ``asym`` grid.
     Settings that cannot matter (e.g. the method of a float spec) are normalised to their
     defaults so that equal behaviour means equal, equally hashed values.
     """
@@ -94,7 +91,6 @@ class QuantSpec:
         weight_bits: int | None,
         act_bits: int | None,
         per_channel: bool = True,
-        symmetric: bool | None = None,
         method: Literal["ptq", "qat"] = "qat",
         *,
         weight_grid: str | None = None,
@@ -106,13 +102,8 @@ class QuantSpec:
             raise InvalidSpecError(f"method must be 'ptq' or 'qat', got {method!r}")
         if not isinstance(per_channel, bool):
             raise InvalidSpecError(f"per_channel must be a bool, got {per_channel!r}")
-        if symmetric is not None and not isinstance(symmetric, bool):
-            raise InvalidSpecError(f"symmetric must be a bool or None, got {symmetric!r}")
-        flag_grid = _FLAG_GRIDS[symmetric is not False]
         if weight_grid is None:
-            weight_grid = flag_grid
-        elif symmetric is not None and weight_bits is not None and weight_grid != flag_grid:
-            raise InvalidSpecError(f"symmetric={symmetric} contradicts weight grid {weight_grid!r}")
+            weight_grid = DEFAULT_WEIGHT_GRID
         _check_grid(weight_grid)
         if weight_bits is None:  # weight-quantizer settings are meaningless for float weights
             per_channel, weight_grid = True, DEFAULT_WEIGHT_GRID
@@ -141,20 +132,6 @@ class QuantSpec:
     def activations(self) -> QuantizerSpec | None:
         """The input-activation quantizer (``None``: float activations)."""
         return None if self.act_bits is None else QuantizerSpec(self.act_bits)
-
-    @property
-    def symmetric(self) -> bool:
-        """The older flag: ``True`` for the default grid (and float weights), ``False`` for
-        ``asym``. Other grids have no such value, so they raise rather than collide with one."""
-        if self.weight_bits is None:
-            return True
-        for flag, grid in _FLAG_GRIDS.items():
-            if grid == self.weight_grid:
-                return flag
-        raise InvalidSpecError(
-            f"{self.name}: weight grid {self.weight_grid!r} has no symmetric=True/False; "
-            "use .weight_grid"
-        )
 
     @property
     def name(self) -> str:
