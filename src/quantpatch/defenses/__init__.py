@@ -10,7 +10,9 @@ of a stated size around any predictor, ONNX Runtime sessions included.
 
 from quantpatch.defenses.base import (
     DEFENSES,
+    Certifier,
     DefendedModel,
+    Defense,
     InputDefense,
     create_defense,
     straight_through,
@@ -23,7 +25,9 @@ from quantpatch.defenses.patchcleanser import MaskSet, PatchCleanser, mask_set  
 
 __all__ = [
     "DEFENSES",
+    "Certifier",
     "DefendedModel",
+    "Defense",
     "InputDefense",
     "MaskSet",
     "PatchCleanser",

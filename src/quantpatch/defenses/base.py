@@ -1,11 +1,13 @@
-"""Defence registry, the input-defence base class (with BPDA) and ``DefendedModel``.
+"""The defence contract (``Defense``, ``Certifier``), the registry, the input-defence base
+class (with BPDA) and ``DefendedModel``.
 
 Two kinds of defence share ``DEFENSES``: input transformations (``InputDefense``: images in,
-images out, put in front of a model by ``DefendedModel``) and certifying defences such as
-``PatchCleanser`` that wrap the whole prediction. Both take only parameters in their
-constructor (cheap, validated, so a study can build each once before any training) and both
-answer ``predict(model, images, device) -> labels`` for any model: an ``nn.Module`` or a
-plain callable images -> logits such as ``quant.onnx.OrtModel``.
+images out, put in front of a model by ``DefendedModel``) and certifying defences
+(``Certifier``, e.g. ``PatchCleanser``) that wrap the whole prediction and can prove it. Both
+take only parameters in their constructor (cheap, validated, so a study can build each once
+before any training) and both answer ``predict(model, images, device) -> labels`` for any
+model: an ``nn.Module`` or a plain callable images -> logits such as ``quant.onnx.OrtModel``.
+A study finds everything it needs through this contract, never by class or attribute name.
 """
 
 from __future__ import annotations
@@ -36,6 +38,50 @@ def create_defense(name: str, **params: Any) -> Any:
         raise ConfigError(f"defense '{name}': {exc}") from None
 
 
+class Defense:
+    """What every defence answers, for any model (a module or a callable images -> logits)."""
+
+    name: ClassVar[str] = ""
+
+    @property
+    def adaptive_via(self) -> str:
+        """How an adaptive attack sees it: 'exact' gradients, straight-through ones ('bpda'),
+        or none ('underlying-model': the white-box attack on the model behind it)."""
+        return "underlying-model"
+
+    def predict(
+        self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Labels (CPU) of ``model`` behind this defence, batched."""
+        raise NotImplementedError
+
+    def check_image_size(self, image_hw: tuple[int, int]) -> None:
+        """Refuse (``PatchTooLargeError``, ``ConfigError``) images of ``image_hw`` this
+        defence cannot work on: called by a study before any training."""
+
+
+class Certifier(Defense):
+    """A defence that proves, per clean image, that no patch of ``patch_size`` anywhere can
+    change its prediction; the study certifies every model with it."""
+
+    patch_size: int
+
+    def certify(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(defended labels, certified) of clean ``images`` with true ``labels``, both (N,)
+        on the CPU; an image is certified only when its defended label is its true label."""
+        raise NotImplementedError
+
+    def method(self, image_hw: tuple[int, int]) -> str:
+        """How it certifies images of ``image_hw``, in words, for results."""
+        raise NotImplementedError
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward: the defended images; backward: the incoming gradient, unchanged, to the input."""
 
@@ -59,7 +105,7 @@ def straight_through(images: torch.Tensor, defended: torch.Tensor) -> torch.Tens
     return _StraightThrough.apply(images, defended)
 
 
-class InputDefense(nn.Module):
+class InputDefense(nn.Module, Defense):
     """Base of input transformations: images (N, C, H, W) in [0, 1] -> same shape, in [0, 1].
 
     A subclass writes ``transform`` (batched) and states ``differentiable``. When it is
@@ -71,6 +117,10 @@ class InputDefense(nn.Module):
 
     name: ClassVar[str] = ""
     differentiable: ClassVar[bool] = True
+
+    @property
+    def adaptive_via(self) -> str:
+        return "exact" if self.differentiable else "bpda"
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

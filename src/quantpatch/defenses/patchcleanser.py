@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from quantpatch.defenses.base import DEFENSES, Predictor, check_float, check_images, check_int
+from quantpatch.defenses.base import (
+    DEFENSES,
+    Certifier,
+    Predictor,
+    check_float,
+    check_images,
+    check_int,
+)
 from quantpatch.errors import ConfigError, PatchTooLargeError, ShapeError
 from quantpatch.models.train import predict_logits
 
@@ -78,7 +85,7 @@ def _axis(n: int, p: int, masks: int | None, stride: int | None) -> tuple[int, t
 
 
 @DEFENSES.register
-class PatchCleanser:
+class PatchCleanser(Certifier):
     """PatchCleanser double masking (Xiang et al. 2022): certified against one patch_size patch.
 
     ``patch_size``: the side (px) of the patch it certifies against; ``masks_per_axis`` (the
@@ -114,6 +121,13 @@ class PatchCleanser:
         """The masks for images of ``image_hw`` (``PatchTooLargeError`` if the patch does not
         fit): a study can call this before any training to validate the patch size."""
         return mask_set(image_hw, self.patch_size, self.masks_per_axis, self.stride)
+
+    def check_image_size(self, image_hw: tuple[int, int]) -> None:
+        self.mask_set(image_hw)
+
+    def method(self, image_hw: tuple[int, int]) -> str:
+        masks = self.mask_set(image_hw)
+        return f"{len(masks)} masks of {masks.size[0]}x{masks.size[1]} px, double masking"
 
     def predict(
         self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"
