@@ -42,10 +42,11 @@ from _common import (
 
 from quantpatch.results import CellRecord
 from quantpatch.study import load_study, run_study
-from quantpatch.study.cells import expand_cells, run_cell
-from quantpatch.study.executors import estimate_scaling
-from quantpatch.study.ray_executor import cell_task, task_payload
-from quantpatch.study.runner import prepare
+from quantpatch.study.grid.cells import expand_cells
+from quantpatch.study.grid.scoring import run_cell
+from quantpatch.study.run.executors import estimate_scaling
+from quantpatch.study.run.ray_executor import cell_task, task_payload
+from quantpatch.study.run.runner import prepare
 
 WORKERS = (1, 2)
 NODES = (1, 2, 4, 8, 16)
@@ -62,7 +63,7 @@ def study_settings(quick: bool) -> dict[str, Any]:
         "n_eval": 50 if quick else 200,
         "models": ["lenet"],
         "precisions": ["fp32", "w8a8", "w4a4"],
-        "ort_int8": False,
+        "deployments": [],
         "controls": False,
         "attacks": [
             {"name": "universal", "params": {"steps": 5 if quick else 40, "batch_size": 32}},

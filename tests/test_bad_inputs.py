@@ -573,12 +573,12 @@ def _tree(root: Path) -> set[str]:
 def case_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The case folder; the current folder is a fresh ``cwd/`` beside it (default outputs land
     inside tmp_path), and creating the artifact cache raises ``ReachedWork``."""
-    from quantpatch.study import core
+    from quantpatch.study.store import cache
 
     def reached_work(self, root):
         raise ReachedWork(f"work started (artifact cache {root}): the bad input got through")
 
-    monkeypatch.setattr(core.ArtifactCache, "__init__", reached_work)
+    monkeypatch.setattr(cache.ArtifactCache, "__init__", reached_work)
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     (tmp_path / "case").mkdir()

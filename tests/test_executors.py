@@ -10,8 +10,7 @@ import pytest
 from quantpatch.errors import ConfigError
 from quantpatch.results import Timings
 from quantpatch.study import load_study
-from quantpatch.study.executors import cell_seconds, create_executor, estimate_scaling
-from quantpatch.study.runner import study_fingerprint
+from quantpatch.study.run.executors import cell_seconds, create_executor, estimate_scaling
 
 
 def test_local_is_the_default_and_needs_no_ray() -> None:
@@ -60,7 +59,7 @@ def test_executor_is_not_part_of_the_study() -> None:
     """A study resumed under another executor reuses its run folder."""
     local = load_study()
     ray = load_study(executor="ray", ray_address="127.0.0.1:6379")
-    assert study_fingerprint(local)[0] == study_fingerprint(ray)[0]
+    assert local.fingerprint()[0] == ray.fingerprint()[0]
 
 
 class _Record:

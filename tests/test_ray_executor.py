@@ -53,7 +53,7 @@ def _settings(tiny: dict) -> dict:
         "limit": 600,
         "n_eval": 50,
         "precisions": ["fp32", "w8a8"],
-        "ort_int8": False,
+        "deployments": [],
         "controls": False,
         "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
         "attacks": [
@@ -114,7 +114,7 @@ def test_ray_study_matches_local_and_resumes(
 def test_a_task_asks_for_one_gpu_where_the_cluster_has_them(
     monkeypatch: pytest.MonkeyPatch, gpus: float, device: str, asked: dict
 ) -> None:
-    from quantpatch.study import ray_executor
+    from quantpatch.study.run import ray_executor
 
     monkeypatch.setattr(ray_executor.ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": gpus})
     options = ray_executor._task_options(load_study(device=device))

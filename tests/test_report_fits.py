@@ -41,7 +41,7 @@ def _cell(source: str, target: str, attack: str = "universal", seed: int = 0, su
         **RateRecord.of(Rate(hits, 100)).model_dump(),
         study="s", dataset="d", cell=f"{source}-{attack}-{seed}", source=f"lenet/{source}",
         source_arch="lenet", source_precision=source, target=f"lenet/{target}",
-        target_arch="lenet", target_precision=target, white_box=source == target,
+        target_arch="lenet", target_precision=target,
         threat="white-box" if source == target else "transfer", attack=attack,
         attack_name=attack.partition("-")[0], attack_kind="patch", targeted=False,
         target_class=None, patch_size=7, patch_area=0.06, seed=seed,

@@ -25,6 +25,7 @@ from quantpatch.results import (
     cells_to_csv,
     csv_columns,
     load_results,
+    precision_order,
 )
 
 
@@ -33,7 +34,7 @@ def _cell(**overrides) -> CellRecord:
         **RateRecord.of(Rate(3, 10)).model_dump(),
         "study": "s", "dataset": "d", "cell": "c", "source": "lenet/fp32",
         "source_arch": "lenet", "source_precision": "fp32", "target": "lenet/w4a4",
-        "target_arch": "lenet", "target_precision": "w4a4", "white_box": False, "threat": "transfer",
+        "target_arch": "lenet", "target_precision": "w4a4", "threat": "transfer",
         "attack": "universal", "attack_name": "universal", "attack_kind": "patch",
         "targeted": False, "target_class": None, "patch_size": 7, "patch_area": 0.06,
         "seed": 0, "target_clean_accuracy": 0.9,
@@ -119,14 +120,26 @@ def test_report_reads_results_without_the_study_stack() -> None:
         assert not any(m.startswith(f"quantpatch.{package}") for m in loaded), package
 
 
+def test_precision_order_is_weight_bits_then_activation_bits() -> None:
+    """The one "lowest precision" rule: w2a8 is below w4a4 (a sum of bits would tie-break
+    the other way), and float counts as 32 bits."""
+    from quantpatch.quant import QuantSpec
+    from quantpatch.study.settings.names import lowest_precision
+
+    specs = [QuantSpec.parse(p) for p in ("fp32", "w4a4", "w2a8", "w8a8")]
+    assert lowest_precision(specs).name == "w2a8"
+    assert precision_order(None, None) == (32, 32)
+    assert sorted(specs, key=lambda s: precision_order(s.weight_bits, s.act_bits))[0].name == "w2a8"
+
+
 def test_study_never_imports_the_report() -> None:
     loaded = _imported_after("import quantpatch.study")
     assert not any(m.startswith("quantpatch.report") for m in loaded)
 
 
-def test_format_3_files_are_refused(tmp_path: Path) -> None:
-    """Format 4 redefined the deployment check; a format-3 file is refused in one line that
-    says what to do, never misread."""
-    path = _results_file(tmp_path, format_version=3)
+def test_older_formats_are_refused(tmp_path: Path) -> None:
+    """Format 5 made certificates and deployments generic; a format-4 file is refused in one
+    line that says what to do, never misread."""
+    path = _results_file(tmp_path, format_version=4)
     with pytest.raises(CorruptFileError, match="rerun the study"):
         load_results(path)

@@ -21,7 +21,7 @@ def _settings(tiny: dict) -> dict:
         "n_eval": 100,
         "train": {"epochs": 2, "lr": 0.05, "batch_size": 64},
         "precisions": ["fp32", "w4a4"],
-        "ort_int8": False,
+        "deployments": [],
         "controls": False,
         "seeds": [0, 1],
         "attacks": [

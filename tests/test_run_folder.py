@@ -20,7 +20,7 @@ SMALL = {
     "n_eval": 60,
     "models": ["lenet"],
     "precisions": ["fp32"],
-    "ort_int8": False,
+    "deployments": [],
     "controls": False,
     "attacks": [{"name": "universal", "params": {"steps": 5, "batch_size": 32}},
                 {"name": "random"}],
@@ -76,12 +76,36 @@ def test_damaged_cell_files_are_reported_and_recomputed(
     elif damage == "empty-list":
         cell.write_text("[]")
     else:  # plausible but edited numbers
-        data["records"][0]["successes"] = 0
-        data["records"][0]["rate"] = 0.0
+        data["payload"][0]["successes"] = 0
+        data["payload"][0]["rate"] = 0.0
         cell.write_text(json.dumps(data))
     results = _run(tmp_path)
     assert "damaged cell file" in capfd.readouterr().err
     assert _rates(results) == _rates(finished / "run" / "results.json")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_damaged_analysis_files_are_reported_and_recomputed(
+    tmp_path: Path, finished: Path, damage: str, capfd
+) -> None:
+    """Analyses are sealed like cells: an edited or cut file is caught, never trusted."""
+    import shutil
+
+    shutil.copytree(finished / "cache", tmp_path / "cache")
+    spatial = {**SMALL["analyses"], "spatial": True, "spatial_images": 8, "spatial_stride": 7}
+    first = json.loads(_run(tmp_path, analyses=spatial).read_text())["analyses"]["sensitivity"]
+    path = tmp_path / "run" / "analyses" / "sensitivity.json"
+    data = json.loads(path.read_text())
+    if damage == "truncate":
+        path.write_text(path.read_text()[:40])
+    else:  # a plausible but edited rate
+        rates = next(iter(data["payload"]["maps"].values()))["rates"]
+        rates[0][0] = 1.0 - rates[0][0]
+        path.write_text(json.dumps(data))
+    capfd.readouterr()
+    again = json.loads(_run(tmp_path, analyses=spatial).read_text())["analyses"]["sensitivity"]
+    assert "damaged analysis file" in capfd.readouterr().err
+    assert again == first
 
 
 @pytest.mark.parametrize("kind", ["models", "patches"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from quantpatch.analysis import linear_cka
-from quantpatch.study.analyses import _same_class_partner
+from quantpatch.study.run.analyses import _same_class_partner
 
 
 def test_debiased_cka_sees_no_similarity_between_unrelated_wide_features() -> None:

@@ -197,7 +197,7 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     settings = {
         **tiny_study_settings,
         "precisions": ["fp32", "w2a2"],  # models come from the module's cache
-        "ort_int8": False,
+        "deployments": [],
         "controls": False,
         "attacks": attacks,
         "n_eval": 64,

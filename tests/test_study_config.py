@@ -12,8 +12,8 @@ from quantpatch.data import Split
 from quantpatch.errors import ConfigError
 from quantpatch.report.tables import SeedRate, pool
 from quantpatch.study import load_study
-from quantpatch.study.cache import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
-from quantpatch.study.validate import validate_study
+from quantpatch.study.run.checks import validate_study
+from quantpatch.study.store.cache import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
 
 
 def test_attacks_that_differ_in_a_parameter_get_different_labels() -> None:
@@ -116,7 +116,7 @@ def test_seeds_are_not_pooled_as_more_images() -> None:
             **RateRecord.of(Rate(successes, 100)).model_dump(),
             study="s", dataset="d", cell="c", source="a/fp32", source_arch="a",
             source_precision="fp32", target="a/w4a4", target_arch="a", target_precision="w4a4",
-            white_box=False, threat="transfer", attack="universal", attack_name="universal",
+            threat="transfer", attack="universal", attack_name="universal",
             attack_kind="patch", targeted=False, target_class=None, patch_size=7,
             patch_area=0.1, seed=seed, target_clean_accuracy=0.9,
             timings=Timings(fit_s=0, perturb_s=0, eval_s=0),
@@ -156,3 +156,24 @@ def test_placement_study_pairs_both_threat_models() -> None:
     assert fixed.params["location"] == "search" and fixed.params["mode"] == "universal"
     assert eot.params["steps"] == fixed.params["steps"] and "eot" not in eot.params
     assert eot.sources is None and fixed.sources is None and len(config.precisions) >= 4
+
+
+def test_lowest_precision_is_one_rule_on_a_w2a8_and_w4a4_study() -> None:
+    """Weight bits first: w2a8 is this study's lowest precision for the config, the default
+    attacks' sources and the analyses alike (a sum of bits would pick w4a4)."""
+    from quantpatch.quant import QuantSpec
+    from quantpatch.study.run.analyses import _lowest_precision
+
+    config = load_study(None, precisions=["fp32", "w4a4", "w2a8"])
+    assert config.lowest_precision == QuantSpec.parse("w2a8")
+    assert {a.name: a.sources for a in config.attacks}["patch-pgd"] == ["fp32", "w2a8"]
+
+    class Model:
+        def __init__(self, name: str) -> None:
+            self.spec, self.name = QuantSpec.parse(name), name
+
+    class Context:
+        def siblings(self, arch: str):
+            return tuple(Model(n) for n in ("fp32", "w4a4", "w2a8"))
+
+    assert _lowest_precision(Context(), "lenet").name == "w2a8"

@@ -196,7 +196,7 @@ def test_defences_are_opt_in_and_get_distinct_labels() -> None:
 
 def test_the_defences_study_file_is_valid() -> None:
     """studies/defences.yaml names only known defences with valid parameters."""
-    from quantpatch.study.validate import validate_study
+    from quantpatch.study.run.checks import validate_study
 
     config = load_study(Path(__file__).parents[1] / "studies" / "defences.yaml")
     validate_study(config)

@@ -13,7 +13,7 @@ from quantpatch.errors import ConfigError, PatchTooLargeError
 from quantpatch.report import build_report
 from quantpatch.results import load_results
 from quantpatch.study import load_study, run_study
-from quantpatch.study.validate import validate_against_data, validate_study
+from quantpatch.study.run.checks import validate_against_data, validate_study
 
 NO_ANALYSES = {"gradient_alignment": False, "features": False, "spatial": False,
                "size_curve": False, "quant_strength": False}  # fmt: skip
@@ -30,7 +30,7 @@ def recipe_settings(tiny_study_settings) -> dict:
         "precisions": ["fp32", "w2a2"],
         "calibration": "minmax",
         "controls": False,
-        "ort_int8": False,
+        "deployments": [],
         "recipes": [{"name": "random-precision"}],
         "attacks": [
             {

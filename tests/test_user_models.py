@@ -53,7 +53,7 @@ def _settings(files: dict[str, Path], **changes) -> dict:
         "n_eval": 60,
         "models": [TIMM],
         "precisions": ["fp32"],
-        "ort_int8": False,
+        "deployments": [],
         "controls": False,
         "weights": {TIMM: str(files["timm.safetensors"])},
         "onnx_models": [{"name": "mynet", "path": str(files["lenet.onnx"])}],

@@ -21,12 +21,20 @@ from quantpatch._io import read_json
 from quantpatch.errors import CorruptFileError
 from quantpatch.metrics import Rate
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 """Bumped whenever a record gains, loses or redefines a field."""
 
 READABLE_VERSIONS = (FORMAT_VERSION,)
-"""Formats this version reads. Format 4 redefined the deployment check (matched simulation and
-fp32 null, clean and adversarial), so format-3 files are refused: rerun the study."""
+"""Formats this version reads. Format 5 made certificates and deployments generic (any
+certifying defence, any runtime) and dropped ``white_box`` (``threat`` says it): rerun older
+studies."""
+
+
+def precision_order(weight_bits: int | None, act_bits: int | None) -> tuple[int, int]:
+    """The one order of precisions, fewest bits first: by weight bits, then activation bits
+    (float counts as 32). "The lowest precision" of a study is the first in this order, for
+    the study and the report alike (w2a8 before w4a4)."""
+    return (weight_bits or 32, act_bits or 32)
 
 
 class Record(BaseModel):
@@ -58,10 +66,6 @@ class RateRecord(Record):
     @classmethod
     def of(cls, rate: Rate) -> RateRecord:
         return cls(**rate.to_dict())
-
-    @property
-    def as_rate(self) -> Rate:
-        return Rate(self.successes, self.n)
 
 
 class MeanCI(Record):
@@ -105,16 +109,21 @@ class InputCheckRecord(Record):
 
 
 class DeploymentRecord(Record):
-    """An ONNX Runtime int8 model checked against the fake-quant model that should reproduce
-    it, with fp32 as the null, and what it buys in speed."""
+    """A deployed integer model checked against the fake-quant model that should reproduce it,
+    with the runtime's fp32 network as the null, and what it buys in speed."""
 
-    kind: Literal["ptq", "qat-qdq"] = Field(
-        description="'ptq': ORT static int8 of the fp32 model, against its simulation by "
-        "ORT's rules on the same calibration images; 'qat-qdq': a QAT model exported with "
-        "its learned scales as a QDQ graph, against the trained model itself"
+    deployment: str = Field(description="the registered deployment, e.g. 'ort-int8'")
+    kind: str = Field(
+        description="'ptq': the runtime's own int8 of the fp32 model, against its simulation "
+        "by the runtime's rules on the same calibration images; 'qat-qdq': a QAT model exported "
+        "with its learned scales, against the trained model itself"
     )
     reference: str = Field(description="the simulated (fake-quant) model compared with")
-    reduce_range: bool = Field(description="ORT's [-64, 64] weight codes (x86 without VNNI)")
+    settings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what else the deployed file depends on, e.g. ORT's reduce_range "
+        "([-64, 64] weight codes on x86 without VNNI)",
+    )
     clean: InputCheckRecord
     adversarial: InputCheckRecord | None
     adversarial_attack: str | None = Field(
@@ -126,14 +135,12 @@ class DeploymentRecord(Record):
 
 
 class CertifiedRecord(Record):
-    """PatchCleanser's certificate on the clean evaluation images: an image is certified when
-    every pair of masks leaves the true label, so no patch of ``patch_size`` anywhere can
-    change its double-masking prediction (Xiang et al. 2022, Theorem 1)."""
+    """A certifying defence's certificate on the clean evaluation images: a certified image
+    keeps its true label under every patch of ``patch_size`` anywhere, whatever its content."""
 
     patch_size: int = Field(ge=1, description="side (px) of the patch certified against")
-    masks: int = Field(ge=1, description="masks in the first round (M; M (M + 1) / 2 pairs)")
-    mask_size: tuple[int, int]
-    clean: RateRecord = Field(description="double-masking accuracy on the clean images")
+    method: str = Field(description="how it certifies, in words (e.g. '36 masks of 12x12 px')")
+    clean: RateRecord = Field(description="the defended model's accuracy on the clean images")
     certified: RateRecord = Field(description="certified robust accuracy")
 
 
@@ -146,7 +153,7 @@ class ModelRecord(Record):
         description="a QuantSpec name such as 'w4a4'; 'ort-int8' (ORT static int8 of fp32) or "
         "'ort-w8a8' (the QAT w8a8 model deployed on ORT as trained)"
     )
-    runtime: Literal["torch", "onnxruntime"]
+    runtime: str = Field(description="what runs it: 'torch', or a deployment's runtime")
     weight_bits: int | None = Field(description="None: float weights")
     weight_levels: int | None = Field(
         description="distinct weight values per channel: 3 for 2-bit narrow (ternary) weights, "
@@ -213,9 +220,6 @@ class CellRecord(RateRecord):
     target_precision: str
     defense: str | None = Field(
         None, description="label of the target's defence; None: an undefended target"
-    )
-    white_box: bool = Field(
-        description="crafted on the target model itself (for a defended target: adaptive)"
     )
     threat: Literal["white-box", "white-box ensemble", "query-only", "transfer", "source-free"] = (
         Field(

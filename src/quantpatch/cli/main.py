@@ -32,6 +32,11 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _csv_or_none(value: str) -> list[str]:
+    """argparse type: comma-separated names, or 'none' for an empty list."""
+    return [] if value.strip().lower() == "none" else _csv(value)
+
+
 def _csv(value: str) -> list[str]:
     """argparse type: a non-empty comma-separated list of names."""
     names = [v.strip() for v in value.split(",") if v.strip()]
@@ -77,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--patch-size", type=_count, action="append", dest="patch_sizes", help="px")
     run.add_argument("--seed", type=_seed, action="append", dest="seeds")
     run.add_argument("--n-eval", type=_count, help="test images each patch is evaluated on")
-    run.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime int8 target")
+    run.add_argument(
+        "--deployments",
+        type=_csv_or_none,
+        help="integer runtimes every model also ships on, e.g. ort-int8,ort-w8a8 "
+        "(`quantpatch list deployments`); 'none' for no runtime",
+    )
     run.add_argument("--out", type=Path, help="run folder (default runs/<study name>)")
     run.add_argument("--cache-dir", type=Path)
     run.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
@@ -105,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(handler=_cmd_report)
 
     lister = sub.add_parser("list", help="print a registry")
-    lister.add_argument("what", choices=["datasets", "models", "attacks", "defenses", "recipes"])
+    lister.add_argument(
+        "what", choices=["datasets", "models", "attacks", "defenses", "recipes", "deployments"]
+    )
     lister.set_defaults(handler=_cmd_list)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of study configs or results")
@@ -140,7 +152,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         patch_sizes=args.patch_sizes,
         seeds=args.seeds,
         n_eval=args.n_eval,
-        ort_int8=False if args.no_ort else None,
+        deployments=args.deployments,
         cache_dir=args.cache_dir,
         device=args.device,
         executor=args.executor,
@@ -207,6 +219,8 @@ def _registry(what: str):
         from quantpatch.attacks import ATTACKS as registry
     elif what == "defenses":
         from quantpatch.defenses import DEFENSES as registry
+    elif what == "deployments":
+        from quantpatch.deployments import DEPLOYMENTS as registry
     else:
         from quantpatch.defenses.training import RECIPES as registry
     return registry

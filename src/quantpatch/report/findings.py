@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from quantpatch.report.page import Page
 from quantpatch.report.tables import ModelOrder, SeedRate, group, masking_flags, pool
-from quantpatch.results import CellRecord, ModelRecord, ResultsFile
+from quantpatch.results import CellRecord, ModelRecord, ResultsFile, precision_order
 
 
 def key_findings(page: Page, results: ResultsFile, order: ModelOrder) -> None:
@@ -79,7 +79,7 @@ def _transfer_sentences(
     quantized = [m for m in torch_models if m.weight_bits or m.act_bits]
     if not quantized:
         return []
-    lowest = min(quantized, key=lambda m: (m.weight_bits or 32) + (m.act_bits or 32))
+    lowest = min(quantized, key=lambda m: precision_order(m.weight_bits, m.act_bits))
     targets = [lowest.name, *runtimes]
     sentences = []
     for target in targets:

@@ -105,14 +105,18 @@ def _deployment_table(page: Page, deployed: list[ModelRecord]) -> None:
                 f"{fmt_rate(check.fp32.agreement)} ({check.fp32.logit_error:.3f})",
                 "yes" if check.simulation_closer else "NO",
             ])  # fmt: skip
-    page.table(["ORT model", "images", "int8 accuracy", "agreement with simulation (logit err)",
+    page.table(["deployed model", "images", "int8 accuracy", "agreement with simulation (logit err)",
                 "agreement with fp32, the null (logit err)", "simulation closer"], rows)  # fmt: skip
     page.para(" ".join(
-        f"{m.name}: {m.deployment.kind} against {m.deployment.reference}; "
-        f"{m.deployment.int8_img_per_s:.0f} img/s vs fp32 {m.deployment.fp32_img_per_s:.0f} "
-        f"({m.deployment.speedup_vs_fp32:.2f}x)." for m in deployed
-    ) + f" Adversarial images: {deployed[0].deployment.adversarial_attack}. Reduce range: "
-      f"{deployed[0].deployment.reduce_range}.")  # fmt: skip
+        f"{m.name}: {m.deployment.kind} against {m.deployment.reference}"
+        f"{_settings(m.deployment.settings)}; {m.deployment.int8_img_per_s:.0f} img/s vs fp32 "
+        f"{m.deployment.fp32_img_per_s:.0f} ({m.deployment.speedup_vs_fp32:.2f}x)."
+        for m in deployed
+    ) + f" Adversarial images: {deployed[0].deployment.adversarial_attack}.")  # fmt: skip
+
+
+def _settings(settings: dict) -> str:
+    return " (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")" if settings else ""
 
 
 def _patches_section(page: Page, run_dir: Path) -> None:

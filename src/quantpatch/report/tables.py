@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from quantpatch.metrics import Rate, wilson_interval
-from quantpatch.results import CellRecord, ModelRecord, RateRecord
+from quantpatch.results import CellRecord, ModelRecord, RateRecord, precision_order
 
 
 class ModelOrder:
@@ -24,8 +24,8 @@ class ModelOrder:
         is_float = m.weight_bits is None and m.act_bits is None
         group = 3 if m.runtime != "torch" else (0 if is_float and not m.control_of else 1)
         group = 2 if not is_float and group == 1 else group  # fp32, controls, quantized, ORT
-        return (m.arch, group, -(m.weight_bits or 32), -(m.act_bits or 32), m.precision,
-                m.defense or "")  # fmt: skip
+        weight, act = precision_order(m.weight_bits, m.act_bits)
+        return (m.arch, group, -weight, -act, m.precision, m.defense or "")
 
     def __call__(self, name: str) -> tuple:
         arch, _, precision = name.partition("/")

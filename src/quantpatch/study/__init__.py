@@ -1,8 +1,17 @@
-"""Studies: a validated config expanded into cells, cached, resumable, written as records."""
+"""Studies: a validated config expanded into cells, cached, resumable, written as records.
 
-from quantpatch.study.config import AnalysisSettings, AttackSettings, StudyConfig, load_study
-from quantpatch.study.runner import run_study
-from quantpatch.study.train import train_one
+Five rooms, each importing only the ones before it: ``store`` (the artifact cache and the
+run folder's sealed files), ``settings`` (the config and naming rules), ``zoo`` (models and
+targets), ``grid`` (cells and the threat model) and ``run`` (stages, runner, executors)."""
+
+from quantpatch.study.run.runner import run_study
+from quantpatch.study.run.train import train_one
+from quantpatch.study.settings.config import (
+    AnalysisSettings,
+    AttackSettings,
+    StudyConfig,
+    load_study,
+)
 
 __all__ = [
     "AnalysisSettings",

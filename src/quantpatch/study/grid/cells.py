@@ -1,22 +1,41 @@
-"""Grid expansion and the work of one cell: craft adversarial images once, score every target."""
+"""The grid: what each cell crafts on, its key, and finding a cell again by its key.
+
+A cell is (source, attack, patch size, seed). Its key hashes everything its numbers depend on
+(the sources' and targets' keys, the attack's settings, the data and the code), so a cell file
+or patch from other settings is never reused. Which sources an attack gets and which targets a
+cell is scored on are the threat model's rules (``grid.threat``)."""
 
 from __future__ import annotations
 
-import socket
+import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from quantpatch._io import content_key, load_tensors, save_tensors
-from quantpatch.attacks import ATTACKS, Attack, create_attack
-from quantpatch.metrics import attack_success
-from quantpatch.results import CellRecord, Timings
-from quantpatch.study.cache import EVAL_CODE, code_fingerprint
-from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import Cell, Source, StudyContext, Target
-from quantpatch.study.records import cell_record, save_patch_png
+from quantpatch.attacks import ATTACKS
+from quantpatch.errors import ConfigError
+from quantpatch.study.grid.threat import Source, adaptive_sources_for, sources_for
+from quantpatch.study.settings.config import AttackSettings
+from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
+from quantpatch.study.zoo.context import StudyContext
+
+
+@dataclass(frozen=True, eq=False)
+class Cell:
+    """(source, attack, patch size, seed); ``key`` hashes everything its numbers depend on."""
+
+    source: Source
+    attack: AttackSettings
+    patch_size: int | None
+    seed: int
+    key: str
+
+    @property
+    def cell_id(self) -> str:
+        size = f"p{self.patch_size}" if self.patch_size else "pixel"
+        raw = f"{self.source.label}__{self.attack.label}__{size}__s{self.seed}"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw) + f"__{self.key[:8]}"
 
 
 def expand_cells(context: StudyContext) -> list[Cell]:
@@ -46,87 +65,31 @@ def expand_cells(context: StudyContext) -> list[Cell]:
     return cells
 
 
-def sources_for(context: StudyContext, cls: type[Attack], settings: AttackSettings) -> list[Source]:
-    """What an attack is crafted on: nothing, each architecture's precisions together, or
-    every model on its own (only the precisions ``settings.sources`` names, when it does)."""
-    if cls.source_free:
-        return [Source.none()]
-    if cls.multi_precision:
-        return [Source.ensemble(arch, context.siblings(arch)) for arch in context.config.models]
-    chosen = settings.sources
-    if not cls.needs_gradients:  # query attacks run on any target, ONNX Runtime included
-        return [
-            Source.of_target(target)
-            for target in context.targets
-            if target.defense is None and (chosen is None or target.precision in chosen)
-        ]  # (through a defence: adaptive_sources_for)
-    return [
-        Source.single(model)
-        for model in context.models.values()
-        if chosen is None or model.precision in chosen
-    ]
+def find_cell(context: StudyContext, key: str) -> Cell:
+    """The cell of ``key`` (a worker given a key by its driver): refused when this code or
+    data has no such cell."""
+    cell = next((c for c in expand_cells(context) if c.key == key), None)
+    if cell is None:
+        raise ConfigError(f"no cell {key[:8]} in this study here: other code or data")
+    return cell
 
 
-def adaptive_sources_for(
-    context: StudyContext, cls: type[Attack], settings: AttackSettings
-) -> list[Source]:
-    """One source per input-defended PyTorch target, the defence included (white-box through
-    it): the adaptive cells. None for attacks that use no model or several (multibit), or
-    that the study marks ``adaptive: false``; a forward-only defence has no such source (its
-    adaptive attack is the undefended model's, already in the grid)."""
-    if cls.source_free or cls.multi_precision or not settings.adaptive:
-        return []
-    chosen = settings.sources
-    return [
-        Source.single(model)
-        for model in context.adaptive_sources.values()
-        if chosen is None or model.precision in chosen
-    ]
-
-
-def scored_targets(context: StudyContext, cell: Cell) -> list[Target]:
-    """Which targets a cell's images are scored on.
-
-    An adaptive cell: only the defended target it was crafted through. Otherwise every
-    undefended target, and a defended target only when the cell is its non-adaptive attack
-    (crafted on the model behind the defence, on that architecture's fp32 model, or on no
-    model): defended targets cost up to hundreds of forwards per image (PatchCleanser), and
-    transfer from another bit-width *through* a defence answers no question the study asks."""
-    source = cell.source
-    if source.defense is not None:
-        return [t for t in context.targets if t.name == source.label]
-    return [t for t in context.targets if t.defense is None or _attacks_behind(source, t)]
-
-
-def _attacks_behind(source: Source, target: Target) -> bool:
-    if not source.models and source.deployed is None:
-        return True  # source-free
-    return source.label == target.base_name or (
-        source.arch == target.arch and source.precision == "fp32"
-    )
-
-
-def make_attack(settings: AttackSettings, patch_size: int | None, seed: int, progress: bool):
-    """The attack of ``settings`` for one patch size and seed."""
-    cls = ATTACKS.get(settings.name)
-    params: dict[str, Any] = {"seed": seed, "progress": progress, **settings.params}
-    if cls.kind == "patch":
-        params["patch_size"] = patch_size
-    return create_attack(settings.name, **params)
-
-
-def fit_cached(context: StudyContext, cell: Cell, attack: Attack) -> float:
+def fit_cached(
+    context: StudyContext, source: Source, settings: AttackSettings, size: int | None,
+    seed: int, attack,
+) -> float:  # fmt: skip
     """Fit a universal attack, reusing a cached patch learned with identical settings; returns
-    the seconds spent fitting (0 from the cache)."""
+    the seconds spent fitting (0 from the cache).
+
+    Keyed by what the patch depends on (not by the targets it is scored on), so the grid and
+    the analyses share one patch per (sources, attack, size, seed)."""
     if not attack.universal:
         return 0.0
-    # Keyed by what the patch depends on (not by the targets it is scored on), so the grid and
-    # the analyses share one patch per (sources, attack, size, seed).
     parts = {
-        "sources": cell.source.keys,
-        "attack": cell.attack.model_dump(),
-        "patch_size": cell.patch_size,
-        "seed": cell.seed,
+        "sources": source.keys,
+        "attack": settings.model_dump(),
+        "patch_size": size,
+        "seed": seed,
         "data": context.data_identity(),
     }
     elapsed = 0.0
@@ -134,46 +97,12 @@ def fit_cached(context: StudyContext, cell: Cell, attack: Attack) -> float:
     def build(path: Path) -> None:
         nonlocal elapsed
         started = time.perf_counter()
-        attack.fit(cell.source.predictors(), context.dataset.train, context.device)
+        attack.fit(source.predictors(), context.dataset.train, context.device)
         elapsed = time.perf_counter() - started
-        save_tensors(path, attack.state_dict(), {"cell": cell.cell_id, "fit_s": elapsed})
+        save_tensors(path, attack.state_dict(), {"source": source.label, "fit_s": elapsed})
 
     def load(path: Path) -> None:
         attack.load_state_dict(load_tensors(path)[0])
 
     context.cache.get("patches", parts, "safetensors", build=build, load=load)
     return elapsed
-
-
-def run_cell(
-    context: StudyContext, cell: Cell, *, executor: str = "local", node: str | None = None
-) -> list[CellRecord]:
-    """Craft the cell's adversarial images once and score them on every target; the records
-    say what ran the cell, where and for how long (the input of a scaling estimate)."""
-    started = time.perf_counter()
-    records = _score_cell(context, cell)
-    where = {"executor": executor, "node": node or socket.gethostname()}
-    wall = {"wall_s": time.perf_counter() - started, **where}
-    return [r.model_copy(update={"timings": r.timings.model_copy(update=wall)}) for r in records]
-
-
-def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
-    attack = make_attack(cell.attack, cell.patch_size, cell.seed, context.progress)
-    fit_s = fit_cached(context, cell, attack)
-    started = time.perf_counter()
-    adversarial = attack.perturb(
-        cell.source.predictors(), context.eval_images, context.eval_labels, context.device
-    )
-    perturb_s = time.perf_counter() - started
-    patch = getattr(attack, "patch", None)
-    if isinstance(patch, torch.Tensor):
-        save_patch_png(context.out / "patches" / f"{cell.cell_id}.png", patch)
-    target_class = attack.target_class if attack.targeted else None
-    records = []
-    for target in scored_targets(context, cell):
-        started = time.perf_counter()
-        adv_pred = target.predict_labels(adversarial)
-        rate = attack_success(target.clean_pred, adv_pred, context.eval_labels, target_class)
-        timings = Timings(fit_s=fit_s, perturb_s=perturb_s, eval_s=time.perf_counter() - started)
-        records.append(cell_record(context, cell, attack, target, rate, timings))
-    return records

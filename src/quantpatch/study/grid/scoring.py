@@ -1,48 +1,57 @@
-"""Result records of a run (RobustBench style: one per cell x target) and the files they go to.
-
-The record types are the results contract in ``quantpatch.results``; this module only fills
-them from a run's context and writes results.json and results.csv."""
+"""The work of one cell: craft its adversarial images once, score them on every target it
+is scored on, and fill one record per target (RobustBench style: cell x target)."""
 
 from __future__ import annotations
 
-import os
-import platform
-import sys
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from quantpatch import __version__
-from quantpatch._io import atomic_path, write_json_atomic, write_text_atomic
+from quantpatch._io import atomic_path
 from quantpatch.attacks import Attack
-from quantpatch.metrics import Rate
-from quantpatch.results import (
-    Analyses,
-    CellRecord,
-    CurvePoint,
-    RateRecord,
-    ResultsFile,
-    Timings,
-    cells_to_csv,
-)
-from quantpatch.study.core import Cell, StudyContext, Target
+from quantpatch.metrics import Rate, attack_success
+from quantpatch.results import CellRecord, CurvePoint, RateRecord, Timings
+from quantpatch.study.grid.cells import Cell, fit_cached
+from quantpatch.study.grid.threat import adaptive_via, is_adaptive, scored_targets, threat
+from quantpatch.study.zoo.context import StudyContext, Target
 
 
-def versions() -> dict[str, str]:
-    import onnxruntime
-    import torchvision
+def run_cell(
+    context: StudyContext, cell: Cell, *, executor: str = "local", node: str | None = None
+) -> list[CellRecord]:
+    """Craft the cell's adversarial images once and score them on every target; the records
+    say what ran the cell, where and for how long (the input of a scaling estimate)."""
+    started = time.perf_counter()
+    records = _score_cell(context, cell)
+    where = {"executor": executor, "node": node or socket.gethostname()}
+    wall = {"wall_s": time.perf_counter() - started, **where}
+    return [r.model_copy(update={"timings": r.timings.model_copy(update=wall)}) for r in records]
 
-    return {
-        "quantpatch": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": str(os.cpu_count()),
-    }
+
+def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
+    attack = cell.attack.create(cell.patch_size, cell.seed, context.progress)
+    fit_s = fit_cached(context, cell.source, cell.attack, cell.patch_size, cell.seed, attack)
+    started = time.perf_counter()
+    adversarial = attack.perturb(
+        cell.source.predictors(), context.eval_images, context.eval_labels, context.device
+    )
+    perturb_s = time.perf_counter() - started
+    patch = getattr(attack, "patch", None)
+    if isinstance(patch, torch.Tensor):
+        save_patch_png(context.out / "patches" / f"{cell.cell_id}.png", patch)
+    target_class = attack.target_class if attack.targeted else None
+    records = []
+    for target in scored_targets(context, cell.source):
+        started = time.perf_counter()
+        adv_pred = target.predict_labels(adversarial)
+        rate = attack_success(target.clean_pred, adv_pred, context.eval_labels, target_class)
+        timings = Timings(fit_s=fit_s, perturb_s=perturb_s, eval_s=time.perf_counter() - started)
+        records.append(cell_record(context, cell, attack, target, rate, timings))
+    return records
 
 
 def cell_record(
@@ -50,25 +59,24 @@ def cell_record(
 ) -> CellRecord:
     """One cell scored on one target."""
     height, width = context.eval_images.shape[-2:]
-    size = cell.patch_size
-    threat, adaptive = _threat(cell, attack, target), is_adaptive(cell, attack, target)
+    size, source = cell.patch_size, cell.source
+    adaptive = is_adaptive(source, attack, target)
     return CellRecord(
         **RateRecord.of(rate).model_dump(),
         study=context.config.name,
         dataset=context.dataset.name,
         cell=cell.cell_id,
-        source=cell.source.label,
-        source_arch=cell.source.arch,
-        source_precision=cell.source.precision,
+        source=source.label,
+        source_arch=source.arch,
+        source_precision=source.precision,
         target=target.name,
         target_arch=target.arch,
         target_precision=target.precision,
         defense=target.defense,
-        white_box=threat in ("white-box", "query-only"),
-        threat=threat,
+        threat=threat(source, attack, target),
         mean_queries=_mean_queries(attack),
         adaptive=adaptive,
-        adaptive_via=_adaptive_via(attack, target) if adaptive else None,
+        adaptive_via=adaptive_via(attack, target) if adaptive else None,
         attack=cell.attack.label,
         attack_name=cell.attack.name,
         attack_kind=attack.kind,
@@ -86,37 +94,10 @@ def cell_record(
 
 def fit_curve_record(attack: Attack) -> list[CurvePoint] | None:
     """The attack's fit curve (fitted now or loaded from the patch cache), None without one."""
-    if not attack.fit_curve:
+    curve = getattr(attack, "fit_curve", None)
+    if not curve:
         return None
-    return [CurvePoint(step=p.step, loss=p.loss, success=p.success) for p in attack.fit_curve]
-
-
-def is_adaptive(cell: Cell, attack: Attack, target: Target) -> bool:
-    """Crafted knowing the target's defence: through it, or (forward-only defence, gradient
-    attack) on the model behind it. A query attack on the model behind a forward-only
-    defence never queried the defence, so it is not adaptive."""
-    if target.defense is None:
-        return False
-    if target.adaptive_via == "underlying-model" and attack.needs_gradients:
-        return cell.source.label == target.base_name
-    return cell.source.label == target.name
-
-
-def _adaptive_via(attack: Attack, target: Target) -> str | None:
-    """How an adaptive attack saw the defence: a query attack only through its outputs."""
-    return target.adaptive_via if attack.needs_gradients else "queries"
-
-
-def _threat(cell: Cell, attack: Attack, target: Target) -> str:
-    if not cell.source.models and cell.source.deployed is None:
-        return "source-free"
-    if cell.source.label == target.name or is_adaptive(cell, attack, target):
-        return "white-box" if attack.needs_gradients else "query-only"
-    if target.defense is not None:
-        return "transfer"  # crafted without the defence: non-adaptive
-    if target.model is not None and target.model in cell.source.models:
-        return "white-box ensemble"
-    return "transfer"
+    return [CurvePoint(step=p.step, loss=p.loss, success=p.success) for p in curve]
 
 
 def _mean_queries(attack: Attack) -> float | None:
@@ -134,21 +115,3 @@ def save_patch_png(path: Path, patch: torch.Tensor, upscale: int = 8) -> None:
     image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-
-
-def write_results(context: StudyContext, cells: list[CellRecord], analyses: Analyses) -> Path:
-    """Write results.json and results.csv from typed records; returns results.json's path."""
-    results = ResultsFile(
-        study=context.config.name,
-        dataset=context.dataset.name,
-        config=context.config.model_dump(mode="json"),
-        versions=versions(),
-        device=str(context.device),
-        models=context.model_records,
-        cells=cells,
-        analyses=analyses,
-    )
-    path = context.out / "results.json"
-    write_json_atomic(path, results.model_dump(mode="json"))
-    write_text_atomic(context.out / "results.csv", cells_to_csv(cells))
-    return path

@@ -1,6 +1,7 @@
 """The four "why" lenses run on a study's models: gradient alignment, features, spatial and
-size sensitivity, quantization strength. Each analysis is cached in ``analyses/<name>.json``
-under a key of everything it depends on, so a resumed study recomputes nothing."""
+size sensitivity, quantization strength. Each analysis is sealed in ``analyses/<name>.json``
+under a key of everything it depends on (the cells' format: a damaged file is recomputed), so
+a resumed study recomputes nothing."""
 
 from __future__ import annotations
 
@@ -9,10 +10,9 @@ import itertools
 from collections.abc import Callable
 
 import torch
-from pydantic import ValidationError
 
 from quantpatch import analysis
-from quantpatch._io import content_key, read_json, write_json_atomic
+from quantpatch._io import content_key
 from quantpatch._runtime import restart_draws
 from quantpatch.attacks import Attack, Placement, apply_patch
 from quantpatch.metrics import attack_success
@@ -33,11 +33,15 @@ from quantpatch.results import (
     SpatialSensitivity,
     StrengthRow,
 )
-from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
-from quantpatch.study.cache import EVAL_CODE, code_fingerprint
-from quantpatch.study.cells import fit_cached, make_attack
-from quantpatch.study.config import AttackSettings
-from quantpatch.study.core import Cell, PreparedModel, Source, StudyContext
+from quantpatch.study.grid.cells import fit_cached
+from quantpatch.study.grid.threat import Source
+from quantpatch.study.settings.config import AttackSettings
+from quantpatch.study.settings.names import lowest_precision
+from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
+from quantpatch.study.store.run_folder import analysis_path, lock_path
+from quantpatch.study.store.sealed import settle
+from quantpatch.study.zoo.context import PreparedModel, StudyContext
+from quantpatch.study.zoo.models import prepare_fp32, prepare_quantized
 
 Lens = Callable[[StudyContext, AttackSettings], object]
 
@@ -64,7 +68,7 @@ def run_analyses(context: StudyContext) -> Analyses:
 
 
 def _cached(context: StudyContext, name: str, compute: Callable[[], object]) -> object:
-    """The lens's typed result, read from ``analyses/<name>.json`` when its key matches."""
+    """The lens's typed result, read from its sealed file when its key matches."""
     config = context.config
     key = content_key(
         {
@@ -80,29 +84,25 @@ def _cached(context: StudyContext, name: str, compute: Callable[[], object]) -> 
             "code": code_fingerprint(*EVAL_CODE),
         }
     )
-    path = context.out / "analyses" / f"{name}.json"
-    if path.exists():
-        cached = read_json(path)
-        if isinstance(cached, dict) and cached.get("key") == key:
-            try:
-                return getattr(Analyses.model_validate({name: cached["result"]}), name)
-            except ValidationError:
-                pass  # an older or damaged file: recompute it
-    result = getattr(Analyses.model_validate({name: compute()}), name)
-    data = Analyses.model_validate({name: result}).model_dump(mode="json")[name]
-    write_json_atomic(path, {"key": key, "result": data})
-    return result
+
+    def parse(payload: object) -> object:
+        return getattr(Analyses.model_validate({name: payload}), name)
+
+    def dump(result: object) -> object:
+        return Analyses.model_validate({name: result}).model_dump(mode="json")[name]
+
+    return settle(
+        "analysis", analysis_path(context.out, name), key, lock_path(context.out, f"analysis-{name}"),
+        parse=parse, dump=dump, compute=lambda: parse(compute()),
+    )  # fmt: skip
 
 
 def universal_patch(
     context: StudyContext, source: PreparedModel, settings: AttackSettings, size: int, seed: int
 ) -> Attack:
     """The universal patch for ``source`` (shared with the grid's cell when it has one)."""
-    parts = {"sources": [source.key], "attack": settings.model_dump(), "patch_size": size,
-             "seed": seed}  # fmt: skip
-    cell = Cell(Source.single(source), settings, size, seed, content_key(parts))
-    attack = make_attack(settings, size, seed, context.progress)
-    fit_cached(context, cell, attack)
+    attack = settings.create(size, seed, context.progress)
+    fit_cached(context, Source.single(source), settings, size, seed, attack)
     return attack
 
 
@@ -278,8 +278,8 @@ def _predict(context: StudyContext, model: PreparedModel, images: torch.Tensor) 
 
 def _lowest_precision(context: StudyContext, arch: str) -> PreparedModel:
     models = context.siblings(arch)
-    quantized = [m for m in models if not m.spec.is_float] or list(models)
-    return min(quantized, key=lambda m: (m.spec.weight_bits or 32) + (m.spec.act_bits or 32))
+    lowest = lowest_precision(m.spec for m in models)
+    return next(m for m in models if m.spec == lowest)
 
 
 def size_curve(context: StudyContext, settings: AttackSettings) -> SizeCurve:

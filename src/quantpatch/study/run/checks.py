@@ -5,15 +5,13 @@ from __future__ import annotations
 from quantpatch._runtime import resolve_device
 from quantpatch.attacks import ATTACKS
 from quantpatch.data import Dataset
-from quantpatch.defenses.training import create_recipe
+from quantpatch.deployments import create_deployment
 from quantpatch.errors import ConfigError, DataNotFoundError, PatchTooLargeError
 from quantpatch.models import check_model_name, create_model
 from quantpatch.quant import FP32
 from quantpatch.quant.switchable import SwitchablePrecision
-from quantpatch.study.cells import make_attack
-from quantpatch.study.config import StudyConfig
-from quantpatch.study.defended import build_defense
-from quantpatch.study.targets import check_onnx_model
+from quantpatch.study.settings.config import StudyConfig
+from quantpatch.study.zoo.targets import check_onnx_model
 
 
 def validate_study(config: StudyConfig) -> None:
@@ -28,20 +26,12 @@ def validate_study(config: StudyConfig) -> None:
             raise DataNotFoundError(f"{what} file not found: {path}")
     for settings in config.attacks:
         cls = ATTACKS.get(settings.name)
-        sizes = config.patch_sizes if cls.kind == "patch" else [None]
-        for size in sizes:
-            try:
-                make_attack(settings, size, config.seeds[0], progress=False)
-            except ConfigError as exc:
-                raise ConfigError(f"attack '{settings.label}': {exc}") from None
-    for defense in config.defenses:
-        build_defense(defense)
-    for recipe in config.recipes:
-        try:
-            create_recipe(recipe.name, **recipe.params)
-        except ConfigError as exc:
-            message = str(exc).removeprefix(f"recipe {recipe.name!r}: ")
-            raise ConfigError(f"recipe '{recipe.label}': {message}") from None
+        for size in config.patch_sizes if cls.kind == "patch" else [None]:
+            settings.create(size, config.seeds[0], progress=False)
+    for entry in (*config.defenses, *config.recipes):
+        entry.create()
+    for name in config.deployed_precisions:
+        create_deployment(name)  # a runtime that is not installed is refused here
     resolve_device(config.device)
 
 
@@ -65,13 +55,12 @@ def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
         )
     _check_user_models(config, dataset)
     _check_recipes(config, dataset)
+    image_hw = tuple(dataset.train.images.shape[-2:])
     for defense in config.defenses:
-        certifier = build_defense(defense)
-        if hasattr(certifier, "mask_set"):  # a certified patch size must fit the images
-            try:
-                certifier.mask_set(tuple(dataset.train.images.shape[-2:]))
-            except PatchTooLargeError as exc:
-                raise PatchTooLargeError(f"defense '{defense.label}': {exc}") from None
+        try:
+            defense.create().check_image_size(image_hw)
+        except PatchTooLargeError as exc:
+            raise PatchTooLargeError(f"defense '{defense.label}': {exc}") from None
     for settings in config.attacks:
         target_class = settings.params.get("target_class")
         if isinstance(target_class, int) and target_class >= dataset.num_classes:

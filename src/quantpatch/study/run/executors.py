@@ -16,8 +16,9 @@ from quantpatch.errors import ConfigError
 from quantpatch.results import CellRecord
 
 if TYPE_CHECKING:
-    from quantpatch.study.config import StudyConfig
-    from quantpatch.study.core import Cell, StudyContext
+    from quantpatch.study.grid.cells import Cell
+    from quantpatch.study.settings.config import StudyConfig
+    from quantpatch.study.zoo.context import StudyContext
 
 
 class Executor(Protocol):
@@ -38,7 +39,7 @@ def create_executor(config: StudyConfig) -> Executor | None:
         return None
     if importlib.util.find_spec("ray") is None:
         raise ConfigError("executor 'ray' needs Ray: pip install 'quantpatch[ray]'")
-    from quantpatch.study.ray_executor import RayExecutor
+    from quantpatch.study.run.ray_executor import RayExecutor
 
     return RayExecutor(config.ray_address)
 

@@ -1,7 +1,7 @@
 """Run a study's models and cells as tasks on a Ray cluster (``executor: ray``).
 
 The driver (the ``quantpatch run`` process) keeps the run's state: it submits the tasks and
-writes every cell file itself through ``stages.settle_cell``, as the local runner does, so the
+writes every cell file itself through ``run.stages.settle_cell``, as the local runner does, so the
 files, checksums, resume and a killed run behave the same. A task gets only the study's
 settings: its worker rebuilds the data and loads models from the artifact cache, so the cache
 folder and the run folder (patch images) must be one shared folder, at the same path, on every
@@ -25,23 +25,18 @@ from tqdm.auto import tqdm
 
 from quantpatch.errors import ConfigError, QuantpatchError
 from quantpatch.results import CellRecord
-from quantpatch.study.artifacts import (
+from quantpatch.study.grid.cells import Cell, find_cell
+from quantpatch.study.grid.scoring import run_cell
+from quantpatch.study.run.stages import finished_cell, open_context, prepare_all, settle_cell
+from quantpatch.study.settings.config import StudyConfig
+from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
+from quantpatch.study.zoo.context import StudyContext
+from quantpatch.study.zoo.models import (
     control_schedules,
     prepare_control,
     prepare_fp32,
     prepare_quantized,
     prepare_recipe,
-)
-from quantpatch.study.cache import EVAL_CODE, code_fingerprint
-from quantpatch.study.cells import expand_cells, run_cell
-from quantpatch.study.config import StudyConfig
-from quantpatch.study.core import Cell, StudyContext
-from quantpatch.study.stages import (
-    finished_cell,
-    open_context,
-    prepare_all_targets,
-    prepare_models,
-    settle_cell,
 )
 
 TASK_RETRIES = 3
@@ -177,8 +172,7 @@ def _context(settings: Settings, out: str, *, full: bool) -> StudyContext:
             _CONTEXTS.clear()
         context = open_context(StudyConfig.model_validate(settings), Path(out), progress=False)
         if full:
-            prepare_models(context)
-            prepare_all_targets(context)
+            prepare_all(context)
         _CONTEXTS[key] = context
     return _CONTEXTS[key]
 
@@ -227,8 +221,9 @@ def cell_task(settings: Settings, out: str, key: str) -> Report:
     """The records of the cell with ``key`` (public: the scaling benchmark times it alone)."""
     started = time.perf_counter()
     context = _context(settings, out, full=True)
-    cell = next((c for c in expand_cells(context) if c.key == key), None)
-    if cell is None:
-        raise ConfigError(f"node {_node()} finds no cell {key[:8]}: it runs other code or data")
+    try:
+        cell = find_cell(context, key)
+    except ConfigError as exc:
+        raise ConfigError(f"node {_node()}: {exc}") from None
     records = run_cell(context, cell, executor="ray", node=_node())
     return _report(cell.cell_id, started, records=[r.model_dump(mode="json") for r in records])

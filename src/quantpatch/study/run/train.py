@@ -8,12 +8,12 @@ from quantpatch._runtime import resolve_device
 from quantpatch.metrics import Rate
 from quantpatch.models import evaluate_accuracy
 from quantpatch.quant import QuantSpec
-from quantpatch.study.artifacts import prepare_fp32, prepare_quantized
-from quantpatch.study.cache import ArtifactCache
-from quantpatch.study.config import StudyConfig, load_study
-from quantpatch.study.core import StudyContext
-from quantpatch.study.stages import study_dataset
-from quantpatch.study.validate import validate_study
+from quantpatch.study.run.checks import validate_study
+from quantpatch.study.run.stages import study_dataset
+from quantpatch.study.settings.config import StudyConfig, load_study
+from quantpatch.study.store.cache import ArtifactCache
+from quantpatch.study.zoo.context import StudyContext
+from quantpatch.study.zoo.models import prepare_fp32, prepare_quantized
 
 
 def train_one(

@@ -21,20 +21,26 @@ from pydantic import (
     model_validator,
 )
 
+from quantpatch._io import content_key
 from quantpatch._registry import Registry
 from quantpatch._yaml import load_yaml_mapping
 from quantpatch.attacks import ATTACKS
 from quantpatch.defenses import DEFENSES
 from quantpatch.defenses.training import RECIPES
-from quantpatch.errors import ConfigError
+from quantpatch.deployments import DEPLOYMENTS
+from quantpatch.errors import ConfigError, ShapeError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
-
-ORT_INT8 = "ort-int8"
-"""ORT static int8 of each fp32 model."""
-QAT_DEPLOYED = QuantSpec(8, 8)
-"""The QAT precision that deploys on ORT's int8 kernels as trained (exported as QDQ)."""
-ORT_QAT = f"ort-{QAT_DEPLOYED.name}"
+from quantpatch.study.settings.names import (
+    FP32,
+    USER_ONNX,
+    is_control,
+    is_reserved,
+    lowest_precision,
+    random_precision,
+    tagged,
+    user_onnx_name,
+)
 
 
 def _as_spec(value: Any) -> QuantSpec:
@@ -88,6 +94,13 @@ class AttackSettings(_Strict):
         targeted = "-targeted" if self.params.get("targeted") else ""
         return f"{self.name}{f'-{mode}' if mode else ''}{targeted}"
 
+    def create(self, patch_size: int | None, seed: int, progress: bool) -> Any:
+        """The attack for one patch size and seed; a bad parameter names this attack."""
+        params: dict[str, Any] = {"seed": seed, "progress": progress, **self.params}
+        if ATTACKS.get(self.name).kind == "patch":
+            params["patch_size"] = patch_size
+        return _created(ATTACKS, self.name, self.label or self.name, params)
+
 
 class _RegisteredSettings(_Strict):
     """A registered name, its constructor ``params`` and a results ``label`` (derived like an
@@ -106,6 +119,18 @@ class _RegisteredSettings(_Strict):
 
     def base_label(self) -> str:
         return self.name
+
+    def create(self) -> Any:
+        """The defence or recipe itself; a bad parameter names this entry's label."""
+        return _created(self._registry, self.name, self.label or self.name, self.params)
+
+
+def _created(registry: Registry, name: str, label: str, params: dict[str, Any]) -> Any:
+    try:
+        return registry.create(name, **params)
+    except ConfigError as exc:
+        message = str(exc).removeprefix(f"{registry.kind} '{name}' ")
+        raise ConfigError(f"{registry.kind} '{label}': {message}") from None
 
 
 class DefenseSettings(_RegisteredSettings):
@@ -184,7 +209,24 @@ class OnnxModelSettings(_Strict):
 
     @property
     def label(self) -> str:
-        return f"{self.name}/onnx"
+        return user_onnx_name(self.name)
+
+    def normalisation(self, channels: int) -> tuple[Any, Any]:
+        """(mean, std) as (1, C, 1, 1) tensors for ``channels``-channel images (0 and 1 when
+        the file takes [0, 1] images as they are)."""
+        import torch
+
+        if self.mean is None or self.std is None:
+            return torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1)
+        for what, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, channels):
+                raise ShapeError(f"onnx model '{self.name}': {len(values)} {what} values for "
+                                 f"{channels}-channel images")  # fmt: skip
+
+        def per_channel(values: list[float]) -> Any:
+            return torch.tensor(values).reshape(1, -1, 1, 1).expand(1, channels, 1, 1)
+
+        return per_channel(self.mean), per_channel(self.std)
 
 
 class AnalysisSettings(_Strict):
@@ -242,8 +284,8 @@ def default_attacks(precisions: list[QuantSpec] | tuple[QuantSpec, ...]) -> list
     PGD (the contrast case), and the random-patch baseline. Per-image attacks cost a full
     attack per image and source, so they are crafted on fp32 and the lowest bit-width only;
     every target still scores their images."""
-    quantized = [p for p in precisions if not p.is_float]
-    ends = ["fp32"] + ([min(quantized, key=_bits).name] if quantized else [])
+    lowest = lowest_precision(precisions)
+    ends = [FP32] + ([lowest.name] if not lowest.is_float else [])
     return [
         AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
         # batch 32: the placement probe runs 9 copies of each batch (memory, not speed)
@@ -251,10 +293,6 @@ def default_attacks(precisions: list[QuantSpec] | tuple[QuantSpec, ...]) -> list
         AttackSettings(name="pgd-linf", params={"eps": 0.1, "steps": 20}, sources=ends),
         AttackSettings(name="random"),
     ]
-
-
-def _bits(spec: QuantSpec) -> tuple[int, int]:
-    return (spec.weight_bits or 32, spec.act_bits or 32)
 
 
 class StudyConfig(_Strict):
@@ -273,7 +311,12 @@ class StudyConfig(_Strict):
         default_factory=lambda: list(DEFAULT_PRECISIONS),
         min_length=1,
     )
-    ort_int8: bool = True
+    deployments: list[str] = Field(
+        default_factory=lambda: ["ort-int8", "ort-w8a8"],
+        description="integer runtimes each model also ships on, each a target "
+        "('<arch>/<deployment>'; `quantpatch list deployments`); a deployment of a QAT "
+        "precision (ort-w8a8) joins only when the study trains that precision",
+    )
     weights: dict[str, Path] = Field(
         default_factory=dict,
         description="fp32 weights per model from a local file (safetensors or a .pt state "
@@ -370,6 +413,13 @@ class StudyConfig(_Strict):
     def _distinct_precisions(cls, values: list[QuantSpec]) -> list[QuantSpec]:
         return _distinct(values, "precision")
 
+    @field_validator("deployments")
+    @classmethod
+    def _known_deployments(cls, values: list[str]) -> list[str]:
+        for name in values:
+            DEPLOYMENTS.get(name)
+        return _distinct(values, "deployment")
+
     @field_validator("seeds")
     @classmethod
     def _distinct_seeds(cls, values: list[int]) -> list[int]:
@@ -403,8 +453,7 @@ class StudyConfig(_Strict):
         if self.recipes and all(p.is_float for p in self.precisions):
             raise ValueError("recipes train quantized precisions; the study has none")
         taken = {p.name for p in self.precisions} | {"fp32"}
-        clashes = [n for n in self.recipe_precisions
-                   if n in taken or n.startswith(("fp32-ft", "fp32-indep"))]  # fmt: skip
+        clashes = [n for n in self.recipe_precisions if n in taken or is_reserved(n)]
         if clashes or len(set(self.recipe_precisions)) != len(self.recipe_precisions):
             raise ValueError(f"recipe labels give model names already taken: "
                              f"{', '.join(clashes) or 'two recipes alike'}; choose another label")  # fmt: skip
@@ -413,12 +462,12 @@ class StudyConfig(_Strict):
     @property
     def recipe_precisions(self) -> list[str]:
         """The precision labels the recipes' models get ('w2a2-patch-at', 'random-...')."""
-        names = ["fp32", *(p.name for p in self.precisions if not p.is_float)]
+        names = [FP32, *(p.name for p in self.precisions if not p.is_float)]
         labels = []
         for recipe in self.recipes:
-            labels += [f"{name}-{recipe.label}" for name in names]
+            labels += [tagged(name, recipe.label) for name in names]
             if RECIPES.get(recipe.name).random_inference:
-                labels.append(f"random-{recipe.label}")
+                labels.append(random_precision(recipe.label))
         return labels
 
     def recipe_schedule(self, recipe: RecipeSettings) -> TrainConfig:
@@ -430,23 +479,26 @@ class StudyConfig(_Strict):
     @property
     def lowest_precision(self) -> QuantSpec:
         """The quantized precision with the fewest bits (fp32 when there is none)."""
-        return min(self.precisions, key=lambda p: (p.weight_bits or 32, p.act_bits or 32))
+        return lowest_precision(self.precisions)
+
+    @property
+    def deployed_precisions(self) -> list[str]:
+        """The deployments that join this study: each one whose source it trains."""
+        return [name for name in self.deployments
+                if DEPLOYMENTS.get(name).source in (None, *self.precisions)]  # fmt: skip
 
     @model_validator(mode="after")
     def _known_sources(self) -> StudyConfig:
-        known = {p.name for p in self.precisions} | {"fp32"} | set(self.recipe_precisions)
-        deployed = ({ORT_INT8} | ({ORT_QAT} if QAT_DEPLOYED in self.precisions else set())
-                    if self.ort_int8 else set())  # fmt: skip
-        if self.onnx_models:
-            deployed |= {"onnx"}  # users' ONNX files (their precision in results)
+        """Sources name models of the study; deployed runtimes and users' ONNX files give only
+        their outputs, so only query attacks may be crafted on them."""
+        known = {p.name for p in self.precisions} | {FP32} | set(self.recipe_precisions)
+        deployed = set(self.deployed_precisions) | ({USER_ONNX} if self.onnx_models else set())
         for attack in self.attacks:
             queries_only = attack.name in ATTACKS and not ATTACKS.get(attack.name).needs_gradients
             allowed = known | deployed if queries_only else known
-            unknown = [
-                s for s in attack.sources or [] if s not in allowed and not s.startswith("fp32-ft")
-            ]
+            unknown = [s for s in attack.sources or [] if s not in allowed and not is_control(s)]
             if unknown:
-                hint = (" (ONNX Runtime targets only take query attacks such as sparse-rs)"
+                hint = (" (runtime targets only take query attacks such as sparse-rs)"
                         if set(unknown) & deployed else "")  # fmt: skip
                 raise ValueError(
                     f"attack '{attack.label}' sources name {', '.join(unknown)}, not a source "
@@ -484,6 +536,16 @@ class StudyConfig(_Strict):
 
     def qat_config_for(self, spec: QuantSpec) -> TrainConfig:
         return self.qat_overrides.get(spec, self.qat)
+
+    def fingerprint(self) -> tuple[str, dict[str, Any]]:
+        """(key, settings) of everything that changes a number: what a run folder belongs to.
+        Where and how fast it runs (device, cache, executor) is left out."""
+        settings = self.model_dump(mode="json", exclude=set(RUN_ONLY))
+        return content_key(settings), settings
+
+
+RUN_ONLY = ("device", "cache_dir", "executor", "ray_address")
+"""Settings that change where and how fast a study runs, never its numbers."""
 
 
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:

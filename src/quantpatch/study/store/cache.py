@@ -29,8 +29,12 @@ R = TypeVar("R", bound=BaseModel)
 CACHE_FORMAT = 2
 """Part of every cache key and seal: bump it when a cached artifact's meaning changes."""
 
-MODEL_CODE = ("data", "models", "quant", "_io.py", "study/artifacts.py", "study/targets.py")
-"""The source a trained, quantized or exported model depends on."""
+MODEL_CODE = ("data", "models", "quant", "_io.py", "study/zoo/models.py")
+"""The source a trained or quantized model depends on. Deployments and their checks are not
+part of it: editing a runtime never retrains a model."""
+
+DEPLOYMENT_CODE = (*MODEL_CODE, "deployments")
+"""What an exported, deployed file depends on: the model's code and the runtimes'."""
 
 RECIPE_CODE = ("defenses", "attacks/placement.py")
 """What a training defence's model depends on beyond ``MODEL_CODE`` (its objective, the patch
@@ -39,7 +43,9 @@ paste of patch-at): part of those models' keys only, so plain models survive edi
 EVAL_CODE = ("",)
 """Everything else (patches, cells, analyses) may depend on any module: the whole package."""
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+_CODE_OF = {"models": MODEL_CODE, "deployments": DEPLOYMENT_CODE}
+
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.cache
@@ -80,7 +86,7 @@ class ArtifactCache:
         self.root = Path(root)
 
     def path(self, kind: str, parts: dict[str, Any], suffix: str) -> Path:
-        code = code_fingerprint(*(MODEL_CODE if kind in ("models", "onnx") else EVAL_CODE))
+        code = code_fingerprint(*_CODE_OF.get(kind, EVAL_CODE))
         key = content_key({"format": CACHE_FORMAT, "code": code, "kind": kind, **parts})
         return self.root / kind / f"{key}.{suffix}"
 

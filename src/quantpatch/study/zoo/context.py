@@ -1,14 +1,12 @@
-"""The study's shared types: prepared models, targets, cells and the context a run hands to
-every stage (with the artifact cache of ``study.cache``). They live apart from the stages (artifacts, cells,
-analyses, records, runner) so that no stage imports another just for a type."""
+"""What the zoo holds: prepared models, the targets built on them, and the context that carries
+them (with the data, the settings and the artifact cache) to every later stage."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,8 +14,9 @@ from torch import nn
 from quantpatch.data import Dataset, Split
 from quantpatch.quant import QuantSpec
 from quantpatch.results import ModelRecord
-from quantpatch.study.cache import ArtifactCache
-from quantpatch.study.config import AttackSettings, StudyConfig
+from quantpatch.study.settings.config import StudyConfig
+from quantpatch.study.settings.names import FP32, defended_name, model_name, tagged
+from quantpatch.study.store.cache import ArtifactCache
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,26 +39,14 @@ class PreparedModel:
 
     @property
     def precision(self) -> str:
-        if self.label:
-            return self.label
-        return f"{self.spec.name}-{self.tag}" if self.tag else self.spec.name
+        return self.label or tagged(self.spec.name, self.tag)
 
     @property
     def name(self) -> str:
-        return defended_name(f"{self.arch}/{self.precision}", self.defense)
-
-
-def defended_name(model: str, defense: str | None) -> str:
-    """'<arch>/<precision>' behind a defence: '<arch>/<precision>+<defence label>'."""
-    return f"{model}+{defense}" if defense else model
+        return defended_name(model_name(self.arch, self.precision), self.defense)
 
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-Runtime = Literal["torch", "onnxruntime"]
-AdaptiveVia = Literal["exact", "bpda", "underlying-model"]
-"""Gradients through a differentiable defence, straight-through (BPDA) ones through a
-non-differentiable one, or none: a forward-only defence's adaptive attack is the white-box
-attack on the model behind it."""
 
 
 @dataclass(eq=False)
@@ -67,25 +54,26 @@ class Target:
     """Anything a patch is evaluated on: a name, a logits function and its clean predictions.
 
     ``precision`` is the label in results ('w4a4', 'ort-int8'), ``spec`` the arithmetic it
-    runs; ``model`` is the PyTorch model behind it, None for other runtimes (ONNX Runtime)."""
+    runs, ``runtime`` what runs it ('torch', or a deployment's runtime); ``model`` is the
+    PyTorch model behind it, None for other runtimes."""
 
     arch: str
     precision: str
     spec: QuantSpec
-    runtime: Runtime
+    runtime: str
     predict: Predictor
     key: str
     model: PreparedModel | None = None
     clean_pred: torch.Tensor | None = field(default=None, repr=False)
     defense: str | None = None
     """The label of the defence in front of the model; None: undefended."""
-    adaptive_via: AdaptiveVia | None = None
-    """How an adaptive attack sees the defence (None when undefended)."""
+    adaptive_via: str | None = None
+    """How an adaptive attack sees the defence (``Defense.adaptive_via``; None: undefended)."""
 
     @property
     def base_name(self) -> str:
         """The undefended model's name."""
-        return f"{self.arch}/{self.precision}"
+        return model_name(self.arch, self.precision)
 
     @property
     def name(self) -> str:
@@ -93,74 +81,6 @@ class Target:
 
     def predict_labels(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict(images).argmax(dim=1)
-
-
-@dataclass(frozen=True, eq=False)
-class Source:
-    """What a cell's attack is crafted on: one model, every precision of one architecture
-    (``multibit``), or nothing (``random``)."""
-
-    label: str
-    arch: str | None
-    precision: str | None
-    models: tuple[PreparedModel, ...]
-    deployed: Target | None = None
-    """Set for a query attack crafted on a runtime target (ONNX Runtime): its logits are all
-    the attack sees."""
-
-    @classmethod
-    def single(cls, model: PreparedModel) -> Source:
-        return cls(model.name, model.arch, model.precision, (model,))
-
-    @classmethod
-    def of_target(cls, target: Target) -> Source:
-        """A target as a query attack's source: its PyTorch model where it has one (the same
-        source, and cache key, as a gradient attack's), else its logits function."""
-        if target.model is not None:
-            return cls.single(target.model)
-        return cls(target.name, target.arch, target.precision, (), target)
-
-    def predictors(self) -> list:
-        """What the attack is given: PyTorch modules, or the runtime's logits function."""
-        if self.deployed is not None:
-            return [self.deployed.predict]
-        return [model.module for model in self.models]
-
-    @classmethod
-    def ensemble(cls, arch: str, models: tuple[PreparedModel, ...]) -> Source:
-        return cls(f"{arch}/multibit", arch, "multibit", models)
-
-    @classmethod
-    def none(cls) -> Source:
-        return cls("none", None, None, ())
-
-    @property
-    def keys(self) -> list[str]:
-        if self.deployed is not None:
-            return [self.deployed.key]
-        return [model.key for model in self.models]
-
-    @property
-    def defense(self) -> str | None:
-        """The input defence an adaptive source attacks through (None: an undefended source)."""
-        return self.models[0].defense if len(self.models) == 1 else None
-
-
-@dataclass(frozen=True, eq=False)
-class Cell:
-    """(source, attack, patch size, seed); ``key`` hashes everything its numbers depend on."""
-
-    source: Source
-    attack: AttackSettings
-    patch_size: int | None
-    seed: int
-    key: str
-
-    @property
-    def cell_id(self) -> str:
-        size = f"p{self.patch_size}" if self.patch_size else "pixel"
-        raw = f"{self.source.label}__{self.attack.label}__{size}__s{self.seed}"
-        return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw) + f"__{self.key[:8]}"
 
 
 @dataclass
@@ -199,7 +119,7 @@ class StudyContext:
         return self.dataset.train.stratified(n, self.config.data_seed).images
 
     def fp32(self, arch: str) -> PreparedModel:
-        return self.models[f"{arch}/fp32"]
+        return self.models[model_name(arch, FP32)]
 
     def siblings(self, arch: str) -> tuple[PreparedModel, ...]:
         """Every PyTorch precision of one architecture (the multibit attack's sources);

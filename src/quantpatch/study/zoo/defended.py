@@ -4,40 +4,23 @@ Each (model x defence) is one more target of the grid, so the cells' adversarial
 scored on it like on any model: crafted on an undefended source, that is the non-adaptive
 threat model. An input defence in front of a PyTorch model is also an attack source (BPDA
 where it is not differentiable), for the adaptive cells. PatchCleanser needs forward passes
-only: it wraps ORT int8 sessions as well, and it certifies each model's clean images."""
+only: it wraps ORT int8 sessions as well, and it certifies each model's clean images.
+Defences are found through their contract (``defenses.Defense``, ``defenses.Certifier``)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from quantpatch._io import content_key
-from quantpatch.defenses import DefendedModel, InputDefense, PatchCleanser, create_defense
-from quantpatch.errors import ConfigError
+from quantpatch.defenses import Certifier, DefendedModel, Defense, InputDefense
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.results import CertifiedRecord, RateRecord
-from quantpatch.study.cache import EVAL_CODE, code_fingerprint
-from quantpatch.study.config import DefenseSettings
-from quantpatch.study.core import AdaptiveVia, PreparedModel, StudyContext, Target
-from quantpatch.study.targets import add_target
-
-
-def build_defense(settings: DefenseSettings) -> Any:
-    """The defence of ``settings``; a bad name or parameter raises an error naming both."""
-    try:
-        return create_defense(settings.name, **settings.params)
-    except ConfigError as exc:
-        message = str(exc).removeprefix(f"defense '{settings.name}': ")
-        raise ConfigError(f"defense '{settings.label}': {message}") from None
-
-
-def adaptive_via(defense: Any) -> AdaptiveVia:
-    if not isinstance(defense, InputDefense):
-        return "underlying-model"
-    return "exact" if defense.differentiable else "bpda"
+from quantpatch.study.settings.config import DefenseSettings
+from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
+from quantpatch.study.zoo.context import PreparedModel, StudyContext, Target
+from quantpatch.study.zoo.targets import add_target
 
 
 def prepare_defended_targets(context: StudyContext) -> None:
@@ -45,7 +28,7 @@ def prepare_defended_targets(context: StudyContext) -> None:
     of the study; the undefended targets stay in the grid."""
     undefended = [t for t in context.targets if t.defense is None]
     for settings in context.config.defenses:
-        defense = build_defense(settings)
+        defense = settings.create()
         for base in undefended:
             target = defended_target(context, base, settings, defense)
             add_target(context, target)
@@ -59,7 +42,7 @@ def prepare_defended_targets(context: StudyContext) -> None:
 
 
 def defended_target(
-    context: StudyContext, base: Target, settings: DefenseSettings, defense: Any
+    context: StudyContext, base: Target, settings: DefenseSettings, defense: Defense
 ) -> Target:
     """``base`` behind ``defense``: the same images in, the defended labels out."""
     key = content_key({"model": base.key, "defense": settings.model_dump()})
@@ -70,7 +53,7 @@ def defended_target(
                                        context.dataset.num_classes)  # fmt: skip
     return Target(
         base.arch, base.precision, base.spec, base.runtime, predict, key, base.model,
-        defense=settings.label, adaptive_via=adaptive_via(defense),
+        defense=settings.label, adaptive_via=defense.adaptive_via,
     )  # fmt: skip
 
 
@@ -82,8 +65,8 @@ def _transformed_predictor(base: Target, defense: InputDefense, device: torch.de
     return predict
 
 
-def _certifier_predictor(base: Target, defense: Any, device: torch.device, num_classes: int):
-    """PatchCleanser gives labels, not logits: one-hot scores keep ``argmax`` meaning them."""
+def _certifier_predictor(base: Target, defense: Defense, device: torch.device, num_classes: int):
+    """A defence that gives labels, not logits: one-hot scores keep ``argmax`` meaning them."""
 
     def predict(images: torch.Tensor) -> torch.Tensor:
         labels = defense.predict(base.predict, images, device)
@@ -106,11 +89,11 @@ def adaptive_source(model: PreparedModel, target: Target, defense: InputDefense)
 
 
 def certify(
-    context: StudyContext, base: Target, target: Target, defense: Any
+    context: StudyContext, base: Target, target: Target, defense: Defense
 ) -> CertifiedRecord | None:
-    """PatchCleanser's certified accuracy of ``base`` on the evaluation images (cached: it
-    classifies M (M + 1) / 2 masked copies of each image); None for other defences."""
-    if not isinstance(defense, PatchCleanser):
+    """A certifier's certified accuracy of ``base`` on the evaluation images (cached: it
+    classifies many masked or ablated copies of each image); None for other defences."""
+    if not isinstance(defense, Certifier):
         return None
     parts = {"target": target.key, "n_eval": len(context.eval_labels),
              "data": context.data_identity(), "code": code_fingerprint(*EVAL_CODE)}  # fmt: skip
@@ -119,16 +102,12 @@ def certify(
                                 lambda: _certified_record(context, base, defense))  # fmt: skip
 
 
-def _certified_record(
-    context: StudyContext, base: Target, defense: PatchCleanser
-) -> CertifiedRecord:
+def _certified_record(context: StudyContext, base: Target, defense: Certifier) -> CertifiedRecord:
     images, labels = context.eval_images, context.eval_labels
     pred, certified = defense.certify(base.predict, images, labels, _device(context, base))
-    masks = defense.mask_set(tuple(images.shape[-2:]))
     return CertifiedRecord(
         patch_size=defense.patch_size,
-        masks=len(masks),
-        mask_size=masks.size,
+        method=defense.method(tuple(images.shape[-2:])),
         clean=RateRecord.of(accuracy(pred, labels)),
         certified=RateRecord.of(accuracy(torch.where(certified, labels, -1), labels)),
     )

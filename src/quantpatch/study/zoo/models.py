@@ -1,15 +1,18 @@
-"""Trained, quantized and fine-tuned models, through the artifact cache (``study.cache``)."""
+"""Every model a study trains: fp32, each quantized precision, the fp32 controls and the
+training defences' models, each built once and kept in the artifact cache."""
 
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from quantpatch import __version__
-from quantpatch.defenses.training import create_recipe, train_recipe
+from quantpatch.defenses.training import train_recipe
 from quantpatch.models import (
     TrainConfig,
     create_model,
@@ -21,9 +24,43 @@ from quantpatch.models import (
 )
 from quantpatch.quant import FP32, QuantSpec, build_quantized, quantize
 from quantpatch.quant.switchable import SwitchablePrecision
-from quantpatch.study.cache import RECIPE_CODE, code_fingerprint, file_sha256
-from quantpatch.study.config import RecipeSettings
-from quantpatch.study.core import PreparedModel, StudyContext
+from quantpatch.study.settings.config import RecipeSettings
+from quantpatch.study.settings.names import INDEPENDENT_TAG, control_tag, random_precision
+from quantpatch.study.store.cache import RECIPE_CODE, code_fingerprint, file_sha256
+from quantpatch.study.zoo.context import PreparedModel, StudyContext
+
+
+def prepare_models(context: StudyContext) -> None:
+    """The fp32 model of every architecture, then each of its quantized precisions, its
+    controls and its training defences' models."""
+    for arch in context.config.models:
+        started = time.perf_counter()
+        base = prepare_fp32(context, arch)
+        context.models[base.name] = base
+        for spec in context.config.precisions:
+            if not spec.is_float:
+                prepared = prepare_quantized(context, base, spec)
+                context.models[prepared.name] = prepared
+        if context.config.controls:
+            _prepare_controls(context, base)
+        for settings in context.config.recipes:
+            for prepared in prepare_recipe(context, base, settings):
+                context.models[prepared.name] = prepared
+        if context.progress:
+            tqdm.write(f"models for {arch} ready in {time.perf_counter() - started:.1f} s")
+
+
+def _prepare_controls(context: StudyContext, base: PreparedModel) -> None:
+    config = context.config
+    for tag, schedule in control_schedules(context).items():
+        control = prepare_control(context, base, schedule, tag)
+        context.models[control.name] = control
+        context.control_of[control.name] = [
+            m.name
+            for m in context.siblings(base.arch)
+            if m.spec.method == "qat" and not m.spec.is_float
+            and config.qat_config_for(m.spec) == schedule
+        ]  # fmt: skip
 
 
 def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False) -> PreparedModel:
@@ -59,7 +96,7 @@ def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False)
             train_model(model, dataset.train, train_cfg, context.device, context.progress, desc)
         _save(context, path, model, arch, FP32, train_cfg.seed)
 
-    tag = "indep" if independent else ""
+    tag = INDEPENDENT_TAG if independent else ""
     return _cached_model(context, parts, build, lambda: model, arch, FP32, tag)
 
 
@@ -127,7 +164,7 @@ def prepare_recipe(
     (cached like any model): one model per precision, tagged with the recipe's label, plus
     the random-precision model where the recipe serves one."""
     config = context.config
-    recipe = create_recipe(settings.name, **settings.params)
+    recipe = settings.create()
     schedule = config.recipe_schedule(settings)
     specs = [FP32, *(p for p in config.precisions if not p.is_float)]
     parts = {
@@ -164,7 +201,7 @@ def prepare_recipe(
     if recipe.random_inference:
         switchable.active = None
         models.append(member(config.lowest_precision, switchable, f"{whole.key}-random",
-                             f"random-{settings.label}"))  # fmt: skip
+                             random_precision(settings.label)))  # fmt: skip
     return models
 
 
@@ -177,7 +214,7 @@ def control_schedules(context: StudyContext) -> dict[str, TrainConfig]:
         if spec.is_float or spec.method != "qat":
             continue
         schedule = config.qat_config_for(spec)
-        tag = "ft" if schedule == config.qat else f"ft-{spec.name}"
+        tag = control_tag(spec, default_schedule=schedule == config.qat)
         if schedule not in schedules.values():
             schedules[tag] = schedule
     return schedules

@@ -1,0 +1,1 @@
+"""Running a study: checks, stages, the runner, executors, analyses and output files."""

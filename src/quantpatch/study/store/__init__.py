@@ -1,0 +1,1 @@
+"""Where a study keeps what it has computed: the artifact cache and the run folder."""

@@ -1,0 +1,1 @@
+"""The study's models and targets: trained, quantized, deployed and defended."""
