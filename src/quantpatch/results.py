@@ -148,6 +148,7 @@ class ModelRecord(Record):
     """One evaluated model (a target of the grid): its clean accuracy on the evaluation images."""
 
     name: str = Field(description="'<arch>/<precision>', e.g. 'lenet/w4a4' or 'lenet/ort-int8'")
+    replicate: int = Field(0, ge=0, description="which trained replicate of the model")
     arch: str
     precision: str = Field(
         description="a QuantSpec name such as 'w4a4'; 'ort-int8' (ORT static int8 of fp32) or "
@@ -251,6 +252,9 @@ class CellRecord(RateRecord):
     patch_size: int | None = Field(description="patch side in pixels (None for pixel attacks)")
     patch_area: float | None = Field(description="patch area as a share of the image")
     seed: int
+    replicate: int = Field(
+        0, ge=0, description="the trained replicate: source and target models are its own"
+    )
     target_clean_accuracy: float
     timings: Timings
     # Optional, JSON only (not CSV columns): results written before them load with None.
@@ -260,9 +264,25 @@ class CellRecord(RateRecord):
     patch_location: tuple[int, int] | None = Field(
         None, description="(top, left) a location search chose for the patch (lavan 'search')"
     )
+    outcomes: str | None = Field(
+        None,
+        pattern=r"^[.01]*$",
+        description="per evaluation image, in order: '.' not counted (wrong when clean, or "
+        "already the target), '0' counted and resisted, '1' counted and fooled; what paired "
+        "tests between cells on the same images and models need",
+    )
+
+    @model_validator(mode="after")
+    def _outcomes_match(self) -> CellRecord:
+        if self.outcomes is not None and (
+            self.outcomes.count("1") != self.successes
+            or len(self.outcomes) - self.outcomes.count(".") != self.n
+        ):
+            raise ValueError("outcomes do not match successes and n")
+        return self
 
 
-JSON_ONLY = ("fit_curve", "patch_location")
+JSON_ONLY = ("fit_curve", "patch_location", "outcomes")
 """CellRecord fields kept out of the CSV table (curves do not fit a cell of it)."""
 
 

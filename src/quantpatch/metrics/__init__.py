@@ -3,9 +3,17 @@
 from quantpatch.metrics.rates import (
     Rate,
     accuracy,
+    attack_outcomes,
     attack_success,
     difference_interval,
     wilson_interval,
 )
 
-__all__ = ["Rate", "accuracy", "attack_success", "difference_interval", "wilson_interval"]
+__all__ = [
+    "Rate",
+    "accuracy",
+    "attack_outcomes",
+    "attack_success",
+    "difference_interval",
+    "wilson_interval",
+]

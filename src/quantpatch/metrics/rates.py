@@ -76,7 +76,19 @@ def attack_success(
     labels: torch.Tensor,
     target: int | None = None,
 ) -> Rate:
-    """ASR over the images the attack can honestly claim.
+    """ASR over the images the attack can honestly claim (see ``attack_outcomes``)."""
+    counted, fooled = attack_outcomes(clean_pred, adv_pred, labels, target)
+    return Rate(int(fooled.sum()), int(counted.sum()))
+
+
+def attack_outcomes(
+    clean_pred: torch.Tensor,
+    adv_pred: torch.Tensor,
+    labels: torch.Tensor,
+    target: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counted, fooled) per image: the images the attack can honestly claim, and those it
+    fooled.
 
     Untargeted: among images the model gets right when clean, the share it gets wrong when
     attacked. Targeted: among images the model gets right when clean and whose true class is
@@ -91,4 +103,4 @@ def attack_success(
     else:
         eligible = eligible & (labels != target)
         success = eligible & (adv_pred == target)
-    return Rate(int(success.sum()), int(eligible.sum()))
+    return eligible, success

@@ -23,18 +23,20 @@ from quantpatch.study.zoo.context import StudyContext
 
 @dataclass(frozen=True, eq=False)
 class Cell:
-    """(source, attack, patch size, seed); ``key`` hashes everything its numbers depend on."""
+    """(source, attack, patch size, seed) of one trained replicate; ``key`` hashes everything
+    its numbers depend on."""
 
     source: Source
     attack: AttackSettings
     patch_size: int | None
     seed: int
     key: str
+    replicate: int = 0
 
     @property
     def cell_id(self) -> str:
         size = f"p{self.patch_size}" if self.patch_size else "pixel"
-        raw = f"{self.source.label}__{self.attack.label}__{size}__s{self.seed}"
+        raw = f"{self.source.label}__{self.attack.label}__{size}__s{self.seed}__r{self.replicate}"
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw) + f"__{self.key[:8]}"
 
 
@@ -59,9 +61,11 @@ def expand_cells(context: StudyContext) -> list[Cell]:
                         "n_eval": config.n_eval,
                         "data": context.data_identity(),
                         "targets": target_keys,
+                        "replicate": context.replicate,
                         "code": code_fingerprint(*EVAL_CODE),
                     }
-                    cells.append(Cell(source, settings, size, seed, content_key(parts)))
+                    key = content_key(parts)
+                    cells.append(Cell(source, settings, size, seed, key, context.replicate))
     return cells
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from quantpatch._io import atomic_path
 from quantpatch.attacks import Attack
-from quantpatch.metrics import Rate, attack_success
+from quantpatch.metrics import Rate, attack_outcomes
 from quantpatch.results import CellRecord, CurvePoint, RateRecord, Timings
 from quantpatch.study.grid.cells import Cell, fit_cached
 from quantpatch.study.grid.threat import adaptive_via, is_adaptive, scored_targets, threat
@@ -48,16 +48,26 @@ def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
     for target in scored_targets(context, cell.source):
         started = time.perf_counter()
         adv_pred = target.predict_labels(adversarial)
-        rate = attack_success(target.clean_pred, adv_pred, context.eval_labels, target_class)
+        counted, fooled = attack_outcomes(
+            target.clean_pred, adv_pred, context.eval_labels, target_class
+        )
         timings = Timings(fit_s=fit_s, perturb_s=perturb_s, eval_s=time.perf_counter() - started)
-        records.append(cell_record(context, cell, attack, target, rate, timings))
+        record = cell_record(context, cell, attack, target, counted, fooled, timings)
+        records.append(record)
     return records
 
 
 def cell_record(
-    context: StudyContext, cell: Cell, attack: Attack, target: Target, rate: Rate, timings: Timings
+    context: StudyContext,
+    cell: Cell,
+    attack: Attack,
+    target: Target,
+    counted: torch.Tensor,
+    fooled: torch.Tensor,
+    timings: Timings,
 ) -> CellRecord:
-    """One cell scored on one target."""
+    """One cell scored on one target, with each image's outcome for paired tests."""
+    rate = Rate(int(fooled.sum()), int(counted.sum()))
     height, width = context.eval_images.shape[-2:]
     size, source = cell.patch_size, cell.source
     adaptive = is_adaptive(source, attack, target)
@@ -85,11 +95,19 @@ def cell_record(
         patch_size=size,
         patch_area=size * size / (height * width) if size else None,
         seed=cell.seed,
+        replicate=cell.replicate,
         target_clean_accuracy=context.model_record(target.name).clean.rate,
         timings=timings,
         fit_curve=fit_curve_record(attack),
         patch_location=attack.searched_location,
+        outcomes=outcome_string(counted, fooled),
     )
+
+
+def outcome_string(counted: torch.Tensor, fooled: torch.Tensor) -> str:
+    """'.' not counted, '0' resisted, '1' fooled, one character per evaluation image."""
+    codes = torch.where(counted, fooled.long(), torch.full_like(fooled, -1, dtype=torch.long))
+    return "".join(".01"[c + 1] for c in codes.tolist())
 
 
 def fit_curve_record(attack: Attack) -> list[CurvePoint] | None:

@@ -12,7 +12,7 @@ import torch
 
 from quantpatch import __version__
 from quantpatch._io import write_json_atomic, write_text_atomic
-from quantpatch.results import Analyses, CellRecord, ResultsFile, cells_to_csv
+from quantpatch.results import Analyses, CellRecord, ModelRecord, ResultsFile, cells_to_csv
 from quantpatch.study.zoo.context import StudyContext
 
 
@@ -31,7 +31,9 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_results(context: StudyContext, cells: list[CellRecord], analyses: Analyses) -> Path:
+def write_results(
+    context: StudyContext, models: list[ModelRecord], cells: list[CellRecord], analyses: Analyses
+) -> Path:
     """Write results.json and results.csv from typed records; returns results.json's path."""
     results = ResultsFile(
         study=context.config.name,
@@ -39,7 +41,7 @@ def write_results(context: StudyContext, cells: list[CellRecord], analyses: Anal
         config=context.config.model_dump(mode="json"),
         versions=versions(),
         device=str(context.device),
-        models=context.model_records,
+        models=models,
         cells=cells,
         analyses=analyses,
     )

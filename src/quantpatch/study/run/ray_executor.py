@@ -57,7 +57,7 @@ class RayExecutor:
 
     def build_models(self, context: StudyContext) -> None:
         self._connect()
-        settings, out = task_payload(context)
+        settings, out, replicate = task_payload(context)
         options = _task_options(context.config)
         fp32 = ray.remote(_fp32_task).options(**options)
         quantized = ray.remote(_quantized_task).options(**options)
@@ -65,14 +65,16 @@ class RayExecutor:
         recipe = ray.remote(_recipe_task).options(**options)
         refs = []
         for arch in context.config.models:
-            base = fp32.remote(settings, out, arch)  # its result is the others' dependency
+            base = fp32.remote(
+                settings, out, replicate, arch
+            )  # its result is the others' dependency
             refs.append(base)
-            refs += [quantized.remote(settings, out, arch, spec.name, base)
+            refs += [quantized.remote(settings, out, replicate, arch, spec.name, base)
                      for spec in context.config.precisions if not spec.is_float]  # fmt: skip
             if context.config.controls:
-                refs += [control.remote(settings, out, arch, tag, base)
+                refs += [control.remote(settings, out, replicate, arch, tag, base)
                          for tag in control_schedules(context)]  # fmt: skip
-            refs += [recipe.remote(settings, out, arch, r.label, base)
+            refs += [recipe.remote(settings, out, replicate, arch, r.label, base)
                      for r in context.config.recipes]  # fmt: skip
         for report in _as_completed(refs):
             if context.progress:
@@ -82,7 +84,7 @@ class RayExecutor:
 
     def run_cells(self, context: StudyContext, cells: list[Cell]) -> list[CellRecord]:
         self._connect()
-        settings, out = task_payload(context)
+        settings, out, replicate = task_payload(context)
         task = ray.remote(cell_task).options(**_task_options(context.config))
         done: dict[int, list[CellRecord]] = {}
         pending: dict[Any, int] = {}
@@ -91,7 +93,7 @@ class RayExecutor:
             if cached is not None:
                 done[index] = cached
             else:
-                pending[task.remote(settings, out, cell.key)] = index
+                pending[task.remote(settings, out, replicate, cell.key)] = index
         bar = tqdm(total=len(cells), initial=len(done), desc="cells", disable=not context.progress)
         for ref, report in _as_completed(list(pending), keep_refs=True):
             cell = cells[pending[ref]]
@@ -113,7 +115,7 @@ def _given(rows: list[CellRecord]) -> Callable[[StudyContext, Cell], list[CellRe
     return lambda _context, _cell: rows
 
 
-def task_payload(context: StudyContext) -> tuple[Settings, str]:
+def task_payload(context: StudyContext) -> tuple[Settings, str, int]:
     """What a task needs to rebuild the context: the settings, with absolute paths (a worker
     need not share the driver's working folder, only the shared filesystem)."""
     config = context.config
@@ -125,7 +127,7 @@ def task_payload(context: StudyContext) -> tuple[Settings, str]:
         m.model_copy(update={"path": m.path.expanduser().resolve()}) for m in config.onnx_models
     ]
     config = config.model_copy(update=paths)
-    return config.model_dump(mode="json"), str(context.out.resolve())
+    return config.model_dump(mode="json"), str(context.out.resolve()), context.replicate
 
 
 def _task_options(config: StudyConfig) -> dict[str, Any]:
@@ -163,14 +165,15 @@ def _as_completed(refs: list, *, keep_refs: bool = False):
 _CONTEXTS: dict[tuple, StudyContext] = {}
 
 
-def _context(settings: Settings, out: str, *, full: bool) -> StudyContext:
+def _context(settings: Settings, out: str, replicate: int, *, full: bool) -> StudyContext:
     """This worker's context of the study, rebuilt once per worker process: data and cache
     (``full``: with every model and target, loaded from the cache)."""
-    key = (repr(sorted(settings.items())), out, full)
+    key = (repr(sorted(settings.items())), out, replicate, full)
     if key not in _CONTEXTS:
         if len(_CONTEXTS) >= WORKER_CONTEXTS:
             _CONTEXTS.clear()
         context = open_context(StudyConfig.model_validate(settings), Path(out), progress=False)
+        context = context.for_replicate(replicate) if replicate else context
         if full:
             prepare_all(context)
         _CONTEXTS[key] = context
@@ -187,40 +190,46 @@ def _report(what: str, started: float, **extra: Any) -> Report:
     return {"what": what, "seconds": seconds, "node": _node(), "code": code, **extra}
 
 
-def _fp32_task(settings: Settings, out: str, arch: str) -> Report:
+def _fp32_task(settings: Settings, out: str, replicate: int, arch: str) -> Report:
     started = time.perf_counter()
-    prepare_fp32(_context(settings, out, full=False), arch)
+    prepare_fp32(_context(settings, out, replicate, full=False), arch)
     return _report(f"{arch}/fp32", started)
 
 
-def _quantized_task(settings: Settings, out: str, arch: str, spec: str, _base: Report) -> Report:
+def _quantized_task(
+    settings: Settings, out: str, replicate: int, arch: str, spec: str, _base: Report
+) -> Report:
     started = time.perf_counter()
-    context = _context(settings, out, full=False)
+    context = _context(settings, out, replicate, full=False)
     chosen = next(s for s in context.config.precisions if s.name == spec)
     prepare_quantized(context, prepare_fp32(context, arch), chosen)  # fp32: from the cache
     return _report(f"{arch}/{spec}", started)
 
 
-def _control_task(settings: Settings, out: str, arch: str, tag: str, _base: Report) -> Report:
+def _control_task(
+    settings: Settings, out: str, replicate: int, arch: str, tag: str, _base: Report
+) -> Report:
     started = time.perf_counter()
-    context = _context(settings, out, full=False)
+    context = _context(settings, out, replicate, full=False)
     schedule = control_schedules(context)[tag]
     prepare_control(context, prepare_fp32(context, arch), schedule, tag)
     return _report(f"{arch}/fp32-{tag}", started)
 
 
-def _recipe_task(settings: Settings, out: str, arch: str, label: str, _base: Report) -> Report:
+def _recipe_task(
+    settings: Settings, out: str, replicate: int, arch: str, label: str, _base: Report
+) -> Report:
     started = time.perf_counter()
-    context = _context(settings, out, full=False)
+    context = _context(settings, out, replicate, full=False)
     chosen = next(r for r in context.config.recipes if r.label == label)
     prepare_recipe(context, prepare_fp32(context, arch), chosen)
     return _report(f"{arch}/{label}", started)
 
 
-def cell_task(settings: Settings, out: str, key: str) -> Report:
+def cell_task(settings: Settings, out: str, replicate: int, key: str) -> Report:
     """The records of the cell with ``key`` (public: the scaling benchmark times it alone)."""
     started = time.perf_counter()
-    context = _context(settings, out, full=True)
+    context = _context(settings, out, replicate, full=True)
     try:
         cell = find_cell(context, key)
     except ConfigError as exc:

@@ -34,16 +34,26 @@ def run_study(config: StudyConfig, out: str | Path, *, progress: bool = True) ->
     executor = create_executor(config)  # None: here; refuses what it cannot start, before work
     out = require_writable_dir(out, "run folder")
     require_writable_dir(config.cache_dir, "cache folder")
-    context = prepare(config, out, progress=progress, executor=executor)
-    cells = expand_cells(context)
-    records = executor.run_cells(context, cells) if executor else run_cells(context, cells)
-    return write_results(context, records, run_analyses(context))
+    first = prepare(config, out, progress=progress, executor=executor)
+    models, records = [], []
+    for replicate in range(first.config.replicates):
+        # one replicate's models at a time: memory stays that of a study without replicates
+        context = first if replicate == 0 else first.for_replicate(replicate)
+        if replicate:
+            prepare_replicate(context, executor)
+        cells = expand_cells(context)
+        records += executor.run_cells(context, cells) if executor else run_cells(context, cells)
+        models += context.model_records
+        if replicate == 0:
+            analyses = run_analyses(context)  # the lenses read replicate 0's models
+    return write_results(first, models, records, analyses)
 
 
 def prepare(
     config: StudyConfig, out: Path, *, progress: bool = True, executor: Executor | None = None
 ) -> StudyContext:
-    """Load the data, then train, quantize and wrap every model of the study.
+    """Load the data, claim the run folder, then train, quantize and wrap every model of the
+    study's first replicate.
 
     ``executor`` may build the models elsewhere first (into the shared cache); they are then
     loaded here, so every later stage sees the same models whoever trained them."""
@@ -51,10 +61,16 @@ def prepare(
     fingerprint, settings = context.config.fingerprint()
     config_yaml = yaml.safe_dump(context.config.model_dump(mode="json"))
     claim_run_folder(out, context.config.name, fingerprint, settings, config_yaml)
+    prepare_replicate(context, executor)
+    return context
+
+
+def prepare_replicate(context: StudyContext, executor: Executor | None) -> None:
+    """Every model and target of ``context``'s replicate (built elsewhere first by
+    ``executor``, when there is one)."""
     if executor is not None:
         executor.build_models(context)
     prepare_all(context)
-    return context
 
 
 def run_cells(context: StudyContext, cells: list[Cell]) -> list[CellRecord]:

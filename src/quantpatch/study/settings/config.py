@@ -345,7 +345,20 @@ class StudyConfig(_Strict):
         "precision (opt-in; none by default)",
     )
     patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="attack seeds: each cell is crafted once per seed on the same images",
+    )
+    replicates: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="trained replicates: every model of the study (fp32, each precision, "
+        "controls, recipes) is trained this many times from independent seeds, QAT replicate "
+        "k from fp32 replicate k, and every cell runs on each; intervals then cover the "
+        "trained model as well as the images",
+    )
     n_eval: int = Field(500, ge=1, description="test images every patch is evaluated on")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
     train_overrides: dict[str, TrainConfig] = Field(

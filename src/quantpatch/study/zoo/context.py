@@ -93,6 +93,8 @@ class StudyContext:
     dataset: Dataset
     cache: ArtifactCache
     progress: bool = True
+    replicate: int = 0
+    """Which trained replicate this context's models are (every model of it is the same one)."""
     eval: Split = field(init=False, repr=False)
     models: dict[str, PreparedModel] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
@@ -138,6 +140,11 @@ class StudyContext:
             "shape": list(self.dataset.train.images.shape[1:]),
             "n_train": len(self.dataset.train),
         }
+
+    def for_replicate(self, replicate: int) -> StudyContext:
+        """The same study, data and cache, with no model yet: replicate ``replicate``'s."""
+        return StudyContext(self.config, self.out, self.device, self.dataset, self.cache,
+                            progress=self.progress, replicate=replicate)  # fmt: skip
 
     def model_record(self, name: str) -> ModelRecord:
         return next(r for r in self.model_records if r.name == name)

@@ -63,6 +63,19 @@ def _prepare_controls(context: StudyContext, base: PreparedModel) -> None:
         ]  # fmt: skip
 
 
+REPLICATE_SEED_STEP = 1000
+"""Replicate k trains every model from its settings' seed + k x this step: independent
+seeds, and replicate 0 is the model a study without replicates trains."""
+
+
+def replicated(context: StudyContext, schedule: TrainConfig) -> TrainConfig:
+    """``schedule`` for this context's replicate (its own seed: initial weights, batches)."""
+    if context.replicate == 0:
+        return schedule
+    seed = schedule.seed + REPLICATE_SEED_STEP * context.replicate
+    return schedule.model_copy(update={"seed": seed})
+
+
 def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False) -> PreparedModel:
     """Train (or load from cache) the float model of ``arch``.
 
@@ -70,7 +83,7 @@ def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False)
     'indep'), the reference level for the similarity lenses: two models that share nothing
     but the architecture and the data."""
     config, dataset = context.config, context.dataset
-    train_cfg = config.train_config_for(arch)
+    train_cfg = replicated(context, config.train_config_for(arch))
     if independent:
         train_cfg = train_cfg.model_copy(update={"seed": train_cfg.seed + 1})
     parts = {"arch": arch, "data": context.data_identity(), "train": train_cfg.model_dump()}
@@ -110,7 +123,7 @@ def prepare_quantized(
     if spec.is_float:
         return base
     config = context.config
-    qat = qat or config.qat_config_for(spec)
+    qat = replicated(context, qat or config.qat_config_for(spec))
     parts = {
         "base": base.key,
         "spec": spec.name,  # the canonical name: every setting of the spec, grid included
@@ -143,6 +156,7 @@ def prepare_control(
 ) -> PreparedModel:
     """``base`` fine-tuned in float on a QAT ``schedule``: the control that gives fp32 the same
     extra training a quantized model got, so their differences are quantization's alone."""
+    schedule = replicated(context, schedule)
     parts = {"base": base.key, "finetune": schedule.model_dump()}
 
     def build(path: Path) -> None:
@@ -165,7 +179,7 @@ def prepare_recipe(
     the random-precision model where the recipe serves one."""
     config = context.config
     recipe = settings.create()
-    schedule = config.recipe_schedule(settings)
+    schedule = replicated(context, config.recipe_schedule(settings))
     specs = [FP32, *(p for p in config.precisions if not p.is_float)]
     parts = {
         "base": base.key,
@@ -236,6 +250,7 @@ def _cached_model(
         load_checkpoint(path, model)
         return model
 
+    parts = {**parts, "replicate": context.replicate}  # replicates never share a cache entry
     module = context.cache.get("models", parts, "safetensors", build=build, load=load)
     key = context.cache.path("models", parts, "safetensors").stem
     return PreparedModel(arch, spec, module.to(context.device).eval(), key, tag=tag)
@@ -251,6 +266,7 @@ def _save(
         "precision": spec.name,
         "clean_accuracy": clean.to_dict(),
         "seed": seed,
+        "replicate": context.replicate,
         "quantpatch_version": __version__,
         "torch_version": torch.__version__,
     }

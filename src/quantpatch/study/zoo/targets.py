@@ -86,6 +86,7 @@ def add_target(
     context.model_records.append(
         ModelRecord(
             name=target.name,
+            replicate=context.replicate,
             arch=target.arch,
             precision=target.precision,
             runtime=target.runtime,
