@@ -126,6 +126,8 @@ def test_paired_difference_excludes_zero_on_a_clear_effect() -> None:
     assert result.difference == pytest.approx(np.mean([40 / 200, 42 / 200]))
     assert result.excludes_zero and result.ci[0] > 0.1
     assert result.images_paired and result.replicates == 2
+    one = paired_difference([pairs[0][0]], [pairs[0][1]])
+    assert one.excludes_zero and one.t_ci is None and not one.model_variance_measured
 
 
 def test_paired_difference_includes_zero_under_no_difference() -> None:
@@ -156,6 +158,10 @@ def test_paired_difference_shows_disagreeing_models() -> None:
     result = paired_difference([a for a, _ in pairs], [b for _, b in pairs])
     assert result.per_replicate == pytest.approx((0.2, 0.2, -0.2))
     assert not result.excludes_zero
+    # Student-t over the three differences: mean 1/15, sd 0.2309, t(2, 0.975) = 4.303
+    half = 4.302653 * 0.2309401 / 3**0.5
+    assert result.t_ci == pytest.approx((1 / 15 - half, 1 / 15 + half), abs=1e-5)
+    assert not result.t_excludes_zero
 
 
 def test_ratio_and_its_interval() -> None:
@@ -251,3 +257,19 @@ def test_min_detectable_excess_has_its_stated_power() -> None:
     # more images detect a smaller excess; too few detect nothing that fits
     assert min_detectable_excess(3000, white_box_only, white_box_rate) < excess
     assert min_detectable_excess(3, 0.0, 0.9) is None
+
+
+def test_t_interval_keeps_its_level_with_three_disagreeing_models() -> None:
+    """No true difference on average, but each model's own difference spreads (sd 0.06):
+    the t interval over 3 replicates claims a difference about 5 % of the time."""
+    rng = np.random.default_rng(0)
+    sims, claims = 200, 0
+    for s in range(sims):
+        a, b = [], []
+        for shift in rng.normal(0, 0.06, 3):
+            u = rng.random(400)
+            v = np.where(rng.random(400) < 0.8, u, rng.random(400))
+            a.append(u < 0.3 + shift / 2)
+            b.append(v < 0.3 - shift / 2)
+        claims += paired_difference(a, b, n_boot=100, seed=s).t_excludes_zero
+    assert claims / sims <= 0.1
