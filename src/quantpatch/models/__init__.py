@@ -15,16 +15,23 @@ from quantpatch.models._factory import (
     model_choices,
 )
 from quantpatch.models.checkpoint import load_checkpoint, save_checkpoint
+from quantpatch.models.determinism import (
+    TRAINING_THREADS,
+    deterministic_training,
+    training_numerics,
+)
 from quantpatch.models.fast import fast_frozen_copy
 from quantpatch.models.train import TrainConfig, evaluate_accuracy, predict_logits, train_model
 
 __all__ = [
     "MODELS",
+    "TRAINING_THREADS",
     "Normalize",
     "NormalizedClassifier",
     "TrainConfig",
     "check_model_name",
     "create_model",
+    "deterministic_training",
     "evaluate_accuracy",
     "fast_frozen_copy",
     "load_checkpoint",
@@ -33,4 +40,5 @@ __all__ = [
     "predict_logits",
     "save_checkpoint",
     "train_model",
+    "training_numerics",
 ]

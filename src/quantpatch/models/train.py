@@ -15,6 +15,7 @@ from quantpatch._runtime import resolve_device
 from quantpatch.data._types import Split
 from quantpatch.errors import QuantpatchError, ShapeError
 from quantpatch.metrics import Rate, accuracy
+from quantpatch.models.determinism import TRAINING_THREADS, deterministic_training
 
 
 class TrainConfig(BaseModel):
@@ -44,20 +45,40 @@ def train_model(
     desc: str = "train",
     param_groups: ParamGroups | None = None,
     objective: Objective | None = None,
+    threads: int | None = TRAINING_THREADS,
 ) -> nn.Module:
     """Train ``model`` in place on ``split`` and return it in eval mode.
 
     SGD with momentum, cosine-annealed per step from ``config.lr`` to 0 over all steps; the
-    shuffle order comes from a generator seeded with ``config.seed`` (no augmentation), so a
-    run is reproducible on a given device. All trainable parameters are optimised, including
-    extra ones such as learned quantizer scales; pass ``param_groups`` (torch optimizer style)
-    to give some of them their own lr or weight decay. ``objective(images, labels)`` replaces
-    the cross-entropy of ``model`` (the training defences: several precisions, patches).
+    shuffle order comes from a generator seeded with ``config.seed`` (no augmentation), and
+    training runs inside ``deterministic_training(config.seed, threads)``: on a CPU, pinned to
+    ``threads`` intra-op threads (None: the process's), so the weights do not depend on the
+    caller's thread settings (they still depend on the CPU's kernels). All trainable
+    parameters are optimised, including extra ones such as learned quantizer scales; pass
+    ``param_groups`` (torch optimizer style) to give some of them their own lr or weight
+    decay. ``objective(images, labels)`` replaces the cross-entropy of ``model`` (the training
+    defences: several precisions, patches).
     """
     device = resolve_device(device)
     n = len(split)
     if n < 2:
         raise ShapeError(f"training needs at least 2 images, got {n}")
+    with deterministic_training(config.seed, threads, device):
+        _train(model, split, config, device, progress, desc, param_groups, objective)
+    return model.eval()
+
+
+def _train(
+    model: nn.Module,
+    split: Split,
+    config: TrainConfig,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+    param_groups: ParamGroups | None,
+    objective: Objective | None,
+) -> None:
+    n = len(split)
     model.to(device).train()
     params = (
         list(param_groups)
@@ -95,7 +116,6 @@ def train_model(
                 bar.update(1)
     finally:
         bar.close()
-    return model.eval()
 
 
 def _batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
