@@ -15,7 +15,9 @@ from quantpatch.attacks import (
     ATTACKS,
     EOT,
     Attack,
+    PerImageAttack,
     Placement,
+    UniversalAttack,
     apply_patch,
     create_attack,
     paste_at,
@@ -259,12 +261,51 @@ def test_registry_lists_all_attacks_with_their_kinds():
     assert query_only == ["sparse-rs", "sparse-rs-universal"]
 
 
+def test_each_attack_sits_on_the_base_of_its_family():
+    per_image = {"patch-pgd", "pgd-linf"}
+    for name in ATTACKS.names():
+        cls = ATTACKS.get(name)
+        assert issubclass(cls, UniversalAttack) == cls.universal or name == "lavan"
+        assert issubclass(cls, PerImageAttack) == (name in per_image | {"lavan"})
+    assert not issubclass(ATTACKS.get("sparse-rs"), (UniversalAttack, PerImageAttack))
+    # lavan has both modes: each instance fits, pastes and saves as its mode's base does
+    lavan = create_attack("lavan", mode="per-image", patch_size=4, steps=1, progress=False)
+    model = create_model("lenet", in_channels=1, num_classes=10, image_size=28)
+    lavan.fit([model], Split(torch.rand(4, 1, 28, 28), torch.arange(4)), CPU)
+    assert lavan.patch is None and lavan.state_dict() == {}
+    with pytest.raises(ConfigError, match="holds no patch"):
+        lavan.load_state_dict({"patch": torch.rand(1, 4, 4)})
+    universal = create_attack("lavan", patch_size=4, steps=1, progress=False)
+    universal.load_state_dict({"patch": torch.rand(1, 4, 4)})
+    assert universal.state_dict()["patch"].shape == (1, 4, 4)
+
+
+def test_one_objective_averages_the_models_for_fits_and_searches():
+    torch.manual_seed(0)
+    models = [create_model("lenet", in_channels=1, num_classes=10, image_size=28).eval()
+              for _ in range(2)]  # fmt: skip
+    images, labels = torch.rand(6, 1, 28, 28), torch.arange(6)
+    attack = create_attack("patch-pgd", progress=False)
+    each = [F.cross_entropy(m(images), labels, reduction="none") for m in models]
+    fooled = [m(images).argmax(1) != labels for m in models]
+    per_image, success = attack.objective(models, images, labels, reduction="none")
+    assert torch.allclose(per_image, (each[0] + each[1]) / 2)
+    assert torch.equal(success, fooled[0] & fooled[1])
+    mean, _ = attack.objective(models, images, labels)
+    assert torch.allclose(mean, per_image.mean())
+    alone, _ = attack.objective(models[:1], images, labels)
+    assert torch.equal(alone, F.cross_entropy(models[0](images), labels))
+    targeted = create_attack("patch-pgd", targeted=True, target_class=1, progress=False)
+    score, _ = targeted.signed_objective(models, images, torch.ones_like(labels))
+    loss, _ = targeted.objective(models, images, torch.ones_like(labels), reduction="none")
+    assert torch.equal(score, -loss)  # the search ascends towards the target
+
+
 def test_per_image_template_gives_attack_batch_frozen_models_and_attack_labels():
     seen = []
 
-    class Probe(Attack):
+    class Probe(PerImageAttack):
         name = "probe"
-        universal = False
 
         def attack_batch(self, models, x, y, generator):
             seen.append((models[0], y.clone(), float(torch.rand(1, generator=generator))))
@@ -280,13 +321,17 @@ def test_per_image_template_gives_attack_batch_frozen_models_and_attack_labels()
     assert not any(p.requires_grad for p in frozen.parameters())
     assert len({draw for *_, draw in seen}) == 3  # one seeded stream, shared in batch order
     probe.fit([model], Split(images, labels), CPU)  # per-image: nothing to learn
-    assert probe.patch is None and probe.state_dict() == {}
+    assert probe.state_dict() == {} and probe.fit_curve == ()
+    with pytest.raises(ConfigError, match="holds no patch"):
+        probe.load_state_dict({"patch": torch.rand(1, 8, 8)})
 
 
 def test_create_attack_rejects_bad_names_and_params():
     with pytest.raises(UnknownNameError, match="universal"):
         create_attack("nope")
-    with pytest.raises(ConfigError, match="eps"):
+    with pytest.raises(
+        ConfigError, match="attack 'universal' does not take eps; it takes: eval_eot"
+    ):
         create_attack("universal", eps=0.1)
     with pytest.raises(ConfigError):
         create_attack("universal", targeted=True)  # no target_class

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import io
 
 import numpy as np
@@ -222,6 +223,20 @@ def test_lgs_damps_a_high_frequency_patch_but_not_a_smooth_image() -> None:
 def test_bad_parameters_raise_config_error(name: str, params: dict) -> None:
     with pytest.raises(ConfigError):
         create_defense(name, **params)
+
+
+@pytest.mark.parametrize("name", DEFENSES.names())
+def test_every_defense_is_built_through_the_one_parameter_check(name: str) -> None:
+    """An unknown parameter is refused by name for every defence, before its constructor runs
+    (so no constructor hides a parameter behind ``**kwargs`` or a positional-only argument)."""
+    with pytest.raises(ConfigError, match=f"defense '{name}' does not take bogus; it takes: "):
+        create_defense(name, bogus=1)
+    init = inspect.signature(DEFENSES.get(name)).parameters.values()
+    assert not [p for p in init if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
+    required = [p.name for p in init if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    if required:  # patchcleanser's patch_size
+        with pytest.raises(ConfigError, match=f"defense '{name}' needs {', '.join(required)}; "):
+            create_defense(name)
 
 
 def test_defended_model_needs_an_input_defense() -> None:

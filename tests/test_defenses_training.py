@@ -92,8 +92,13 @@ def test_recipe_names_and_parameters_are_checked() -> None:
         create_recipe("adversarial-everything")
     with pytest.raises(ConfigError, match="steps"):
         create_recipe("patch-at", steps=0)
-    with pytest.raises(ConfigError, match="unexpected keyword"):
+    with pytest.raises(
+        ConfigError, match="'disalign' does not take strength; it takes: weight, seed"
+    ):
         create_recipe("disalign", strength=2.0)
+    for name in RECIPES.names():  # the one check sees every recipe's whole constructor
+        with pytest.raises(ConfigError, match=f"recipe '{name}' does not take bogus; it takes: "):
+            create_recipe(name, bogus=1)
 
 
 @pytest.fixture(scope="module")

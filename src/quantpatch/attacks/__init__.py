@@ -2,10 +2,13 @@
 query-only), plus pixel L-inf PGD for contrast.
 
 ``create_attack(name, **params)`` is the one entry point; ``ATTACKS`` lists the names.
-Importing an attack module registers it.
+Importing an attack module registers it. ``Attack`` is the contract every attack keeps;
+``UniversalAttack`` (one patch learned in ``fit``) and ``PerImageAttack`` (a search per image
+in ``perturb``) are the two families' bases.
 """
 
-from quantpatch.attacks.base import ATTACKS, Attack, PerImageAttack, create_attack
+from quantpatch.attacks.base import ATTACKS, Attack, create_attack
+from quantpatch.attacks.per_image import PerImageAttack
 from quantpatch.attacks.placement import (
     EOT,
     Placement,
@@ -14,6 +17,7 @@ from quantpatch.attacks.placement import (
     patch_mask,
     sample_placement,
 )
+from quantpatch.attacks.universal_base import FitPoint, UniversalAttack
 
 # importing an attack module registers it in ATTACKS
 from quantpatch.attacks import universal  # noqa: E402,F401  isort: skip
@@ -39,6 +43,7 @@ __all__ = [
     "ATTACKS",
     "EOT",
     "GAP",
+    "FitPoint",
     "Attack",
     "LaVAN",
     "MultibitPatch",
@@ -49,6 +54,7 @@ __all__ = [
     "RandomPatch",
     "SparseRS",
     "SparseRSUniversal",
+    "UniversalAttack",
     "UniversalPatch",
     "apply_patch",
     "create_attack",

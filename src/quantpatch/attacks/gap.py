@@ -24,9 +24,10 @@ from torch.nn.utils import skip_init
 from tqdm.auto import tqdm
 
 from quantpatch._runtime import resolve_device
-from quantpatch.attacks.base import ATTACKS, _resident, check_int
+from quantpatch.attacks.base import ATTACKS, check_int
 from quantpatch.attacks.placement import make_canvas, prepare_paste, sample_placement
 from quantpatch.attacks.universal import UniversalPatch
+from quantpatch.attacks.universal_base import resident_split
 from quantpatch.data._types import Split
 from quantpatch.errors import ShapeError
 
@@ -70,7 +71,6 @@ class GAP(UniversalPatch):
     """
 
     name = "gap"
-    universal = True
     kind = "patch"
     default_steps = 300
     default_lr = 0.01
@@ -96,7 +96,9 @@ class GAP(UniversalPatch):
             sample_placement(steps * batch, (height, width), p, self.eot, gen), (height, width),
             p, device,
         )  # fmt: skip
-        images, _ = _resident(train, device)  # the loss aims at the target or least likely class
+        images, _ = resident_split(
+            train, device
+        )  # the loss aims at the target or least likely class
         index, mask = index.to(images.device), self.mask(device)
         frozen = self.frozen_copies(models, device)
         optimizer = torch.optim.Adam(generator.parameters(), lr=self.lr)

@@ -1,9 +1,10 @@
 """``lavan``: LaVAN (Karmon et al. 2018), localized and visible adversarial noise.
 
 The patch sits at one fixed location with no rotation or scaling. ``mode="universal"`` learns
-one patch on the train split (the base class's universal fit: Adam, like ``universal`` but
-without EOT); ``mode="per-image"`` optimises a patch per image (Adam, batched) at that
-location in ``perturb``.
+one patch on the train split (``UniversalAttack``'s fit: Adam, like ``universal`` but without
+EOT); ``mode="per-image"`` optimises a patch per image (Adam, batched) at that location in
+``perturb`` (``PerImageAttack``'s search). The paper has both modes under one name, so does the
+registry: the class inherits both bases, and each instance runs the one its ``mode`` picks.
 
 ``location="search"`` (universal mode) is the best-fixed-location threat model: before the fit,
 a short probe fit at each position of a coarse grid (and the centre) is scored on training
@@ -22,8 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, PerImageAttack
+from quantpatch.attacks.base import ATTACKS, Attack, BatchStep
+from quantpatch.attacks.per_image import PerImageAttack
 from quantpatch.attacks.placement import EOT, grid_corners, paste_at
+from quantpatch.attacks.universal_base import UniversalAttack
 from quantpatch.data._types import Split
 from quantpatch.errors import ConfigError, ShapeError
 
@@ -35,7 +38,7 @@ SEARCH_IMAGES = 512  # training images each probed patch is scored on
 
 
 @ATTACKS.register
-class LaVAN(PerImageAttack):
+class LaVAN(UniversalAttack, PerImageAttack):
     """LaVAN fixed-location patch, universal or per-image.
 
     ``location``: "center", (top, left) or, in universal mode, "search": the best position of
@@ -45,11 +48,11 @@ class LaVAN(PerImageAttack):
     "per-image".
 
     The class attribute ``universal`` describes the default mode; an instance's own attribute
-    follows its ``mode`` (``early_stop`` applies to the per-image mode).
+    follows its ``mode`` (``early_stop`` applies to the per-image mode). ``fit``, ``perturb``
+    and the saved state are those of the mode's base (``mode_base``).
     """
 
     name = "lavan"
-    universal = True
     kind = "patch"
     default_steps = 300
     default_lr = 0.05
@@ -81,6 +84,22 @@ class LaVAN(PerImageAttack):
         self.searched_location = None  # set once a search placed the patch (fit or load)
         self.mode = mode
         self.universal = mode == "universal"  # type: ignore[misc]  # instance follows mode
+
+    # ----------------------------------------------------------------- the mode's base
+    @property
+    def mode_base(self) -> type[Attack]:
+        """The base whose ``fit``, ``batch_step`` and state this instance's ``mode`` uses."""
+        return UniversalAttack if self.universal else PerImageAttack
+
+    def fit(self, models: Sequence[nn.Module], train: Split, device: torch.device | str) -> None:
+        """Universal mode: learn the patch; per-image mode: nothing to learn."""
+        self.mode_base.fit(self, models, train, device)
+
+    def batch_step(
+        self, models: Sequence[nn.Module], images: torch.Tensor, device: torch.device
+    ) -> BatchStep:
+        """Universal mode: paste the patch; per-image mode: search each image's patch."""
+        return self.mode_base.batch_step(self, models, images, device)
 
     def choose_placement(
         self, models: Sequence[nn.Module], train: Split, device: torch.device
@@ -135,7 +154,7 @@ class LaVAN(PerImageAttack):
             x = scored.images[start : start + self.batch_size].to(device)
             y = self.attack_labels(scored.labels[start : start + self.batch_size].to(device))
             top, left = (torch.full((len(x),), v) for v in corner)
-            loss, fooled = self.fit_objective(models, paste_at(x, patch, top, left, mask), y)
+            loss, fooled = self.objective(models, paste_at(x, patch, top, left, mask), y)
             hits += int(fooled.sum())
             total += float(loss) * len(x)
         return hits, (-total if self.targeted else total)
@@ -157,7 +176,7 @@ class LaVAN(PerImageAttack):
         if self.location != "search":
             if saved is not None:
                 raise ConfigError("a searched lavan state needs lavan with location 'search'")
-            super().load_state_dict(state)
+            self.mode_base.load_state_dict(self, state)
             return
         if not isinstance(saved, torch.Tensor) or saved.shape != (2,) or saved.is_floating_point():
             shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else None

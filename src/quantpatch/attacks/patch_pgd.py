@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, PerImageAttack, check_int
+from quantpatch.attacks.base import ATTACKS, check_int
+from quantpatch.attacks.per_image import PerImageAttack
 from quantpatch.attacks.placement import EOT, Placement, grid_corners
 from quantpatch.errors import ConfigError
 
@@ -38,7 +39,6 @@ class PatchPGD(PerImageAttack):
     """
 
     name = "patch-pgd"
-    universal = False
     kind = "patch"
     default_steps = 100
     default_lr = 0.05

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantpatch.attacks.base import ATTACKS, PerImageAttack, check_positive
+from quantpatch.attacks.base import ATTACKS, check_positive
+from quantpatch.attacks.per_image import PerImageAttack
 
 
 @ATTACKS.register
@@ -21,7 +22,6 @@ class PGDLinf(PerImageAttack):
     """Pixel-level L-inf PGD (eps, alpha, steps, random start)."""
 
     name = "pgd-linf"
-    universal = False
     kind = "pixel"
     default_steps = 40
 

@@ -9,7 +9,8 @@ starts at ``p_init`` of the patch and halves along the paper's schedule, set to 
 of the colour cube). A candidate is kept when it lowers the image's margin.
 
 Like any query attack it stops an image at its first success: further queries would only buy
-a larger margin. ``queries`` is the exact budget per image, the first evaluation included;
+a larger margin. It builds on ``Attack`` itself, not on ``PerImageAttack``: it takes no
+gradient, so it needs neither frozen differentiable copies nor the gradient search loop. ``queries`` is the exact budget per image, the first evaluation included;
 ``queries_used`` records what each image of the last ``perturb`` spent.
 """
 
@@ -55,7 +56,6 @@ class SparseRS(Attack):
     """
 
     name = "sparse-rs"
-    universal = False
     kind = "patch"
     needs_gradients = False
     default_steps = 0
@@ -97,7 +97,11 @@ class SparseRS(Attack):
         self.queries_used = torch.zeros(len(images), dtype=torch.long)
         return super().perturb(models, images, labels, device)  # type: ignore[arg-type]
 
-    def _attack_step(self, models: Sequence[Predictor], device: torch.device) -> BatchStep:
+    def batch_step(
+        self, models: Sequence[Predictor], images: torch.Tensor, device: torch.device
+    ) -> BatchStep:
+        """The random search on one batch, ``models`` queried as black boxes (not copied)."""
+        del images
         query = query_functions(models, resolve_device(device))
         generator = self.generator("perturb")
 

@@ -54,7 +54,6 @@ class SparseRSUniversal(UniversalPatch):
     """
 
     name = "sparse-rs-universal"
-    universal = True
     kind = "patch"
     needs_gradients = False
     default_steps = 1000

@@ -2,8 +2,8 @@
 
 Adam on the patch pixels (clamped to [0, 1] after every step); each step draws a batch from the
 train split and a random location, rotation and scale per image. The fit and the paste are the
-base class's universal template (``Attack.learn_patch``, ``Attack.perturb``); this attack adds
-only a separate placement range for evaluation.
+universal base's template (``UniversalAttack.learn_patch``, ``UniversalAttack.batch_step``);
+this attack adds only a separate placement range for evaluation, which its variants share.
 """
 
 from __future__ import annotations
@@ -11,19 +11,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from quantpatch.attacks.base import ATTACKS, Attack
+from quantpatch.attacks.base import ATTACKS
 from quantpatch.attacks.placement import EOT
+from quantpatch.attacks.universal_base import UniversalAttack
 
 
 @ATTACKS.register
-class UniversalPatch(Attack):
+class UniversalPatch(UniversalAttack):
     """Brown et al. 2017 EOT universal patch: Adam on pixels over random placements.
 
     ``eval_eot`` sets how ``perturb`` places the learned patch (default: the training ``eot``).
     """
 
     name = "universal"
-    universal = True
     kind = "patch"
     default_steps = 300
     default_lr = 0.05

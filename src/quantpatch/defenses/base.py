@@ -30,12 +30,8 @@ DEFENSES: Registry = Registry("defense")
 
 
 def create_defense(name: str, **params: Any) -> Any:
-    """Build the defence ``name``; unknown or ill-typed parameters raise ``ConfigError``."""
-    factory = DEFENSES.get(name)
-    try:
-        return factory(**params)
-    except TypeError as exc:
-        raise ConfigError(f"defense '{name}': {exc}") from None
+    """Build the defence ``name`` (``DEFENSES.create``: the registries' one parameter check)."""
+    return DEFENSES.create(name, **params)
 
 
 class Defense:

@@ -199,12 +199,8 @@ class Disalignment(Recipe):
 
 
 def create_recipe(name: str, **params: Any) -> Recipe:
-    """The recipe ``name`` with ``params`` (``UnknownNameError`` / ``ConfigError`` if bad)."""
-    factory = RECIPES.get(name)
-    try:
-        return factory(**params)
-    except TypeError as exc:
-        raise ConfigError(f"recipe {name!r}: {exc}") from None
+    """The recipe ``name`` (``RECIPES.create``: the registries' one parameter check)."""
+    return RECIPES.create(name, **params)
 
 
 def train_recipe(
