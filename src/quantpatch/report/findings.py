@@ -6,8 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from quantpatch.metrics import paired_difference, rate_ratio
 from quantpatch.report.page import Page
-from quantpatch.report.tables import ModelOrder, SeedRate, group, masking_flags, pool
+from quantpatch.report.tables import (
+    BOOTSTRAP_SEED,
+    ModelOrder,
+    SeedRate,
+    group,
+    masking_flags,
+    paired_outcomes,
+    pool,
+)
 from quantpatch.results import CellRecord, ModelRecord, ResultsFile, precision_order
 
 
@@ -16,6 +25,7 @@ def key_findings(page: Page, results: ResultsFile, order: ModelOrder) -> None:
     if not cells:
         return
     page.heading("Key findings")
+    page.para(replicates_sentence(models), cls="finding")
     for arch in sorted({m.arch for m in models}):
         _arch_findings(page, arch, cells, models, order)
     _masking_sentence(page, cells, models, order)
@@ -47,6 +57,40 @@ def _arch_findings(
     )
     for sentence in _transfer_sentences(arch, mine, torch_models, runtimes):
         page.para(sentence, cls="finding")
+
+
+def replicates_sentence(models: list[ModelRecord]) -> str:
+    """What the intervals cover: images only with one trained model, models too with more."""
+    replicates = len({m.replicate for m in models})
+    if replicates == 1:
+        return ("Model variance is unmeasured: each model was trained once (replicates: 1), so "
+                "the intervals cover the evaluation images only; a model retrained from another "
+                "seed may land outside them. Run with replicates: 3 or more before comparing "
+                "models.")  # fmt: skip
+    return (f"Every model was trained {replicates} times from independent seeds; intervals "
+            "resample the trained models, then the images (hierarchical bootstrap), and a "
+            "difference is stated only where its paired interval excludes zero.")  # fmt: skip
+
+
+def compare(transfer: SeedRate, white: SeedRate) -> str:
+    """Transfer against white-box on the same images and models: the ratio with its interval
+    and whether the two are distinguishable at this many replicates."""
+    paired = paired_outcomes(transfer, white)
+    a, b = paired if paired is not None else (transfer.per_replicate, white.per_replicate)
+    ratio = rate_ratio(a, b, seed=BOOTSTRAP_SEED)
+    text = ""
+    if ratio.ratio is not None and ratio.ci is not None:
+        low, high = ratio.ci
+        text = f", {ratio.ratio:.0%} of white-box [{low:.0%}, {high:.0%}]"
+    diff = paired_difference(a, b, seed=BOOTSTRAP_SEED)
+    low, high = diff.ci
+    models = f"{white.replicates} trained model" + ("s" if white.replicates > 1 else "")
+    if low > 0 or high < 0:
+        return (
+            text + f" (difference {100 * diff.difference:+.1f} points [{100 * low:+.1f}, "
+            f"{100 * high:+.1f}] over {models})"
+        )
+    return text + f" (not distinguishable from white-box at {models})"
 
 
 def _attack_rows(cells: Iterable[CellRecord]) -> list[tuple[str, int | None]]:
@@ -97,8 +141,8 @@ def _transfer_sentences(
                 continue
             kind = chosen[0].attack_kind
             text = f"{label} ({kind}) {_short(transfer)}"
-            if white is not None and white.rate > 0:
-                text += f", {transfer.rate / white.rate:.0%} of white-box"
+            if white is not None and white.n and transfer.n:
+                text += compare(transfer, white)
             parts.append(text)
         if parts:
             sentences.append(f"Transfer {fp32} → {target}: " + "; ".join(parts) + ".")

@@ -28,14 +28,15 @@ from quantpatch.results import CellRecord, ModelRecord, ResultsFile, load_result
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Render ``RUN_DIR/results.json`` (and patch PNGs) into one self-contained HTML file."""
     run_dir = Path(run_dir)
-    everything = load_results(run_dir / "results.json")
+    loaded = load_results(run_dir / "results.json")
+    everything = first_replicates(loaded)
     results = undefended(everything)
     out = Path(out) if out else run_dir / "report.html"
     order = ModelOrder(everything.models)
     page = Page(run_dir / "figures")
     _header(page, results)
     key_findings(page, results, order)
-    _models_section(page, results.models, order)
+    _models_section(page, results.models, order, undefended(loaded).models)
     _patches_section(page, run_dir)
     _attack_sections(page, results, order)
     query_section(page, results.cells, results.models, order)
@@ -45,6 +46,15 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out
+
+
+def first_replicates(results: ResultsFile) -> ResultsFile:
+    """One model record per model name (its first trained replicate): what the sections need
+    to lay out models; the cells keep every replicate, and the rates pool them."""
+    first: dict[str, ModelRecord] = {}
+    for model in sorted(results.models, key=lambda m: m.replicate):
+        first.setdefault(model.name, model)
+    return results.model_copy(update={"models": list(first.values())})
 
 
 def undefended(results: ResultsFile) -> ResultsFile:
@@ -71,19 +81,35 @@ def _header(page: Page, results: ResultsFile) -> None:
         f"{', '.join(attacks)}; patch sizes {sizes} px; seeds {seeds}; {n_eval} evaluation "
         f"images; device {results.device}; {versions}"
     )
+    replicates = len({c.replicate for c in cells}) or 1
+    interval = ("its 95 % hierarchical-bootstrap interval over the "
+                f"{replicates} trained replicates and the images" if replicates > 1
+                else "its 95 % Wilson interval (the images only: one trained model)")  # fmt: skip
     page.para(
-        "Every rate is shown with its 95 % Wilson interval and n. Untargeted ASR counts only "
-        "images the target model classifies correctly when clean; targeted ASR only images "
-        "whose true class is not the target."
+        f"Every rate is shown with {interval} and n, the images per seed. Untargeted ASR "
+        "counts only images the target model classifies correctly when clean; targeted ASR "
+        "only images whose true class is not the target."
     )
 
 
-def _models_section(page: Page, models: list[ModelRecord], order: ModelOrder) -> None:
+def _models_section(
+    page: Page, models: list[ModelRecord], order: ModelOrder, replicas: list[ModelRecord]
+) -> None:
     page.heading("Clean accuracy per precision")
     models = sorted(models, key=lambda m: order(m.name))
     page.figure(figures.clean_accuracy_figure(models, order), "clean_accuracy",
-                "Clean accuracy on the evaluation images (bars: 95 % Wilson interval).")  # fmt: skip
-    page.table(["model", "clean accuracy"], [[m.name, fmt_rate(m.clean)] for m in models])
+                "Clean accuracy of each model's first trained replicate on the evaluation "
+                "images (bars: 95 % Wilson interval).")  # fmt: skip
+    each: dict[str, list[ModelRecord]] = {}
+    for replica in sorted(replicas, key=lambda m: m.replicate):
+        each.setdefault(replica.name, []).append(replica)
+    if max((len(v) for v in each.values()), default=1) > 1:
+        rows = [[m.name, fmt_rate(m.clean),
+                 ", ".join(f"{100 * r.clean.rate:.1f}%" for r in each.get(m.name, [m]))]
+                for m in models]  # fmt: skip
+        page.table(["model", "clean accuracy (replicate 0)", "each trained replicate"], rows)
+    else:
+        page.table(["model", "clean accuracy"], [[m.name, fmt_rate(m.clean)] for m in models])
     deployed = [m for m in models if m.deployment]
     if deployed:
         _deployment_table(page, deployed)

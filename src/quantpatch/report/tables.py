@@ -5,9 +5,12 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
-from quantpatch.metrics import Rate, wilson_interval
+import numpy as np
+
+from quantpatch.metrics import Rate, hierarchical_bootstrap, wilson_interval
 from quantpatch.results import CellRecord, ModelRecord, RateRecord, precision_order
 
 
@@ -34,47 +37,103 @@ class ModelOrder:
 
 @dataclass(frozen=True)
 class SeedRate:
-    """One cell's rate over seeds that reuse the same evaluation images.
+    """One cell's rate over its seeds and trained replicates.
 
-    ``rate`` is the mean over seeds; ``n`` the images per seed (seeds are not more images, so
-    they are never summed into n); ``ci`` the Wilson interval at that n; ``spread`` the
-    sample standard deviation across seeds; ``per_seed`` each seed's own rate."""
+    Seeds reuse the same evaluation images, so they are averaged, never summed into n:
+    ``n`` is the images per seed. ``per_replicate`` is each trained model's seed-mean rate
+    (as a count at its n); with several replicates ``ci`` is the hierarchical bootstrap over
+    models, then images, so the variance between trained models shows; with one it is the
+    Wilson interval at n (images only). ``rate`` is the mean over replicates; ``spread`` the
+    sample standard deviation across the seeds of the first replicate."""
 
     rate: float
     n: int
     spread: float
     per_seed: tuple[Rate, ...]
+    per_replicate: tuple[Rate, ...] = ()
+    cells: tuple[CellRecord, ...] = field(default=(), repr=False, compare=False)
+    """The records pooled (for paired tests on the same images and models)."""
 
     @property
     def seeds(self) -> int:
         return len(self.per_seed)
 
     @property
+    def replicates(self) -> int:
+        return max(1, len(self.per_replicate))
+
+    @cached_property
     def ci(self) -> tuple[float, float]:
+        if self.replicates > 1:
+            return hierarchical_bootstrap(self.per_replicate, seed=BOOTSTRAP_SEED).ci
         successes = round(self.rate * self.n) if self.n else 0
         return wilson_interval(successes, self.n)
+
+    def outcomes(self) -> dict[int, str]:
+        """Per replicate, the first seed's per-image outcomes ('' when not recorded)."""
+        first: dict[int, CellRecord] = {}
+        for cell in sorted(self.cells, key=lambda c: (c.replicate, c.seed)):
+            first.setdefault(cell.replicate, cell)
+        return {k: c.outcomes or "" for k, c in first.items()}
 
     def fmt(self) -> str:
         low, high = self.ci
         spread = f" ±{100 * self.spread:.1f} sd over {self.seeds} seeds" if self.seeds > 1 else ""
-        return f"{100 * self.rate:.1f}% [{100 * low:.0f}–{100 * high:.0f}] n={self.n}{spread}"
+        models = f" over {self.replicates} models" if self.replicates > 1 else ""
+        return (
+            f"{100 * self.rate:.1f}% [{100 * low:.0f}–{100 * high:.0f}] n={self.n}{models}{spread}"
+        )
+
+
+BOOTSTRAP_SEED = 0
+"""Every interval of a report is seeded: the same results give the same report."""
 
 
 def pool(records: Iterable[CellRecord]) -> SeedRate | None:
-    """The records of one (source, target, attack, size) over its seeds."""
-    records = sorted(records, key=lambda r: r.seed)
+    """The records of one (source, target, attack, size) over its seeds and replicates."""
+    records = sorted(records, key=lambda r: (r.replicate, r.seed))
     if not records:
         return None
-    if len({r.seed for r in records}) != len(records):
-        raise ValueError("pool() takes one record per seed; group by attack label and size first")
-    per_seed = tuple(Rate(r.successes, r.n) for r in records)
-    rates = [r.rate for r in per_seed if r.n]
+    if len({(r.replicate, r.seed) for r in records}) != len(records):
+        raise ValueError("pool() takes one record per seed and replicate; group by attack "
+                         "label and size first")  # fmt: skip
+    by_replicate = group(records, "replicate")
+    per_replicate = []
+    for rows in by_replicate.values():
+        rates = [r.rate for r in rows if r.n]
+        n = max(r.n for r in rows)
+        mean = statistics.fmean(rates) if rates else 0.0
+        per_replicate.append(Rate(round(mean * n), n))
+    first = next(iter(by_replicate.values()))
+    per_seed = tuple(Rate(r.successes, r.n) for r in first)
+    seed_rates = [r.rate for r in per_seed if r.n]
+    replicate_rates = [r.rate for r in per_replicate if r.n]
     return SeedRate(
-        rate=statistics.fmean(rates) if rates else float("nan"),
+        rate=statistics.fmean(replicate_rates) if replicate_rates else float("nan"),
         n=max(r.n for r in per_seed),
-        spread=statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        spread=statistics.stdev(seed_rates) if len(seed_rates) > 1 else 0.0,
         per_seed=per_seed,
+        per_replicate=tuple(per_replicate),
+        cells=tuple(records),
     )
+
+
+def paired_outcomes(a: SeedRate, b: SeedRate) -> tuple[list, list] | None:
+    """Each replicate's per-image outcomes of ``a`` and ``b`` on the images both count, for
+    paired tests (same images, same trained models); None when outcomes were not recorded."""
+    outcomes_a, outcomes_b = a.outcomes(), b.outcomes()
+    shared = sorted(set(outcomes_a) & set(outcomes_b))
+    if not shared or any(not outcomes_a[k] or not outcomes_b[k] for k in shared):
+        return None
+    pairs_a, pairs_b = [], []
+    for k in shared:
+        x, y = outcomes_a[k], outcomes_b[k]
+        if len(x) != len(y):
+            return None
+        both = [i for i in range(len(x)) if x[i] != "." and y[i] != "."]
+        pairs_a.append(np.array([x[i] == "1" for i in both], dtype=bool))
+        pairs_b.append(np.array([y[i] == "1" for i in both], dtype=bool))
+    return pairs_a, pairs_b
 
 
 def group(records: Iterable[CellRecord], *fields: str) -> dict[tuple, list[CellRecord]]:
