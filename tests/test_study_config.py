@@ -177,3 +177,9 @@ def test_lowest_precision_is_one_rule_on_a_w2a8_and_w4a4_study() -> None:
             return tuple(Model(n) for n in ("fp32", "w4a4", "w2a8"))
 
     assert _lowest_precision(Context(), "lenet").name == "w2a8"
+
+
+@pytest.mark.parametrize("replicates", [0, 101, -1, 2.5])
+def test_replicates_outside_1_to_100_are_refused(replicates) -> None:
+    with pytest.raises(ConfigError, match="replicates"):
+        load_study(None, replicates=replicates)

@@ -427,6 +427,11 @@ class ResultsFile(Record):
     dataset: str
     config: dict[str, Any] = Field(description="the resolved study configuration, verbatim")
     versions: dict[str, str]
+    training_numerics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="what decides trained weights bit-for-bit: torch and its math libraries, "
+        "the CPU kernels, training threads and determinism settings (models.training_numerics)",
+    )
     device: str
     models: list[ModelRecord]
     cells: list[CellRecord]

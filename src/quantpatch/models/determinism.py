@@ -26,9 +26,10 @@ import torch
 from quantpatch._runtime import resolve_device
 from quantpatch.errors import ConfigError
 
-TRAINING_THREADS = 1
-"""Intra-op threads for CPU training: one count every machine can run, so two machines with
-the same CPU kernels train the same weights whatever their core counts."""
+TRAINING_THREADS = 2
+"""Intra-op threads for CPU training: one count every machine can run (the reference machine
+has 2 cores; a 1-core machine runs 2 threads, only slower), so two machines with the same CPU
+kernels train the same weights whatever their core counts."""
 
 _NUMERICS_ENV = (
     "OMP_NUM_THREADS",

@@ -25,7 +25,7 @@ def key_findings(page: Page, results: ResultsFile, order: ModelOrder) -> None:
     if not cells:
         return
     page.heading("Key findings")
-    page.para(replicates_sentence(models), cls="finding")
+    page.para(replicates_sentence(cells), cls="finding")
     for arch in sorted({m.arch for m in models}):
         _arch_findings(page, arch, cells, models, order)
     _masking_sentence(page, cells, models, order)
@@ -59,9 +59,9 @@ def _arch_findings(
         page.para(sentence, cls="finding")
 
 
-def replicates_sentence(models: list[ModelRecord]) -> str:
+def replicates_sentence(cells: list[CellRecord]) -> str:
     """What the intervals cover: images only with one trained model, models too with more."""
-    replicates = len({m.replicate for m in models})
+    replicates = len({c.replicate for c in cells})
     if replicates == 1:
         return ("Model variance is unmeasured: each model was trained once (replicates: 1), so "
                 "the intervals cover the evaluation images only; a model retrained from another "

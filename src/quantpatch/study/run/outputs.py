@@ -12,6 +12,7 @@ import torch
 
 from quantpatch import __version__
 from quantpatch._io import write_json_atomic, write_text_atomic
+from quantpatch.models import training_numerics
 from quantpatch.results import Analyses, CellRecord, ModelRecord, ResultsFile, cells_to_csv
 from quantpatch.study.zoo.context import StudyContext
 
@@ -40,6 +41,7 @@ def write_results(
         dataset=context.dataset.name,
         config=context.config.model_dump(mode="json"),
         versions=versions(),
+        training_numerics=training_numerics(context.device),
         device=str(context.device),
         models=models,
         cells=cells,
