@@ -199,8 +199,9 @@ class UniversalAttack(Attack):
                                           int(window_hits) / (done * batch)))  # fmt: skip
                     window_loss.zero_()
                     window_hits.zero_()
-                if self.progress and (step % 25 == 0 or step == steps - 1):
-                    bar.set_postfix(ce=f"{float(loss):.3f}", refresh=False)
+                    # the curve's own mean (already read off the device): no stale value,
+                    # no extra sync, no float() of a tensor that requires grad
+                    bar.set_postfix(ce=f"{curve[-1].loss:.3f}", refresh=False)
                 bar.update(1)
         return patch.detach().cpu(), curve
 
