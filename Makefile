@@ -20,7 +20,7 @@ $(TESTS): $(STAMP)
 	touch $(TESTS)
 
 demo: $(STAMP)
-	$(VENV)/bin/quantpatch run --out $(OUT)
+	$(VENV)/bin/quantpatch run studies/demo.yaml --out $(OUT)
 	@echo "Report: $(OUT)/report.html"
 
 test: $(TESTS)
