@@ -66,7 +66,7 @@ def test_fp32_control_gets_the_qat_schedule(finished_run: Path) -> None:
 
 def test_trained_patch_beats_random_noise(finished_run: Path) -> None:
     cells = _results(finished_run / "run")["cells"]
-    white = [c["rate"] for c in cells if c["attack"] == "universal" and c["white_box"]]
+    white = [c["rate"] for c in cells if c["attack"] == "universal" and c["threat"] == "white-box"]
     noise = [c["rate"] for c in cells if c["attack"] == "random"]
     assert min(white) > max(noise)
 
@@ -224,7 +224,7 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     assert all(c["patch_location"] is None for c in cells if not c["attack"].endswith("search"))
     multibit = {c["target"]: c["threat"] for c in cells if c["attack"] == "multibit"}
     assert multibit == {"lenet/fp32": "white-box ensemble", "lenet/w2a2": "white-box ensemble"}
-    per_image = [c["rate"] for c in cells if c["attack"] == "patch-pgd" and c["white_box"]]
+    per_image = [c["rate"] for c in cells if c["attack"] == "patch-pgd" and c["threat"] == "white-box"]
     noise = [c["rate"] for c in cells if c["attack"] == "random"]
     assert min(per_image) > max(noise)
     html = (finished_run / "suite" / "report.html").read_text()
