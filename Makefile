@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e .
 	touch $(STAMP)
 
-# the test extras (pytest, hypothesis, ruff, timm, ray) only where tests run
+# the test extras (pytest, hypothesis, ruff, timm, ray) only where tests run; torchattacks
+# without its stale requests pin (see the attacks extra in pyproject.toml)
 $(TESTS): $(STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps "torchattacks>=3.5,<4"
 	touch $(TESTS)
 
 demo: $(STAMP)

@@ -40,7 +40,7 @@ from quantpatch.models import create_model, predict_logits
 CPU = torch.device("cpu")
 ALL_ATTACKS = {
     "universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf",
-    "sparse-rs", "sparse-rs-universal", "gap",
+    "sparse-rs", "sparse-rs-universal", "gap", "square-linf", "apgd-ce", "apgd-dlr",
 }  # fmt: skip
 
 
@@ -258,7 +258,7 @@ def test_registry_lists_all_attacks_with_their_kinds():
     assert not ATTACKS.get("patch-pgd").universal and ATTACKS.get("universal").universal
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).multi_precision] == ["multibit"]
     query_only = [n for n in ATTACKS.names() if not ATTACKS.get(n).needs_gradients]
-    assert query_only == ["sparse-rs", "sparse-rs-universal"]
+    assert query_only == ["sparse-rs", "sparse-rs-universal", "square-linf"]
 
 
 def test_each_attack_sits_on_the_base_of_its_family():

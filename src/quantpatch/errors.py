@@ -39,3 +39,8 @@ class ConfigError(QuantpatchError, ValueError):
 class OutputPathError(QuantpatchError, OSError):
     """An output file or folder that cannot be written (not a folder, a kernel pseudo-filesystem,
     no permission), refused before any work so no run dies at its last step."""
+
+
+class MissingDependencyError(QuantpatchError, ImportError):
+    """An optional package a requested feature needs is not installed (the message says which
+    extra to install)."""
