@@ -244,9 +244,9 @@ def _learnable_backward(
     """Input and scale gradients of the LSQ op, element for element as its CPU kernel.
 
     Both cases of the scale gradient are one product ``dy * w * f * g``, with ``w`` =
-    ``xfq - x`` or ``q_end - z`` and ``f`` = ``1/s`` or 1 picked by ``lerp(outside, inside,
-    mask)`` (a 0/1 weight selects an end exactly). ``w`` is built negated, which rounding
-    preserves, so that the fma can take ``x`` as it is."""
+    ``xfq - x`` or ``q_end - z`` and ``f`` = ``1/s`` or 1, each picked by fused multiply-adds
+    with the 0/1 mask (``a + b * 1`` and ``a + b * 0`` are exact; only the sign of a zero
+    term can differ, which the sum does not see). In place over four buffers."""
     scale_value = _value(scale)
     inv = _inverse(scale_value)
     _, z = _lsq_zero_points(zero_point, qmin, qmax)
@@ -262,10 +262,12 @@ def _learnable_backward(
     grad_x = grad * inside
     shifted.sub_(z)  # q - z: the clamped ends are exactly qmin - z and qmax - z
     weight = torch.addcmul(x, shifted, x.new_tensor(scale_value), value=-1)  # -(xfq - x)
-    torch.lerp(shifted.neg_(), weight, inside, out=weight)
-    factor = torch.lerp(x.new_tensor(1.0), x.new_tensor(inv), inside, out=inside)
+    shifted.addcmul_(shifted, inside, value=-1)  # (q - z) outside, 0 inside
+    torch.addcmul(shifted, weight, inside, value=-1, out=weight)  # xfq - x inside
+    outside = torch.add(x.new_tensor(1.0), inside, alpha=-1, out=shifted)
+    factor = torch.addcmul(outside, inside, x.new_tensor(inv), out=inside)  # 1/s or 1
     weight.mul_(grad).mul_(factor).mul_(float(np.float32(grad_factor)))
-    return grad_x, weight.sum().neg_().reshape(1)
+    return grad_x, weight.sum().reshape(1)
 
 
 def fake_quantize_learnable_per_tensor(
