@@ -246,7 +246,7 @@ def _learnable_backward(
     Both cases of the scale gradient are one product ``dy * w * f * g``, with ``w`` =
     ``xfq - x`` or ``q_end - z`` and ``f`` = ``1/s`` or 1, each picked by fused multiply-adds
     with the 0/1 mask (``a + b * 1`` and ``a + b * 0`` are exact; only the sign of a zero
-    term can differ, which the sum does not see). In place over four buffers."""
+    term can differ, which the sum does not see). In place over three buffers."""
     scale_value = _value(scale)
     inv = _inverse(scale_value)
     _, z = _lsq_zero_points(zero_point, qmin, qmax)
@@ -259,14 +259,14 @@ def _learnable_backward(
     codes = torch.addcmul(x.new_tensor(float(z)), x, x.new_tensor(inv)).round_()
     shifted = codes.clamp(qmin, qmax)
     inside = torch.eq(codes.sub_(shifted), 0, out=codes)
-    grad_x = grad * inside
     shifted.sub_(z)  # q - z: the clamped ends are exactly qmin - z and qmax - z
     weight = torch.addcmul(x, shifted, x.new_tensor(scale_value), value=-1)  # -(xfq - x)
     shifted.addcmul_(shifted, inside, value=-1)  # (q - z) outside, 0 inside
     torch.addcmul(shifted, weight, inside, value=-1, out=weight)  # xfq - x inside
     outside = torch.add(x.new_tensor(1.0), inside, alpha=-1, out=shifted)
-    factor = torch.addcmul(outside, inside, x.new_tensor(inv), out=inside)  # 1/s or 1
+    factor = torch.addcmul(outside, inside, x.new_tensor(inv), out=outside)  # 1/s or 1
     weight.mul_(grad).mul_(factor).mul_(float(np.float32(grad_factor)))
+    grad_x = torch.mul(grad, inside, out=inside)
     return grad_x, weight.sum().reshape(1)
 
 
