@@ -297,7 +297,7 @@ def _probe_input(scale: float, z: int, qmin: int, qmax: int) -> torch.Tensor:
     values the int64 casts cannot hold, infinities and NaN, plus random values."""
     generator = torch.Generator().manual_seed(0)
     codes = torch.arange(qmin - z - 3, qmax - z + 4, dtype=torch.float64)
-    ties = ((codes + 0.5) * scale).repeat(64)
+    ties = ((codes + 0.5) * scale).repeat(16)
     jitter = 1 + (torch.rand(ties.shape, generator=generator, dtype=torch.float64) - 0.5) * 4e-7
     special = [0.0, -0.0, 1e-30, -1e-30, 1e30, -1e30, 3e19, -3e19, math.inf, -math.inf, math.nan]
     return torch.cat([
@@ -305,7 +305,7 @@ def _probe_input(scale: float, z: int, qmin: int, qmax: int) -> torch.Tensor:
         (ties * jitter).float(),
         (codes * scale).float(),
         torch.tensor(special),
-        torch.randn(4096, generator=generator) * scale * (qmax - qmin),
+        torch.randn(1024, generator=generator) * scale * (qmax - qmin),
     ])  # fmt: skip
 
 
