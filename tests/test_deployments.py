@@ -1,7 +1,8 @@
 """Deployments: each integer runtime agrees with its matched simulation on clean images, better
 than the fp32 network does, and a missing runtime is refused in one line.
 
-Runtimes that are not installed (``quantpatch[openvino]``, ``quantpatch[executorch]``) skip.
+Runtimes that are not installed (``quantpatch[openvino]``, ``quantpatch[executorch]``,
+``quantpatch[litert]``) skip.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from quantpatch.quant.pt2e import fake_quant_graph
 
 N_IMAGES = 200
 N_CALIBRATION = 256
-PTQ = ["ort-int8", "openvino-int8", "executorch-int8"]
+PTQ = ["ort-int8", "openvino-int8", "executorch-int8", "litert-int8"]
 QAT = ["ort-w8a8", "openvino-w8a8"]
 
 
@@ -202,6 +203,6 @@ def test_a_missing_runtime_is_refused_in_one_line(name: str, monkeypatch) -> Non
 
 def test_new_runtimes_are_registered_on_the_core_install() -> None:
     """Registration imports no runtime: the optional ones are listed even where missing."""
-    assert {"openvino-int8", "openvino-w8a8", "executorch-int8"} <= set(DEPLOYMENTS.names())
-    for name in ("openvino-int8", "openvino-w8a8", "executorch-int8"):
-        assert DEPLOYMENTS.get(name).extra in ("openvino", "executorch")
+    extras = {"openvino-int8": "openvino", "openvino-w8a8": "openvino",
+              "executorch-int8": "executorch", "litert-int8": "litert"}  # fmt: skip
+    assert {name: DEPLOYMENTS.get(name).extra for name in extras} == extras

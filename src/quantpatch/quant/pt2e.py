@@ -95,12 +95,41 @@ def _constants_as_buffers(model: fx.GraphModule) -> None:
             owner.register_buffer(field, value)
 
 
-def fake_quant_graph(quantized: fx.GraphModule) -> fx.GraphModule:
+_RELU = frozenset({"aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh"})
+
+
+def _fuse_relu_requantization(graph: fx.Graph) -> int:
+    """Drop each rounding whose only reader is a ReLU that is rounded again: ``q -> dq ->
+    relu -> q'`` becomes ``relu -> q'``, as a converter that fuses the ReLU into the producing
+    layer keeps only the second grid (TFLite). Returns how many were dropped."""
+    dropped = 0
+    for node in list(graph.nodes):
+        users = list(node.users)
+        if _op_name(node) != _QUANTIZE or len(users) != 1 or _op_name(users[0]) != _DEQUANTIZE:
+            continue
+        readers = list(users[0].users)
+        if len(readers) != 1 or _op_name(readers[0]) not in _RELU:
+            continue
+        after = list(readers[0].users)
+        if len(after) != 1 or _op_name(after[0]) != _QUANTIZE:
+            continue
+        readers[0].replace_input_with(users[0], node.args[0])
+        graph.erase_node(users[0])
+        graph.erase_node(node)
+        dropped += 1
+    return dropped
+
+
+def fake_quant_graph(quantized: fx.GraphModule, *, fuse_relu: bool = False) -> fx.GraphModule:
     """A copy of a PT2E-quantized graph with each ``quantize_per_tensor`` and its
     ``dequantize_per_tensor`` users replaced by one ``FakeQuantizer`` (same scale, zero point
-    and codes), in eval mode; weights stay as the quantizer froze them. ``InvalidSpecError``
-    where a quantize op is not followed by matching dequantize ops only."""
+    and codes), in eval mode; weights stay as the quantizer froze them. ``fuse_relu``: first
+    drop the rounding before a ReLU that is rounded again (``_fuse_relu_requantization``), for
+    runtimes whose converter fuses it. ``InvalidSpecError`` where a quantize op is not followed
+    by matching dequantize ops only."""
     graph = copy.deepcopy(quantized.graph)
+    if fuse_relu:
+        _fuse_relu_requantization(graph)
     model = fx.GraphModule(quantized, graph)
     for i, node in enumerate(list(model.graph.nodes)):
         if _op_name(node) != _QUANTIZE:
