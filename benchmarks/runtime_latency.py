@@ -116,7 +116,8 @@ def main() -> None:
                     for session in variants.values():  # warm-up
                         session(x)
                     calls = {
-                        name: (lambda _r, s=session: s(x)) for name, session in variants.items()
+                        name: (lambda _r, s=session, x=x: s(x))
+                        for name, session in variants.items()
                     }
                     times = interleaved(calls, repeats, torch.device("cpu"))
                 wall = time.perf_counter() - start

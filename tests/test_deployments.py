@@ -124,6 +124,9 @@ def test_pt2e_simulation_gives_input_gradients(lenet) -> None:
     x = images[:16].clone().requires_grad_(True)
     simulation(x).logsumexp(1).sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    tensors = {**dict(simulation.named_buffers()), **dict(simulation.named_parameters())}
+    constants = [n.target for n in simulation.graph.nodes if n.op == "get_attr"]
+    assert constants and all(c in tensors for c in constants)  # so .to(device) moves them
     simulation.train()  # a plain GraphModule: train/eval work (exported modules refuse them)
     assert not any(isinstance(m, FakeQuantizer) and m.learnable for m in simulation.modules())
 
@@ -173,6 +176,30 @@ def test_fake_quant_graph_keeps_the_rounding_and_adds_gradients() -> None:
     x.requires_grad_(True)
     simulation(x).sum().backward()
     assert float(x.grad.abs().sum()) > 0
+
+
+class _DoubleRounding(nn.Module):
+    """A linear output rounded, then its ReLU rounded again (LiteRT's quantizer does this)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.quantized_decomposed
+        q = ops.quantize_per_tensor(x, 0.3, 5, -128, 127, torch.int8)
+        y = torch.relu(ops.dequantize_per_tensor(q, 0.3, 5, -128, 127, torch.int8))
+        q = ops.quantize_per_tensor(y, 0.01, -128, -128, 127, torch.int8)
+        return ops.dequantize_per_tensor(q, 0.01, -128, -128, 127, torch.int8)
+
+
+def test_fused_relu_keeps_only_the_second_rounding() -> None:
+    graph = fx.symbolic_trace(_DoubleRounding())
+    plain, fused = fake_quant_graph(graph), fake_quant_graph(graph, fuse_relu=True)
+    count = [sum(isinstance(m, FakeQuantizer) for m in g.modules()) for g in (plain, fused)]
+    assert count == [2, 1]
+    x = torch.linspace(-2, 3, 101).reshape(1, 1, 1, -1)
+    once = torch.fake_quantize_per_tensor_affine(torch.relu(x), 0.01, -128, -128, 127)
+    with torch.no_grad():
+        assert torch.equal(fused(x), once)
+        assert torch.equal(plain(x), graph(x))
+        assert not torch.equal(plain(x), once)  # the first, coarser grid changes values
 
 
 def test_fake_quant_graph_refuses_a_quantize_without_its_dequantize() -> None:

@@ -9,9 +9,11 @@ is the converted PT2E graph with differentiable fake-quant
 (``quantpatch.quant.pt2e.fake_quant_graph``); it differs from XNNPACK only by the integer
 kernels' requantization (int32 bias, fixed-point output rounding).
 
-XNNPACK's lowering of a dynamic batch narrows its bound to 15 images with this torch, so the
-program holds one static method per batch size in ``BATCH_SIZES`` (``batch_<n>``) and
-``ExecuTorchModel`` covers any batch with the fewest calls of those sizes.
+A dynamic batch does not survive XNNPACK's lowering here (ExecuTorch 1.5.1, torch 2.14): its
+channels-last pass records a guard (batch < 16) that the memory planner then takes as the
+input's bound, so any call with more than 15 images fails. The program therefore holds one
+static method per batch size in ``BATCH_SIZES`` (``batch_<n>``), and ``ExecuTorchModel``
+covers any batch with the fewest calls of those sizes, as on a device.
 """
 
 from __future__ import annotations

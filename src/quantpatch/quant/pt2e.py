@@ -96,6 +96,14 @@ def _constants_as_buffers(model: fx.GraphModule) -> None:
 
 
 _RELU = frozenset({"aten.relu", "aten.relu_", "aten.relu6", "aten.hardtanh"})
+_RELU_FUNCTIONS = (torch.relu, nn.functional.relu, nn.functional.relu6)
+
+
+def _is_relu(node: fx.Node) -> bool:
+    """A ReLU call in an exported (aten) or a traced (torch function) graph."""
+    return _op_name(node) in _RELU or (
+        node.op == "call_function" and node.target in _RELU_FUNCTIONS
+    )
 
 
 def _fuse_relu_requantization(graph: fx.Graph) -> int:
@@ -108,7 +116,7 @@ def _fuse_relu_requantization(graph: fx.Graph) -> int:
         if _op_name(node) != _QUANTIZE or len(users) != 1 or _op_name(users[0]) != _DEQUANTIZE:
             continue
         readers = list(users[0].users)
-        if len(readers) != 1 or _op_name(readers[0]) not in _RELU:
+        if len(readers) != 1 or not _is_relu(readers[0]):
             continue
         after = list(readers[0].users)
         if len(after) != 1 or _op_name(after[0]) != _QUANTIZE:
