@@ -17,7 +17,10 @@ in ``BATCH_SIZES`` (``batch_<n>``) and ``LiteRtModel`` covers any batch with the
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ CALIBRATION_BATCH = 64
 BATCH_SIZES = (64, 8, 1)
 """The static batch sizes of an exported model, largest first (a batch is split greedily)."""
 _SIGNATURE = "batch_{}"
+_PROGRESS = "LITERT_TORCH_SHOW_PROGRESS"
 
 
 def _quantizer() -> Any:
@@ -63,6 +67,21 @@ def litert_quantize(model: nn.Module, calibration: torch.Tensor) -> fx.GraphModu
     return convert_pt2e(prepared, fold_quantize=False)
 
 
+@contextlib.contextmanager
+def _quiet_converter() -> Iterator[None]:
+    """LiteRT-Torch prints dozens of progress lines per conversion unless told not to (by an
+    environment variable, restored afterwards)."""
+    previous = os.environ.get(_PROGRESS)
+    os.environ[_PROGRESS] = "n"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_PROGRESS, None)
+        else:
+            os.environ[_PROGRESS] = previous
+
+
 def _convert(model: nn.Module, example: torch.Tensor, path: Path, *, quantized: bool) -> None:
     """Write ``model`` (float, or PT2E-quantized by ``litert_quantize``) as a ``.tflite`` with
     one static signature per batch size."""
@@ -75,9 +94,8 @@ def _convert(model: nn.Module, example: torch.Tensor, path: Path, *, quantized: 
         batch = (image.expand(size, -1, -1, -1).clone(),)
         converter.add_signature(_SIGNATURE.format(size), model, batch)
     config = QuantConfig(pt2e_quantizer=_quantizer()) if quantized else None
-    converted = converter.convert(quant_config=config)
-    with atomic_path(path) as tmp:
-        converted.export(str(tmp))
+    with _quiet_converter(), atomic_path(path) as tmp:
+        converter.convert(quant_config=config).export(str(tmp))
 
 
 class LiteRtModel:
