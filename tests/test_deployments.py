@@ -57,27 +57,44 @@ def _agreement(runtime: torch.Tensor, reference: torch.Tensor) -> tuple[float, f
     return top1, error
 
 
-def _check(name: str, source: nn.Module, fp32: nn.Module, calibration, images, tmp_path: Path):
-    deployment = create_deployment(name)
-    path = tmp_path / f"{name}.{deployment.suffix}"
-    deployment.export(source, calibration, path)
-    runtime = deployment.load(path)
-    simulation = deployment.simulation(source, calibration, torch.device("cpu"))
+class _Deployed:
+    """Each deployment exported once per module: the tests share its session."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.made = folder, {}
+
+    def __call__(self, name: str, source: nn.Module, calibration: torch.Tensor):
+        if name not in self.made:
+            deployment = create_deployment(name)
+            path = self.folder / f"{name}.{deployment.suffix}"
+            deployment.export(source, calibration, path)
+            simulation = deployment.simulation(source, calibration, torch.device("cpu"))
+            self.made[name] = (deployment, deployment.load(path), simulation)
+        return self.made[name]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory) -> _Deployed:
+    return _Deployed(tmp_path_factory.mktemp("deployments"))
+
+
+def _check(name: str, source: nn.Module, fp32: nn.Module, calibration, images, deployed):
+    deployment, runtime, simulation = deployed(name, source, calibration)
     with torch.no_grad():
-        deployed = runtime(images)
+        logits = runtime(images)
         simulated, float_logits = simulation(images), fp32(images)
-    assert deployed.shape == (len(images), 10)
+    assert logits.shape == (len(images), 10) and logits.dtype == torch.float32
     json.dumps(deployment.fingerprint())  # part of a cache key
     assert deployment.spec(QuantSpec(8, 8)).weight_bits == 8
-    return runtime, _agreement(deployed, simulated), _agreement(deployed, float_logits)
+    return _agreement(logits, simulated), _agreement(logits, float_logits)
 
 
 @pytest.mark.parametrize("name", PTQ)
-def test_ptq_runtime_agrees_with_its_simulation(name: str, lenet, tmp_path: Path) -> None:
+def test_ptq_runtime_agrees_with_its_simulation(name: str, lenet, deployed) -> None:
     _installed(name)
     model, calibration, images = lenet
-    _, (top1, error), (fp32_top1, fp32_error) = _check(
-        name, model, model, calibration, images, tmp_path
+    (top1, error), (fp32_top1, fp32_error) = _check(
+        name, model, model, calibration, images, deployed
     )
     print(f"{name}: simulation {top1:.3f} ({error:.2e}), fp32 {fp32_top1:.3f} ({fp32_error:.2e})")
     assert top1 >= 0.97
@@ -86,13 +103,11 @@ def test_ptq_runtime_agrees_with_its_simulation(name: str, lenet, tmp_path: Path
 
 
 @pytest.mark.parametrize("name", QAT)
-def test_qat_runtime_agrees_with_the_trained_model(
-    name: str, lenet, qat_w8a8, tmp_path: Path
-) -> None:
+def test_qat_runtime_agrees_with_the_trained_model(name: str, lenet, qat_w8a8, deployed) -> None:
     _installed(name)
     model, calibration, images = lenet
-    _, (top1, error), (fp32_top1, fp32_error) = _check(
-        name, qat_w8a8, model, calibration, images, tmp_path
+    (top1, error), (fp32_top1, fp32_error) = _check(
+        name, qat_w8a8, model, calibration, images, deployed
     )
     print(f"{name}: simulation {top1:.3f} ({error:.2e}), fp32 {fp32_top1:.3f} ({fp32_error:.2e})")
     assert top1 >= 0.97
@@ -100,27 +115,41 @@ def test_qat_runtime_agrees_with_the_trained_model(
     assert error < fp32_error / 5
 
 
-def test_openvino_runs_int8_kernels_and_its_fp32_null_in_float(lenet, tmp_path: Path) -> None:
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
+@pytest.mark.parametrize("name", ["openvino-int8", "executorch-int8", "litert-int8"])
+def test_a_query_attack_succeeds_on_the_runtime(name: str, lab, lenet, deployed) -> None:
+    """Sparse-RS crafts on the session itself (any batch size: the static-shape runtimes split)."""
+    from quantpatch.attacks import create_attack
+    from quantpatch.metrics import attack_success
+
+    _installed(name)
+    model, calibration, _ = lenet
+    _, runtime, _ = deployed(name, model, calibration)
+    x, y = lab.images[:24], lab.labels[:24]
+    attack = create_attack("sparse-rs", patch_size=8, queries=150, progress=False)
+    adversarial = attack.perturb([runtime], x, y, torch.device("cpu"))
+    with torch.no_grad():
+        clean, attacked = runtime(x).argmax(1), runtime(adversarial).argmax(1)
+    rate = attack_success(clean, attacked, y)
+    print(f"{name}: sparse-rs {rate}")
+    assert rate.rate >= 0.5, rate
+
+
+def test_openvino_runs_int8_kernels_and_its_fp32_null_in_float(lenet, deployed, tmp_path) -> None:
+    _installed("openvino-int8")
     model, calibration, images = lenet
-    deployment = create_deployment("openvino-int8")
-    deployment.export(model, calibration, tmp_path / "int8.ovir")
+    deployment, int8, _ = deployed("openvino-int8", model, calibration)
     deployment.export_fp32(model, images, tmp_path / "fp32.ovir")
-    int8, fp32 = (deployment.load(tmp_path / f"{p}.ovir") for p in ("int8", "fp32"))
+    fp32 = deployment.load(tmp_path / "fp32.ovir")
     assert int8.kernels() == {"int8": 4, "float": 0}  # lenet's two convs and two linears
     assert fp32.kernels() == {"int8": 0, "float": 4}
     with torch.no_grad():
         assert torch.allclose(fp32(images), model(images), atol=1e-4)
 
 
-def test_pt2e_simulation_gives_input_gradients(lenet) -> None:
-    pytest.importorskip("openvino")
-    pytest.importorskip("nncf")
+def test_pt2e_simulation_gives_input_gradients(lenet, deployed) -> None:
+    _installed("openvino-int8")
     model, calibration, images = lenet
-    simulation = create_deployment("openvino-int8").simulation(
-        model, calibration, torch.device("cpu")
-    )
+    _, _, simulation = deployed("openvino-int8", model, calibration)
     x = images[:16].clone().requires_grad_(True)
     simulation(x).logsumexp(1).sum().backward()
     assert x.grad is not None and float(x.grad.abs().sum()) > 0
@@ -131,17 +160,14 @@ def test_pt2e_simulation_gives_input_gradients(lenet) -> None:
     assert not any(isinstance(m, FakeQuantizer) and m.learnable for m in simulation.modules())
 
 
-def test_executorch_splits_any_batch_over_its_static_methods(lenet, tmp_path: Path) -> None:
+def test_executorch_splits_any_batch_over_its_static_methods(lenet, deployed) -> None:
     pytest.importorskip("executorch")
-    model, _, images = lenet
-    deployment = create_deployment("executorch-int8")
-    deployment.export_fp32(model, images, tmp_path / "fp32.pte")
-    runtime = deployment.load(tmp_path / "fp32.pte")
+    model, calibration, images = lenet
+    _, runtime, _ = deployed("executorch-int8", model, calibration)
     assert runtime.batch_sizes == (64, 8, 1)
     x = images[:75]  # 64 + 8 + 3 x 1
-    with torch.no_grad():
-        expected = model(x)
-    assert torch.allclose(runtime(x), expected, atol=1e-4)
+    one_by_one = torch.cat([runtime(x[i : i + 1]) for i in range(len(x))])
+    assert torch.equal(runtime(x), one_by_one)  # integer kernels: the batch changes nothing
 
 
 # -- no runtime needed ------------------------------------------------------------------------------
