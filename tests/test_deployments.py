@@ -23,13 +23,20 @@ from quantpatch.quant.pt2e import fake_quant_graph
 
 N_IMAGES = 200
 N_CALIBRATION = 256
-PTQ = ["ort-int8", "openvino-int8", "executorch-int8", "litert-int8"]
-QAT = ["ort-w8a8", "openvino-w8a8"]
 
 
-def _installed(name: str) -> None:
-    for module in DEPLOYMENTS.get(name).modules:
-        pytest.importorskip(module)
+def _needs(name: str) -> pytest.MarkDecorator:
+    """Skip (before any fixture is built) where the deployment's runtime is not installed."""
+    missing = [m for m in DEPLOYMENTS.get(name).modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{name} needs {', '.join(missing)}")
+
+
+def _each(*names: str) -> list:
+    return [pytest.param(name, marks=_needs(name)) for name in names]
+
+
+PTQ = _each("ort-int8", "openvino-int8", "executorch-int8", "litert-int8")
+QAT = _each("ort-w8a8", "openvino-w8a8")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,6 @@ def _check(name: str, source: nn.Module, fp32: nn.Module, calibration, images, d
 
 @pytest.mark.parametrize("name", PTQ)
 def test_ptq_runtime_agrees_with_its_simulation(name: str, lenet, deployed) -> None:
-    _installed(name)
     model, calibration, images = lenet
     (top1, error), (fp32_top1, fp32_error) = _check(
         name, model, model, calibration, images, deployed
@@ -104,7 +110,6 @@ def test_ptq_runtime_agrees_with_its_simulation(name: str, lenet, deployed) -> N
 
 @pytest.mark.parametrize("name", QAT)
 def test_qat_runtime_agrees_with_the_trained_model(name: str, lenet, qat_w8a8, deployed) -> None:
-    _installed(name)
     model, calibration, images = lenet
     (top1, error), (fp32_top1, fp32_error) = _check(
         name, qat_w8a8, model, calibration, images, deployed
@@ -115,13 +120,12 @@ def test_qat_runtime_agrees_with_the_trained_model(name: str, lenet, qat_w8a8, d
     assert error < fp32_error / 5
 
 
-@pytest.mark.parametrize("name", ["openvino-int8", "executorch-int8", "litert-int8"])
+@pytest.mark.parametrize("name", _each("openvino-int8", "executorch-int8", "litert-int8"))
 def test_a_query_attack_succeeds_on_the_runtime(name: str, lab, lenet, deployed) -> None:
     """Sparse-RS crafts on the session itself (any batch size: the static-shape runtimes split)."""
     from quantpatch.attacks import create_attack
     from quantpatch.metrics import attack_success
 
-    _installed(name)
     model, calibration, _ = lenet
     _, runtime, _ = deployed(name, model, calibration)
     x, y = lab.images[:24], lab.labels[:24]
@@ -134,8 +138,8 @@ def test_a_query_attack_succeeds_on_the_runtime(name: str, lab, lenet, deployed)
     assert rate.rate >= 0.5, rate
 
 
+@_needs("openvino-int8")
 def test_openvino_runs_int8_kernels_and_its_fp32_null_in_float(lenet, deployed, tmp_path) -> None:
-    _installed("openvino-int8")
     model, calibration, images = lenet
     deployment, int8, _ = deployed("openvino-int8", model, calibration)
     deployment.export_fp32(model, images, tmp_path / "fp32.ovir")
@@ -146,8 +150,8 @@ def test_openvino_runs_int8_kernels_and_its_fp32_null_in_float(lenet, deployed, 
         assert torch.allclose(fp32(images), model(images), atol=1e-4)
 
 
+@_needs("openvino-int8")
 def test_pt2e_simulation_gives_input_gradients(lenet, deployed) -> None:
-    _installed("openvino-int8")
     model, calibration, images = lenet
     _, _, simulation = deployed("openvino-int8", model, calibration)
     x = images[:16].clone().requires_grad_(True)
@@ -160,8 +164,8 @@ def test_pt2e_simulation_gives_input_gradients(lenet, deployed) -> None:
     assert not any(isinstance(m, FakeQuantizer) and m.learnable for m in simulation.modules())
 
 
+@_needs("executorch-int8")
 def test_executorch_splits_any_batch_over_its_static_methods(lenet, deployed) -> None:
-    pytest.importorskip("executorch")
     model, calibration, images = lenet
     _, runtime, _ = deployed("executorch-int8", model, calibration)
     assert runtime.batch_sizes == (64, 8, 1)
