@@ -17,10 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from quantpatch.defenses.base import DEFENSES, Predictor, check_float, check_images, check_int
+from quantpatch.defenses.certifiable import RandomMasks
 from quantpatch.errors import ConfigError, PatchTooLargeError, ShapeError
 from quantpatch.models.train import predict_logits
 
 DEFAULT_MASKS_PER_AXIS = 6  # the paper's default (36 first-round masks)
+MAX_MASKS_PER_AXIS = 256
+"""Beyond any useful count: certification classifies M (M + 1) / 2 two-mask images per image,
+M = k² masks (k = 256: over two billion), and per image side ``check_certifiable`` refuses
+more masks than patch positions."""
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,9 @@ class PatchCleanser:
             raise ConfigError("patchcleanser takes masks_per_axis or stride, not both")
         if stride is None:
             masks_per_axis = DEFAULT_MASKS_PER_AXIS if masks_per_axis is None else masks_per_axis
-            self.masks_per_axis = check_int("patchcleanser masks_per_axis", masks_per_axis, 1)
+            self.masks_per_axis = check_int(
+                "patchcleanser masks_per_axis", masks_per_axis, 1, MAX_MASKS_PER_AXIS
+            )
             self.stride = None
         else:
             self.masks_per_axis = None
@@ -111,9 +118,35 @@ class PatchCleanser:
         self._keeps: dict[tuple, torch.Tensor] = {}
 
     def mask_set(self, image_hw: tuple[int, int]) -> MaskSet:
-        """The masks for images of ``image_hw`` (``PatchTooLargeError`` if the patch does not
-        fit): a study can call this before any training to validate the patch size."""
+        """The masks for images of ``image_hw``, after ``check_certifiable``: a study can call
+        this before any training to validate the patch size."""
+        self.check_certifiable(image_hw)
         return mask_set(image_hw, self.patch_size, self.masks_per_axis, self.stride)
+
+    def check_certifiable(self, image_hw: tuple[int, int]) -> None:
+        """Refuse a patch larger than ``image_hw`` (``PatchTooLargeError``) and more masks per
+        axis, or a larger stride, than the patch has positions along a side (``ConfigError``:
+        they would silently give the same masks as that count, or masks wider than the image)."""
+        for side in (int(n) for n in image_hw):
+            if self.patch_size > side:
+                raise PatchTooLargeError(
+                    f"a {self.patch_size}px patch does not fit a {side}px image side"
+                )
+            positions = side - self.patch_size + 1
+            if self.masks_per_axis is not None and self.masks_per_axis > positions:
+                raise ConfigError(
+                    f"patchcleanser masks_per_axis {self.masks_per_axis} is more than the "
+                    f"{positions} positions of a {self.patch_size}px patch along a {side}px side"
+                )
+            if self.stride is not None and self.stride > positions:
+                raise ConfigError(
+                    f"patchcleanser stride {self.stride} is more than the {positions} positions "
+                    f"of a {self.patch_size}px patch along a {side}px side"
+                )
+
+    def train_transform(self, seed: int = 0) -> RandomMasks:
+        """Certifiable training input: each image with up to two masks of this mask set."""
+        return RandomMasks(self, seed)
 
     def predict(
         self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"

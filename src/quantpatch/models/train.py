@@ -33,6 +33,7 @@ class TrainConfig(BaseModel):
 
 ParamGroups = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def train_model(
@@ -44,6 +45,7 @@ def train_model(
     desc: str = "train",
     param_groups: ParamGroups | None = None,
     objective: Objective | None = None,
+    input_transform: InputTransform | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``split`` and return it in eval mode.
 
@@ -53,6 +55,8 @@ def train_model(
     extra ones such as learned quantizer scales; pass ``param_groups`` (torch optimizer style)
     to give some of them their own lr or weight decay. ``objective(images, labels)`` replaces
     the cross-entropy of ``model`` (the training defences: several precisions, patches).
+    ``input_transform`` maps each batch of images to the model's input before the loss
+    (certifiable training: ablated or masked images; it owns its seeded random draws).
     """
     device = resolve_device(device)
     n = len(split)
@@ -80,6 +84,9 @@ def train_model(
                 idx = order[start:stop]
                 images = split.images[idx].to(device, non_blocking=True)
                 labels = split.labels[idx].to(device, non_blocking=True)
+                if input_transform is not None:
+                    with torch.no_grad():
+                        images = input_transform(images)
                 if objective is None:
                     loss = loss_fn(model(images), labels)
                 else:
