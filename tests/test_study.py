@@ -224,7 +224,9 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     assert all(c["patch_location"] is None for c in cells if not c["attack"].endswith("search"))
     multibit = {c["target"]: c["threat"] for c in cells if c["attack"] == "multibit"}
     assert multibit == {"lenet/fp32": "white-box ensemble", "lenet/w2a2": "white-box ensemble"}
-    per_image = [c["rate"] for c in cells if c["attack"] == "patch-pgd" and c["threat"] == "white-box"]
+    per_image = [
+        c["rate"] for c in cells if c["attack"] == "patch-pgd" and c["threat"] == "white-box"
+    ]
     noise = [c["rate"] for c in cells if c["attack"] == "random"]
     assert min(per_image) > max(noise)
     html = (finished_run / "suite" / "report.html").read_text()

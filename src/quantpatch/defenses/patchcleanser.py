@@ -24,10 +24,15 @@ from quantpatch.defenses.base import (
     check_images,
     check_int,
 )
+from quantpatch.defenses.certifiable import RandomMasks
 from quantpatch.errors import ConfigError, PatchTooLargeError, ShapeError
 from quantpatch.models.train import predict_logits
 
 DEFAULT_MASKS_PER_AXIS = 6  # the paper's default (36 first-round masks)
+MAX_MASKS_PER_AXIS = 256
+"""Beyond any useful count: certification classifies M (M + 1) / 2 two-mask images per image,
+M = k² masks (k = 256: over two billion), and per image side ``check_image_size`` refuses
+more masks than patch positions."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,9 @@ class PatchCleanser(Certifier):
             raise ConfigError("patchcleanser takes masks_per_axis or stride, not both")
         if stride is None:
             masks_per_axis = DEFAULT_MASKS_PER_AXIS if masks_per_axis is None else masks_per_axis
-            self.masks_per_axis = check_int("patchcleanser masks_per_axis", masks_per_axis, 1)
+            self.masks_per_axis = check_int(
+                "patchcleanser masks_per_axis", masks_per_axis, 1, MAX_MASKS_PER_AXIS
+            )
             self.stride = None
         else:
             self.masks_per_axis = None
@@ -118,16 +125,39 @@ class PatchCleanser(Certifier):
         self._keeps: dict[tuple, torch.Tensor] = {}
 
     def mask_set(self, image_hw: tuple[int, int]) -> MaskSet:
-        """The masks for images of ``image_hw`` (``PatchTooLargeError`` if the patch does not
-        fit): a study can call this before any training to validate the patch size."""
+        """The masks for images of ``image_hw``, after ``check_image_size``: a study can call
+        this before any training to validate the patch size."""
+        self.check_image_size(image_hw)
         return mask_set(image_hw, self.patch_size, self.masks_per_axis, self.stride)
-
-    def check_image_size(self, image_hw: tuple[int, int]) -> None:
-        self.mask_set(image_hw)
 
     def method(self, image_hw: tuple[int, int]) -> str:
         masks = self.mask_set(image_hw)
         return f"{len(masks)} masks of {masks.size[0]}x{masks.size[1]} px, double masking"
+
+    def check_image_size(self, image_hw: tuple[int, int]) -> None:
+        """Refuse a patch larger than ``image_hw`` (``PatchTooLargeError``) and more masks per
+        axis, or a larger stride, than the patch has positions along a side (``ConfigError``:
+        they would silently give the same masks as that count, or masks wider than the image)."""
+        for side in (int(n) for n in image_hw):
+            if self.patch_size > side:
+                raise PatchTooLargeError(
+                    f"a {self.patch_size}px patch does not fit a {side}px image side"
+                )
+            positions = side - self.patch_size + 1
+            if self.masks_per_axis is not None and self.masks_per_axis > positions:
+                raise ConfigError(
+                    f"patchcleanser masks_per_axis {self.masks_per_axis} is more than the "
+                    f"{positions} positions of a {self.patch_size}px patch along a {side}px side"
+                )
+            if self.stride is not None and self.stride > positions:
+                raise ConfigError(
+                    f"patchcleanser stride {self.stride} is more than the {positions} positions "
+                    f"of a {self.patch_size}px patch along a {side}px side"
+                )
+
+    def train_transform(self, seed: int = 0) -> RandomMasks:
+        """Certifiable training input: each image with up to two masks of this mask set."""
+        return RandomMasks(self, seed)
 
     def predict(
         self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"

@@ -34,6 +34,7 @@ class TrainConfig(BaseModel):
 
 ParamGroups = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 Objective = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def train_model(
@@ -46,6 +47,7 @@ def train_model(
     param_groups: ParamGroups | None = None,
     objective: Objective | None = None,
     threads: int | None = TRAINING_THREADS,
+    input_transform: InputTransform | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``split`` and return it in eval mode.
 
@@ -57,14 +59,17 @@ def train_model(
     parameters are optimised, including extra ones such as learned quantizer scales; pass
     ``param_groups`` (torch optimizer style) to give some of them their own lr or weight
     decay. ``objective(images, labels)`` replaces the cross-entropy of ``model`` (the training
-    defences: several precisions, patches).
+    defences: several precisions, patches). ``input_transform`` maps each batch of images to
+    the model's input before the loss (certifiable training: ablated or masked images; it
+    owns its seeded random draws).
     """
     device = resolve_device(device)
     n = len(split)
     if n < 2:
         raise ShapeError(f"training needs at least 2 images, got {n}")
     with deterministic_training(config.seed, threads, device):
-        _train(model, split, config, device, progress, desc, param_groups, objective)
+        _train(model, split, config, device, progress, desc, param_groups, objective,
+               input_transform)  # fmt: skip
     return model.eval()
 
 
@@ -77,6 +82,7 @@ def _train(
     desc: str,
     param_groups: ParamGroups | None,
     objective: Objective | None,
+    input_transform: InputTransform | None,
 ) -> None:
     n = len(split)
     model.to(device).train()
@@ -101,6 +107,9 @@ def _train(
                 idx = order[start:stop]
                 images = split.images[idx].to(device, non_blocking=True)
                 labels = split.labels[idx].to(device, non_blocking=True)
+                if input_transform is not None:
+                    with torch.no_grad():
+                        images = input_transform(images)
                 if objective is None:
                     loss = loss_fn(model(images), labels)
                 else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,7 @@ def build_quantized(
     device: torch.device | str = "auto",
     calibration_images: torch.Tensor | None = None,
     progress: bool = True,
+    input_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> nn.Module:
     """quantize -> calibrate -> LSQ QAT (if ``spec.method == "qat"``) -> frozen scales (cheap
     fake-quant op) -> eval mode.
@@ -128,6 +130,10 @@ def build_quantized(
     ``qat`` or 0). QAT trains weights and quantizer scales with
     ``quantpatch.models.train_model`` (``DEFAULT_QAT`` when ``qat`` is None). The result gives
     input gradients through the straight-through estimator.
+
+    ``input_transform`` (certifiable training: the ablated or masked inputs of a certified
+    defence) is applied to the drawn calibration images and to every QAT batch; given
+    ``calibration_images`` are taken as model inputs already.
     """
     device = resolve_device(device)
     qmodel = quantize(fp32_model, spec, first_last_bits=first_last_bits).to(device)
@@ -141,6 +147,9 @@ def build_quantized(
         calibration_images = train.images[
             torch.randperm(len(train), generator=generator)[:CALIBRATION_IMAGES]
         ]
+        if input_transform is not None:
+            with torch.no_grad():
+                calibration_images = input_transform(calibration_images)
     calibrate(qmodel, calibration_images, calibration, device, seed=config.seed)
     if spec.method == "qat" and config.epochs > 0:
         set_learnable(qmodel, True)
@@ -153,6 +162,7 @@ def build_quantized(
                 progress=progress,
                 desc=f"QAT {spec.name}",
                 param_groups=param_groups(qmodel),
+                input_transform=input_transform,
             )
         finally:
             set_learnable(qmodel, False)
