@@ -14,6 +14,10 @@ from quantpatch.study.settings.config import StudyConfig
 from quantpatch.study.zoo.targets import check_onnx_model
 
 
+NEEDS_CERTIFIABLE_TRAINING = ("derandomized-smoothing",)
+"""Defences whose base model takes another input than the study's models (2C channels)."""
+
+
 def validate_study(config: StudyConfig) -> None:
     """Names, every attack parameter (by building each attack once per patch size), every
     defence parameter (by building each defence) and the device; raises the specific ``QuantpatchError`` naming what is wrong."""
@@ -30,6 +34,13 @@ def validate_study(config: StudyConfig) -> None:
             settings.create(size, config.seeds[0], progress=False)
     for entry in (*config.defenses, *config.recipes):
         entry.create()
+    for defense in config.defenses:
+        if defense.name in NEEDS_CERTIFIABLE_TRAINING:
+            raise ConfigError(
+                f"defense '{defense.label}': {defense.name} needs base models trained on its "
+                "ablated inputs, which a study does not train yet; certify from Python "
+                "(quantpatch.defenses.certifiable, see the README)"
+            )
     for name in config.deployed_precisions:
         create_deployment(name)  # a runtime that is not installed is refused here
     resolve_device(config.device)
