@@ -81,6 +81,15 @@ def test_square_through_a_plain_callable_reaches_the_reference_asr(lab):
     assert_same_rate(asr(lab, adversarial, y), asr(lab, reference(x, y), y))
 
 
+def test_targeted_square_changes_only_images_it_sends_to_the_target(lab):
+    x, y = correct_images(lab, 16)
+    x, y = x[y != 3], y[y != 3]
+    attack = create_attack("square-linf", eps=0.3, queries=20, targeted=True, target_class=3,
+                           progress=False)  # fmt: skip
+    predicted = predict_logits(lab.model, attack.perturb([lab.model], x, y, CPU), CPU).argmax(1)
+    assert (predicted == 3).any() and ((predicted == 3) | (predicted == y)).all()
+
+
 @pytest.mark.parametrize(
     "name,params", [("apgd-ce", {"steps": 3}), ("square-linf", {"queries": 10})]
 )

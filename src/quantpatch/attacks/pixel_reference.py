@@ -26,6 +26,7 @@ from quantpatch._runtime import resolve_device
 from quantpatch.attacks.base import ATTACKS, Attack, BatchStep, check_int, check_positive
 from quantpatch.attacks.per_image import PerImageAttack
 from quantpatch.attacks.query import Predictor, query_functions
+from quantpatch.attacks.sparse_rs import check_share
 from quantpatch.errors import ConfigError, MissingDependencyError
 
 _SEED_RANGE = 2**31 - 1
@@ -104,12 +105,6 @@ def single_source(models: Sequence[Any], name: str) -> Any:
 def check_rho(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
         raise ConfigError(f"rho must be in (0, 1), got {value!r}")
-    return float(value)
-
-
-def check_p_init(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ConfigError(f"p_init must be in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -223,7 +218,7 @@ class SquareLinf(Attack):
         self.eps = check_positive("eps", eps)
         self.queries = check_int("queries", queries, minimum=1)
         self.restarts = check_int("restarts", restarts, minimum=1)
-        self.p_init = check_p_init(p_init)
+        self.p_init = check_share("p_init", p_init)
 
     def batch_step(
         self, models: Sequence[Predictor], images: torch.Tensor, device: torch.device
