@@ -13,11 +13,9 @@ from quantpatch.quant.layers import (
     QuantConv2d,
     QuantLinear,
     QuantMultiheadAttention,
-    clear_weight_cache,
     quant_layers,
     set_learnable,
 )
-from quantpatch.quant.ops import reference_fake_quant
 from quantpatch.quant.quantize import build_quantized, quantizable_layers, quantize
 from quantpatch.quant.spec import FP32, QuantizerSpec, QuantSpec
 
@@ -36,10 +34,8 @@ __all__ = [
     "QuantizerSpec",
     "build_quantized",
     "calibrate",
-    "clear_weight_cache",
     "quant_layers",
     "quantizable_layers",
     "quantize",
-    "reference_fake_quant",
     "set_learnable",
 ]

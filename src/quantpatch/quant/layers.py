@@ -32,11 +32,6 @@ from torch import nn
 
 from quantpatch.errors import InvalidSpecError, ShapeError
 from quantpatch.quant.grids import EPS, Grid, Range
-from quantpatch.quant.ops import (
-    fake_quantize_learnable_per_tensor,
-    fake_quantize_per_tensor,
-    fast_path_active,
-)
 from quantpatch.quant.spec import QuantizerSpec, QuantSpec
 
 _W8A8 = QuantSpec(8, 8)
@@ -120,12 +115,14 @@ class FakeQuantizer(nn.Module):
                 return torch._fake_quantize_learnable_per_channel_affine(
                     x, scale, zero_point, self.axis, qmin, qmax, gf
                 )
-            return fake_quantize_learnable_per_tensor(x, scale, zero_point, qmin, qmax, gf)
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale, zero_point, qmin, qmax, gf
+            )
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zero_point, self.axis, qmin, qmax
             )
-        return fake_quantize_per_tensor(x, scale, zero_point, qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -165,58 +162,6 @@ def init_weight_quantizer(
     rows = w.reshape(w.shape[0], -1) if quantizer.per_channel else w.reshape(1, -1)
     closed = quantizer.grid.weight_range(rows)
     quantizer.set_range(*(closed if closed is not None else weight_range(quantizer, rows)))
-
-
-class _WeightCache:
-    """A layer's fake-quantized weight, reused while the inputs that made it are unchanged.
-
-    Attacks run thousands of passes through frozen weights, so quantizing them once saves a
-    per-channel fake-quant op per layer and pass. The cache keeps the weight and qparam
-    tensors themselves (identity) plus what marks a change to them: the version counter
-    (bumped by every in-place write: optimizers, ``load_state_dict``, ``copy_``), storage
-    address, layout, dtype and device (``.to()`` and ``.data =`` swap storage). It is only
-    used where the result needs no autograd graph (weights and scale frozen, or no grad) and
-    the fast path is active, so training and ``reference_fake_quant()`` recompute each time.
-    Writes through ``.data`` bypass the version counter: freeze (``requires_grad_(False)``)
-    only weights that such code no longer touches, or call ``clear_weight_cache``.
-    """
-
-    def __init__(self, weight: torch.Tensor, quantizer: FakeQuantizer, value: torch.Tensor) -> None:
-        self.sources = (weight, quantizer.scale, quantizer.zero_point)
-        self.stamp = self._stamp(weight, quantizer)
-        self.value = value
-
-    @staticmethod
-    def applies(weight: torch.Tensor, quantizer: Any) -> bool:
-        return (
-            isinstance(quantizer, FakeQuantizer)
-            and quantizer.enabled
-            and quantizer.initialized
-            and not weight.is_inference()
-            and not (torch.is_grad_enabled() and (weight.requires_grad or quantizer.learnable))
-            and fast_path_active()
-        )
-
-    @staticmethod
-    def _stamp(weight: torch.Tensor, quantizer: FakeQuantizer) -> tuple:
-        tensors = (weight, quantizer.scale, quantizer.zero_point)
-        return (quantizer.grid, quantizer.axis) + tuple(
-            (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride())
-            for t in tensors
-        )
-
-    def holds(self, weight: torch.Tensor, quantizer: FakeQuantizer) -> bool:
-        current = (weight, quantizer.scale, quantizer.zero_point)
-        return all(a is b for a, b in zip(self.sources, current, strict=True)) and (
-            self.stamp == self._stamp(weight, quantizer)
-        )
-
-
-def clear_weight_cache(model: nn.Module) -> None:
-    """Drop every cached fake-quantized weight in ``model`` (needed only after writing
-    weights or scales through ``.data``, which their version counters do not see)."""
-    for module in model.modules():
-        module.__dict__.pop("_weight_cache", None)
 
 
 class _QuantMixin:
@@ -265,28 +210,8 @@ class _QuantMixin:
         return None if self.act_quant is None else self.act_quant.bits
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight; computed once and reused while nothing needs its graph
-        and neither the weight nor its qparams change (see ``_WeightCache``)."""
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
-        quantizer = self.weight_quant
-        if quantizer is None:
-            return weight
-        if not _WeightCache.applies(weight, quantizer):
-            return quantizer(weight)
-        cache: _WeightCache | None = self.__dict__.get("_weight_cache")
-        if cache is not None and cache.holds(weight, quantizer):
-            return cache.value
-        value = quantizer(weight)
-        if not torch.is_inference_mode_enabled():  # an inference tensor cannot join autograd
-            self.__dict__["_weight_cache"] = _WeightCache(weight, quantizer, value)
-        return value
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Copies and pickles leave the cached weight behind (it is rebuilt on first use)."""
-        state = super().__getstate__()  # type: ignore[misc]
-        state = dict(state)
-        state.pop("_weight_cache", None)
-        return state
+        return weight if self.weight_quant is None else self.weight_quant(weight)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act_quant is None else self.act_quant(x)
