@@ -262,12 +262,13 @@ def test_registry_lists_all_attacks_with_their_kinds():
 
 
 def test_each_attack_sits_on_the_base_of_its_family():
-    per_image = {"patch-pgd", "pgd-linf"}
+    per_image = {"patch-pgd", "pgd-linf", "apgd-ce", "apgd-dlr"}
     for name in ATTACKS.names():
         cls = ATTACKS.get(name)
         assert issubclass(cls, UniversalAttack) == cls.universal or name == "lavan"
         assert issubclass(cls, PerImageAttack) == (name in per_image | {"lavan"})
-    assert not issubclass(ATTACKS.get("sparse-rs"), (UniversalAttack, PerImageAttack))
+    for query in ("sparse-rs", "square-linf"):  # no gradients: neither family's machinery
+        assert not issubclass(ATTACKS.get(query), (UniversalAttack, PerImageAttack))
     # lavan has both modes: each instance fits, pastes and saves as its mode's base does
     lavan = create_attack("lavan", mode="per-image", patch_size=4, steps=1, progress=False)
     model = create_model("lenet", in_channels=1, num_classes=10, image_size=28)
