@@ -13,7 +13,6 @@ from quantpatch.quant.switchable import SwitchablePrecision
 from quantpatch.study.settings.config import StudyConfig
 from quantpatch.study.zoo.targets import check_onnx_model
 
-
 NEEDS_CERTIFIABLE_TRAINING = ("derandomized-smoothing",)
 """Defences whose base model takes another input than the study's models (2C channels)."""
 
