@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from quantpatch.metrics import rate_ratio
 from quantpatch.report.page import Page
-from quantpatch.report.tables import ModelOrder, SeedRate, crafted_attacks, group, pool
+from quantpatch.report.tables import (
+    BOOTSTRAP_SEED,
+    ModelOrder,
+    SeedRate,
+    crafted_attacks,
+    group,
+    paired_outcomes,
+    pool,
+)
 from quantpatch.results import ModelRecord, ResultsFile
 
 
@@ -32,6 +41,19 @@ class RecipeRow:
         if not self.white_box.n or not self.plain_white_box.rate:
             return None
         return self.white_box.rate / self.plain_white_box.rate
+
+    def ratio_text(self) -> str:
+        """The ratio with its paired 95 % interval (same images, same trained replicates)."""
+        if self.ratio is None or self.white_box is None or self.plain_white_box is None:
+            return "n/a"
+        paired = paired_outcomes(self.white_box, self.plain_white_box)
+        a, b = paired if paired is not None else (
+            self.white_box.per_replicate, self.plain_white_box.per_replicate)  # fmt: skip
+        ratio = rate_ratio(a, b, seed=BOOTSTRAP_SEED)
+        if ratio.ci is None:
+            return f"{self.ratio:.2f}"
+        low, high = ratio.ci
+        return f"{self.ratio:.2f} [{low:.2f}, {high:.2f}]"
 
 
 def plain_counterpart(model: ModelRecord, models: list[ModelRecord]) -> ModelRecord | None:
@@ -92,7 +114,7 @@ def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
                                                r.model.recipe)):  # fmt: skip
             body.append([
                 row.model.name, _clean(row.model, row.plain), _fmt(row.white_box),
-                _fmt(row.plain_white_box), "n/a" if row.ratio is None else f"{row.ratio:.2f}",
+                _fmt(row.plain_white_box), row.ratio_text(),
                 _fmt(row.transfer), _fmt(row.plain_transfer),
             ])  # fmt: skip
         page.table(["model", "clean (vs plain QAT)", "white-box ASR", "plain QAT white-box",
