@@ -150,6 +150,13 @@ def test_openvino_runs_int8_kernels_and_its_fp32_null_in_float(lenet, deployed, 
         assert torch.allclose(fp32(images), model(images), atol=1e-4)
 
 
+@_needs("openvino-w8a8")
+def test_openvino_runs_the_qat_model_on_int8_kernels(lenet, qat_w8a8, deployed) -> None:
+    _, calibration, _ = lenet
+    _, runtime, _ = deployed("openvino-w8a8", qat_w8a8, calibration)
+    assert runtime.kernels() == {"int8": 4, "float": 0}
+
+
 @_needs("openvino-int8")
 def test_pt2e_simulation_gives_input_gradients(lenet, deployed) -> None:
     model, calibration, images = lenet

@@ -136,8 +136,9 @@ class ExecuTorchModel:
 
 @DEPLOYMENTS.register
 class ExecuTorchInt8(Deployment):
-    """ExecuTorch XNNPACK int8 of the fp32 network, PT2E-quantized by the XNNPACK quantizer on
-    the calibration images"""
+    """ExecuTorch XNNPACK int8 of the fp32 network (PT2E), calibrated on training images
+
+    Quantized by ``XNNPACKQuantizer``, lowered to the XNNPACK delegate, run by ExecuTorch."""
 
     name = "executorch-int8"
     runtime = "executorch"

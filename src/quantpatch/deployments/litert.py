@@ -155,8 +155,9 @@ class LiteRtModel:
 
 @DEPLOYMENTS.register
 class LiteRtInt8(Deployment):
-    """LiteRT (TFLite) full-integer int8 of the fp32 network, PT2E-quantized by LiteRT-Torch
-    on the calibration images"""
+    """LiteRT (TFLite) full-integer int8 of the fp32 network (PT2E), calibrated on training images
+
+    Quantized by LiteRT-Torch's ``PT2EQuantizer``, run by the ``ai-edge-litert`` interpreter."""
 
     name = "litert-int8"
     runtime = "litert"

@@ -154,8 +154,9 @@ class _OpenVino(Deployment):
 
 @DEPLOYMENTS.register
 class OpenVinoInt8(_OpenVino):
-    """OpenVINO CPU int8 of the fp32 network, quantized by NNCF post-training on the
-    calibration images"""
+    """OpenVINO CPU int8 of the fp32 network, NNCF post-training, calibrated on training images
+
+    ``nncf.quantize`` of the ``torch.export`` graph, converted by ``ov.convert_model``."""
 
     name = "openvino-int8"
     kind = "ptq"
@@ -180,8 +181,9 @@ class OpenVinoInt8(_OpenVino):
 
 @DEPLOYMENTS.register
 class OpenVinoW8a8(_OpenVino):
-    """the QAT w8a8 model run by OpenVINO CPU with its own learned scales (QDQ ONNX read by
-    OpenVINO)"""
+    """the QAT w8a8 model run by OpenVINO CPU with its own learned scales (QDQ export)
+
+    ``export_qdq``'s ONNX graph (int8 weights) read by OpenVINO, which fuses it to int8."""
 
     name = "openvino-w8a8"
     kind = "qat-qdq"
