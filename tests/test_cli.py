@@ -161,3 +161,17 @@ def test_documented_schemas_are_current(what: str, capsys) -> None:
     assert printed == documented, (
         "regenerate with: quantpatch schema {what} > docs/{what}.schema.json"
     )
+
+
+@pytest.mark.parametrize("value", ["0", "101"])
+def test_replicates_out_of_range_exit_2_in_one_line(value: str, tmp_path: Path, capsys) -> None:
+    assert main(["run", "--replicates", value, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "replicates" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_list_deployments(capsys) -> None:
+    assert main(["list", "deployments"]) == 0
+    out = capsys.readouterr().out
+    assert "ort-int8" in out and "openvino-int8" in out

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed, action="append", dest="seeds")
     run.add_argument("--n-eval", type=_count, help="test images each patch is evaluated on")
     run.add_argument(
+        "--replicates", type=int, help="train every model N times from independent seeds (1-100)"
+    )
+    run.add_argument(
         "--deployments",
         type=_csv_or_none,
         help="integer runtimes every model also ships on, e.g. ort-int8,ort-w8a8 "
@@ -152,6 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         patch_sizes=args.patch_sizes,
         seeds=args.seeds,
         n_eval=args.n_eval,
+        replicates=args.replicates,
         deployments=args.deployments,
         cache_dir=args.cache_dir,
         device=args.device,
