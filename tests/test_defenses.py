@@ -18,7 +18,6 @@ from quantpatch.defenses import (
     Certifier,
     DefendedModel,
     InputDefense,
-    PatchCleanser,
     create_defense,
 )
 from quantpatch.errors import ConfigError, ShapeError, UnknownNameError
