@@ -14,7 +14,7 @@ from quantpatch.report.tables import (
     SeedRate,
     group,
     masking_flags,
-    paired_outcomes,
+    paired_or_rates,
     pool,
 )
 from quantpatch.results import CellRecord, ModelRecord, ResultsFile, precision_order
@@ -76,8 +76,7 @@ def replicates_sentence(cells: list[CellRecord]) -> str:
 def compare(transfer: SeedRate, white: SeedRate) -> str:
     """Transfer against white-box on the same images and models: the ratio with its interval
     and whether the two are distinguishable at this many replicates."""
-    paired = paired_outcomes(transfer, white)
-    a, b = paired if paired is not None else (transfer.per_replicate, white.per_replicate)
+    a, b = paired_or_rates(transfer, white)
     ratio = rate_ratio(a, b, seed=BOOTSTRAP_SEED)
     text = ""
     if ratio.ratio is not None and ratio.ci is not None:

@@ -118,6 +118,13 @@ def pool(records: Iterable[CellRecord]) -> SeedRate | None:
     )
 
 
+def paired_or_rates(a: SeedRate, b: SeedRate) -> tuple[list, list]:
+    """What a paired test of ``a`` against ``b`` takes: per-image outcomes on the same images
+    and replicates where recorded, else each replicate's rate (replicates paired only)."""
+    paired = paired_outcomes(a, b)
+    return paired if paired is not None else (list(a.per_replicate), list(b.per_replicate))
+
+
 def paired_outcomes(a: SeedRate, b: SeedRate) -> tuple[list, list] | None:
     """Each replicate's per-image outcomes of ``a`` and ``b`` on the images both count, for
     paired tests (same images, same trained models); None when outcomes were not recorded."""

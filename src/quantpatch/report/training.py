@@ -16,7 +16,7 @@ from quantpatch.report.tables import (
     SeedRate,
     crafted_attacks,
     group,
-    paired_outcomes,
+    paired_or_rates,
     pool,
 )
 from quantpatch.results import ModelRecord, ResultsFile
@@ -46,9 +46,7 @@ class RecipeRow:
         """The ratio with its paired 95 % interval (same images, same trained replicates)."""
         if self.ratio is None or self.white_box is None or self.plain_white_box is None:
             return "n/a"
-        paired = paired_outcomes(self.white_box, self.plain_white_box)
-        a, b = paired if paired is not None else (
-            self.white_box.per_replicate, self.plain_white_box.per_replicate)  # fmt: skip
+        a, b = paired_or_rates(self.white_box, self.plain_white_box)
         ratio = rate_ratio(a, b, seed=BOOTSTRAP_SEED)
         if ratio.ci is None:
             return f"{self.ratio:.2f}"

@@ -107,7 +107,7 @@ def cell_record(
 def outcome_string(counted: torch.Tensor, fooled: torch.Tensor) -> str:
     """'.' not counted, '0' resisted, '1' fooled, one character per evaluation image."""
     codes = torch.where(counted, fooled.long(), torch.full_like(fooled, -1, dtype=torch.long))
-    return "".join(".01"[c + 1] for c in codes.tolist())
+    return "".join(np.array([".", "0", "1"])[codes.numpy() + 1])
 
 
 def fit_curve_record(attack: Attack) -> list[CurvePoint] | None:

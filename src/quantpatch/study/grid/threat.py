@@ -61,6 +61,11 @@ class Source:
         return [model.key for model in self.models]
 
     @property
+    def free(self) -> bool:
+        """Crafted on no model at all (the random patch)."""
+        return not self.models and self.deployed is None
+
+    @property
     def defense(self) -> str | None:
         """The input defence an adaptive source attacks through (None: an undefended source)."""
         return self.models[0].defense if len(self.models) == 1 else None
@@ -120,8 +125,8 @@ def scored_targets(context: StudyContext, source: Source) -> list[Target]:
 
 
 def _attacks_behind(source: Source, target: Target) -> bool:
-    if not source.models and source.deployed is None:
-        return True  # source-free
+    if source.free:
+        return True
     return source.label == target.base_name or (
         source.arch == target.arch and source.precision == FP32
     )
@@ -145,7 +150,7 @@ def adaptive_via(attack: Attack, target: Target) -> str | None:
 
 def threat(source: Source, attack: Attack, target: Target) -> str:
     """The threat model of images crafted on ``source`` by ``attack``, scored on ``target``."""
-    if not source.models and source.deployed is None:
+    if source.free:
         return "source-free"
     if source.label == target.name or is_adaptive(source, attack, target):
         return "white-box" if attack.needs_gradients else "query-only"

@@ -16,6 +16,7 @@ from pydantic import (
     PlainSerializer,
     PlainValidator,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -438,25 +439,11 @@ class StudyConfig(_Strict):
     def _distinct_seeds(cls, values: list[int]) -> list[int]:
         return _distinct(values, "seed")
 
-    @field_validator("attacks")
+    @field_validator("attacks", "defenses", "recipes")
     @classmethod
-    def _labelled_attacks(cls, values: list[AttackSettings]) -> list[AttackSettings]:
+    def _labelled(cls, values: list[Labelled], info: ValidationInfo) -> list[Labelled]:
         labelled = _unique_labels(values)
-        _distinct([a.label for a in labelled], "attack (label)")
-        return labelled
-
-    @field_validator("defenses")
-    @classmethod
-    def _labelled_defenses(cls, values: list[DefenseSettings]) -> list[DefenseSettings]:
-        labelled = _unique_labels(values)
-        _distinct([d.label for d in labelled], "defense (label)")
-        return labelled
-
-    @field_validator("recipes")
-    @classmethod
-    def _labelled_recipes(cls, values: list[RecipeSettings]) -> list[RecipeSettings]:
-        labelled = _unique_labels(values)
-        _distinct([r.label for r in labelled], "recipe (label)")
+        _distinct([entry.label for entry in labelled], f"{info.field_name[:-1]} (label)")
         return labelled
 
     @model_validator(mode="after")
