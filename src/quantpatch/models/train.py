@@ -21,7 +21,7 @@ from quantpatch.models.determinism import TRAINING_THREADS, deterministic_traini
 class TrainConfig(BaseModel):
     """Everything that determines a training run (hashable, so it can key a cache)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     epochs: int = Field(10, ge=0)
     lr: float = Field(0.05, gt=0)

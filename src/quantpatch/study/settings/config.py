@@ -58,7 +58,8 @@ Precision = Annotated[
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or inf in a setting (a YAML `.nan`, a std of `.inf`) is refused like any bad value
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
