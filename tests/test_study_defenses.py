@@ -123,15 +123,26 @@ def test_adaptive_is_not_weaker_than_non_adaptive(defended_run: Path) -> None:
     assert adaptive.ci_high >= blind.ci_low
 
 
+def test_every_cell_has_its_unconditional_robust_accuracy(defended_run: Path) -> None:
+    """Robust accuracy counts every image: at least the images right when clean that
+    resisted ('0'), never more than the images not fooled; all n of them."""
+    for cell in load_results(defended_run).cells:
+        robust = cell.robust_accuracy
+        assert robust is not None and robust.n == len(cell.outcomes) == 48
+        resisted, fooled = cell.outcomes.count("0"), cell.outcomes.count("1")
+        assert resisted <= robust.successes <= robust.n - fooled
+
+
 def test_report_has_the_defences_section(defended_run: Path) -> None:
     html = (defended_run / "report.html").read_text()
     assert "Defences" in html and "Certified robust accuracy" in html
     assert "BPDA" in html or "exact gradients" in html
     assert list((defended_run / "figures").glob("defenses_*.png"))
     # the other sections keep to the undefended models: no defended target before "Defences"
-    assert html.index("+gaussian-blur") > html.index("<h2>Defences")
+    assert html.index("+gaussian-blur") > html.index('<h2 id="defences">')
     # PatchCleanser's adaptive cells are the undefended model's own: no gap is claimed
     assert "none by construction" in html
+    assert "robust accuracy" in html
 
 
 def test_report_without_defences_has_no_section(defended_run: Path, tmp_path: Path) -> None:

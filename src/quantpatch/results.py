@@ -129,6 +129,12 @@ class DeploymentRecord(Record):
     adversarial_attack: str | None = Field(
         description="how the adversarial images were made (crafted on the fp32 model)"
     )
+    patched: InputCheckRecord | None = Field(
+        None,
+        description="the same check on patch images crafted on the simulation: saturated "
+        "patch pixels test the activation ranges the runtime clips to (None: not run)",
+    )
+    patched_attack: str | None = Field(None, description="how the patch images were made")
     int8_img_per_s: float
     fp32_img_per_s: float
     speedup_vs_fp32: float
@@ -263,6 +269,12 @@ class CellRecord(RateRecord):
     )
     patch_location: tuple[int, int] | None = Field(
         None, description="(top, left) a location search chose for the patch (lavan 'search')"
+    )
+    robust_accuracy: RateRecord | None = Field(
+        None,
+        description="share of all evaluation images the target still classifies correctly "
+        "after the attack (unconditional: unlike ASR it counts images wrong when clean, so a "
+        "defence that costs clean accuracy cannot hide behind a smaller eligible subset)",
     )
     outcomes: str | None = Field(
         None,

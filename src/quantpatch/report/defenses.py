@@ -202,10 +202,24 @@ def _gap_table(page: Page, rows: list[Gap], order: ModelOrder) -> None:
             gap = "none by construction (forward-only: the same cells)"
         if diff is not None and diff[2] < 0:
             gap += ' <span class="flag">adaptive weaker: check the attack</span>'
+        strongest = row.adaptive or row.non_adaptive
         body.append([row.model.name, row.source, _fmt(row.non_adaptive), _fmt(row.adaptive),
-                     gap, VIA.get(row.via, "none: no gradients (ORT)")])  # fmt: skip
+                     gap, _fmt(robust_accuracy(strongest)),
+                     VIA.get(row.via, "none: no gradients (ORT)")])  # fmt: skip
     page.table(["defended target", "non-adaptive source", "non-adaptive ASR", "adaptive ASR",
-                "gap", "adaptive attack"], body)  # fmt: skip
+                "gap", "robust accuracy", "adaptive attack"], body)  # fmt: skip
+    page.para("Robust accuracy: the share of all evaluation images still classified "
+              "correctly under the adaptive attack (the non-adaptive one where there is none), "
+              "images wrong when clean included; ASR counts only those right when clean, so "
+              "a defence that costs clean accuracy is scored on fewer images.")  # fmt: skip
+
+
+def robust_accuracy(rate: SeedRate | None) -> SeedRate | None:
+    """The unconditional robust accuracy of the cells behind ``rate``, pooled the same way
+    (None when they were written without it)."""
+    if rate is None or not rate.cells or any(c.robust_accuracy is None for c in rate.cells):
+        return None
+    return pool(c.model_copy(update=c.robust_accuracy.model_dump()) for c in rate.cells)
 
 
 def _fmt(rate: SeedRate | None) -> str:

@@ -53,7 +53,8 @@ def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
         )
         timings = Timings(fit_s=fit_s, perturb_s=perturb_s, eval_s=time.perf_counter() - started)
         record = cell_record(context, cell, attack, target, counted, fooled, timings)
-        records.append(record)
+        robust = Rate(int((adv_pred == context.eval_labels).sum()), len(context.eval_labels))
+        records.append(record.model_copy(update={"robust_accuracy": RateRecord.of(robust)}))
     return records
 
 
