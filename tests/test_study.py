@@ -81,18 +81,20 @@ def test_quantized_models_stay_near_fp32(finished_run: Path) -> None:
 
 def test_deployed_int8_models_match_their_simulations(finished_run: Path) -> None:
     """ORT int8 is predicted by its matched simulation better than by fp32 (the null), on clean
-    and adversarial images; the QAT model exported with its own scales agrees >= 99 %."""
+    adversarial and patch images (crafted on the simulation); the QAT model exported with its
+    own scales agrees >= 99 %."""
     models = {m["name"]: m for m in _results(finished_run / "run")["models"]}
     ptq = models["lenet/ort-int8"]["deployment"]
     assert ptq["kind"] == "ptq" and "lenet/fp32" in ptq["reference"]
-    for check in (ptq["clean"], ptq["adversarial"]):
+    assert ptq["patched_attack"].startswith("patch-pgd on the simulation")
+    for check in (ptq["clean"], ptq["adversarial"], ptq["patched"]):
         assert check["simulation"]["agreement"]["rate"] >= 0.97
         assert check["simulation"]["logit_error"] < check["fp32"]["logit_error"]
         assert check["simulation_closer"]
     assert ptq["adversarial"]["int8_accuracy"]["rate"] < ptq["clean"]["int8_accuracy"]["rate"]
     qdq = models["lenet/ort-w8a8"]["deployment"]
     assert qdq["kind"] == "qat-qdq" and qdq["reference"] == "lenet/w8a8"
-    for check in (qdq["clean"], qdq["adversarial"]):
+    for check in (qdq["clean"], qdq["adversarial"], qdq["patched"]):
         assert check["simulation"]["agreement"]["rate"] >= 0.99
 
 

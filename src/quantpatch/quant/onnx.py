@@ -582,6 +582,7 @@ class Int8Check:
     adversarial: InputCheck | None
     int8_img_per_s: float
     fp32_img_per_s: float
+    patched: InputCheck | None = None
 
     @property
     def speedup_vs_fp32(self) -> float:
@@ -645,6 +646,7 @@ def compare_int8(
     labels: torch.Tensor,
     *,
     adversarial: torch.Tensor | None = None,
+    patched: torch.Tensor | None = None,
     device: torch.device | str = "auto",
     repeats: int = 3,
 ) -> Int8Check:
@@ -654,7 +656,9 @@ def compare_int8(
     should reproduce it (``simulate_ort_int8`` for ORT's static int8, the trained model itself
     for ``export_qdq``) and ``fp32`` the float network, the null: a simulation is only worth
     its name where it beats fp32's agreement. Each is run on ``images`` (and on the
-    ``adversarial`` versions of the same images, labelled by ``labels``). Throughputs are
+    ``adversarial`` and ``patched`` versions of the same images, labelled by ``labels``:
+    pixel perturbations near the decision boundary, and patches, whose saturated pixels test
+    the activation ranges the runtime clips to). Throughputs are
     those of ``int8`` and ``fp32`` (best of ``repeats`` passes over ``images``); pass the ORT
     fp32 session as ``fp32`` (the same function as the PyTorch model to ~1e-5) to compare
     like with like.
@@ -663,16 +667,20 @@ def compare_int8(
     labels = labels.cpu()
     if labels.shape != (len(images),):
         raise ShapeError(f"{len(images)} images but labels of shape {tuple(labels.shape)}")
-    if adversarial is not None and adversarial.shape != images.shape:
-        raise ShapeError(
-            f"adversarial images {tuple(adversarial.shape)} differ from {tuple(images.shape)}"
-        )
+    for what, batch in (("adversarial", adversarial), ("patched", patched)):
+        if batch is not None and batch.shape != images.shape:
+            raise ShapeError(
+                f"{what} images {tuple(batch.shape)} differ from {tuple(images.shape)}"
+            )
     device = resolve_device(device)
     int8_logits, int8_speed = _timed(int8, images, device, repeats)
     fp32_logits, fp32_speed = _timed(fp32, images, device, repeats)
     clean = _input_check((int8_logits, _logits(simulation, images, device), fp32_logits), labels)
-    attacked = None
-    if adversarial is not None:
-        logits = tuple(_logits(m, adversarial, device) for m in (int8, simulation, fp32))
-        attacked = _input_check(logits, labels)
-    return Int8Check(clean, attacked, int8_speed, fp32_speed)
+
+    def check_on(batch: torch.Tensor | None) -> InputCheck | None:
+        if batch is None:
+            return None
+        logits = tuple(_logits(m, batch, device) for m in (int8, simulation, fp32))
+        return _input_check(logits, labels)
+
+    return Int8Check(clean, check_on(adversarial), int8_speed, fp32_speed, check_on(patched))

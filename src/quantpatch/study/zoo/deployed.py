@@ -22,6 +22,12 @@ ADVERSARIAL_PROBE: dict[str, Any] = {"name": "pgd-linf", "eps": 0.1, "steps": 10
 """Adversarial images for the deployment check: near the decision boundary, where a
 simulation that merely matches on clean images would be caught out."""
 
+PATCH_PROBE: dict[str, Any] = {"name": "patch-pgd", "steps": 10, "location": "random", "seed": 0}
+"""Patch images for the deployment check, at the study's first patch size, crafted on each
+deployment's simulation: saturated patch pixels push activations to the ranges the runtime
+clips to, which pixel perturbations of 0.1 never reach. Short (10 steps, one random place per
+image), because the check needs patched inputs near the boundary, not the strongest patch."""
+
 
 def prepare_deployed_targets(context: StudyContext) -> None:
     """Every deployment of every architecture: the fp32 model quantized by the runtime, or a
@@ -81,8 +87,7 @@ class Probe:
 
     @property
     def label(self) -> str:
-        params = ", ".join(f"{k} {v}" for k, v in ADVERSARIAL_PROBE.items() if k != "name")
-        return f"{ADVERSARIAL_PROBE['name']} on {self.fp32.name} ({params})"
+        return _label(ADVERSARIAL_PROBE, self.fp32.name)
 
     def images(self) -> torch.Tensor:
         if self._images is None:
@@ -108,7 +113,8 @@ def check(
     runtime's fp32 network as the null; cached, because the adversarial images and the timing
     are the slow part of a rerun."""
     parts = {"int8": target.key, "kind": deployment.kind, "fp32": probe.fp32.key,
-             "n": len(context.eval_labels), "adversarial": ADVERSARIAL_PROBE}  # fmt: skip
+             "n": len(context.eval_labels), "adversarial": ADVERSARIAL_PROBE,
+             "patched": _patch_probe(context)}  # fmt: skip
     return context.cache.record("deployment", parts, DeploymentRecord, lambda: _compare(
         context, deployment, probe, source, target, runtime_fp32))  # fmt: skip
 
@@ -126,8 +132,10 @@ def _compare(
     calib = context.calibration_images(CALIBRATION_IMAGES)  # the images it calibrated on
     simulation = deployment.simulation(source.module, calib, context.device)
     images, labels = context.eval_images, context.eval_labels
+    patched = _patched_images(context, simulation)
     result = compare_int8(target.predict, simulation, runtime_fp32, images, labels,
-                          adversarial=probe.images(), device=context.device)  # fmt: skip
+                          adversarial=probe.images(), patched=patched,
+                          device=context.device)  # fmt: skip
     simulated = deployment.source is None
     reference = (f"{source.name} quantized by {deployment.runtime}'s rules (simulated)"
                  if simulated else source.name)  # fmt: skip
@@ -139,10 +147,28 @@ def _compare(
         clean=_input_record(result.clean),
         adversarial=_input_record(result.adversarial),
         adversarial_attack=probe.label,
+        patched=_input_record(result.patched),
+        patched_attack=_label(_patch_probe(context), "the simulation"),
         int8_img_per_s=result.int8_img_per_s,
         fp32_img_per_s=result.fp32_img_per_s,
         speedup_vs_fp32=result.speedup_vs_fp32,
     )
+
+
+def _patch_probe(context: StudyContext) -> dict[str, Any]:
+    return {**PATCH_PROBE, "patch_size": context.config.patch_sizes[0]}
+
+
+def _patched_images(context: StudyContext, simulation: torch.nn.Module) -> torch.Tensor:
+    from quantpatch.attacks import ATTACKS
+
+    attack = ATTACKS.create(**_patch_probe(context), progress=False)
+    return attack.perturb([simulation], context.eval_images, context.eval_labels, context.device)
+
+
+def _label(settings: dict[str, Any], on: str) -> str:
+    params = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "name")
+    return f"{settings['name']} on {on} ({params})"
 
 
 def _input_record(check: Any) -> InputCheckRecord:
