@@ -10,9 +10,11 @@ import torch
 
 from quantpatch.data import Split
 from quantpatch.errors import ConfigError
+from quantpatch.quant import QuantSpec
 from quantpatch.report.tables import SeedRate, pool
-from quantpatch.study import load_study
+from quantpatch.study import AnalysisSettings, Shortcuts, load_study
 from quantpatch.study.run.checks import validate_study
+from quantpatch.study.settings.config import ANALYSIS_SWITCHES
 from quantpatch.study.store.cache import EVAL_CODE, MODEL_CODE, PACKAGE_ROOT, code_fingerprint
 
 
@@ -183,3 +185,36 @@ def test_lowest_precision_is_one_rule_on_a_w2a8_and_w4a4_study() -> None:
 def test_replicates_outside_1_to_100_are_refused(replicates) -> None:
     with pytest.raises(ConfigError, match="replicates"):
         load_study(None, replicates=replicates)
+
+
+def test_shortcuts_change_every_schedule_and_attack_they_name() -> None:
+    """--epochs/--qat-epochs reach every per-name override (defaults included, keeping their
+    learning rates); --steps every attack that takes a budget and no other."""
+    config = load_study("studies/demo.yaml", shortcuts=Shortcuts(epochs=1, qat_epochs=4, steps=7))
+    assert config.train.epochs == 1 and config.qat.epochs == 4
+    assert {p.name: t.epochs for p, t in config.qat_overrides.items()} == {"w2a2": 4}
+    assert config.qat_overrides[QuantSpec.parse("w2a2")].lr == 0.05  # kept, only epochs change
+    steps = {a.name: a.params.get("steps") for a in config.attacks}
+    assert steps == {"universal": 7, "patch-pgd": 7, "pgd-linf": 7, "random": None}
+    assert config.attacks[1].sources == ["fp32", "w2a2"]  # the defaults' other settings stay
+    assert config.replicates == 3 and config.analyses.features  # untouched
+
+
+def test_quick_is_a_smoke_run_and_explicit_shortcuts_win() -> None:
+    config = load_study("studies/demo.yaml", shortcuts=Shortcuts(quick=True, steps=3))
+    assert (config.replicates, config.n_eval, config.train.epochs, config.qat.epochs) == (
+        1, 100, 1, 1)  # fmt: skip
+    assert all(a.params.get("steps") in (3, None) for a in config.attacks)
+    switches = {name: getattr(config.analyses, name) for name in ANALYSIS_SWITCHES}
+    assert switches == dict.fromkeys(ANALYSIS_SWITCHES, False)
+    bools = {n for n, f in AnalysisSettings.model_fields.items() if f.annotation in (bool, "bool")}
+    assert bools == set(ANALYSIS_SWITCHES)  # every analysis has its switch
+    kept = load_study(None, n_eval=40, shortcuts=Shortcuts(quick=True))
+    assert kept.n_eval == 40  # quick never raises a smaller n
+
+
+def test_nan_and_inf_settings_are_refused() -> None:
+    for change in ({"train": {"lr": float("inf")}}, {"n_eval": 10, "analyses": {
+            "size_fractions": [float("nan")]}}):  # fmt: skip
+        with pytest.raises(ConfigError, match="finite number"):
+            load_study(None, **change)

@@ -91,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="integer runtimes every model also ships on, e.g. ort-int8,ort-w8a8 "
         "(`quantpatch list deployments`); 'none' for no runtime",
     )
+    run.add_argument("--epochs", type=_seed, help="fp32 training epochs of every architecture")
+    run.add_argument("--qat-epochs", type=_seed, help="QAT epochs of every precision")
+    run.add_argument("--steps", type=_count, help="step budget of every attack that takes one")
+    run.add_argument(
+        "--no-analyses", action="store_true", help="skip the 'why' analyses (gradients, ...)"
+    )
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 replicate, 100 images, 1 epoch, 10 steps, no analyses (the other "
+        "flags win over it); its figures are not findings",
+    )
     run.add_argument("--out", type=Path, help="run folder (default runs/<study name>)")
     run.add_argument("--cache-dir", type=Path)
     run.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1, mps")
@@ -140,11 +152,14 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from quantpatch.report import build_report
-    from quantpatch.study import load_study, run_study
+    from quantpatch.study import Shortcuts, load_study, run_study
 
     attacks = [{"name": name} for name in args.attacks] if args.attacks else None
+    shortcuts = Shortcuts(epochs=args.epochs, qat_epochs=args.qat_epochs, steps=args.steps,
+                          analyses=False if args.no_analyses else None, quick=args.quick)  # fmt: skip
     config = load_study(
         args.study,
+        shortcuts=shortcuts,
         dataset=args.dataset,
         data_root=args.data_root,
         download=args.download,

@@ -9,6 +9,7 @@ from quantpatch.study.run.train import train_one
 from quantpatch.study.settings.config import (
     AnalysisSettings,
     AttackSettings,
+    Shortcuts,
     StudyConfig,
     load_study,
 )
@@ -16,6 +17,7 @@ from quantpatch.study.settings.config import (
 __all__ = [
     "AnalysisSettings",
     "AttackSettings",
+    "Shortcuts",
     "StudyConfig",
     "load_study",
     "run_study",

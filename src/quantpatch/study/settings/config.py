@@ -549,8 +549,92 @@ RUN_ONLY = ("device", "cache_dir", "executor", "ray_address")
 """Settings that change where and how fast a study runs, never its numbers."""
 
 
-def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
-    """Read a study YAML (or the defaults) and apply CLI overrides (``None`` means unset).
+class Shortcuts(_Strict):
+    """Command-line shortcuts that change many settings at once (``None``: leave as set).
+
+    ``epochs``: fp32 training epochs of every architecture; ``qat_epochs``: QAT epochs of
+    every precision; ``steps``: the step budget of every attack that takes one;
+    ``analyses=False``: no "why" analysis. ``quick``: a smoke run of the whole pipeline
+    (1 replicate, 100 images, 1 epoch, 10 steps, no analyses) whose figures are not findings;
+    the other shortcuts, when given, win over it."""
+
+    epochs: int | None = Field(None, ge=0)
+    qat_epochs: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=1)
+    analyses: bool | None = None
+    quick: bool = False
+
+    def apply(self, data: dict[str, Any]) -> dict[str, Any]:
+        """``data`` (a study mapping, before validation) with the shortcuts applied."""
+        if self.quick:
+            n_eval = data.get("n_eval")
+            n_eval = min(n_eval, 100) if isinstance(n_eval, int) else 100
+            data = {**data, "replicates": 1, "n_eval": n_eval}
+        epochs, qat_epochs = _quick(self.epochs, self), _quick(self.qat_epochs, self)
+        steps = self.steps if self.steps is not None else (10 if self.quick else None)
+        analyses = self.analyses if self.analyses is not None else (False if self.quick else None)
+        if epochs is not None:
+            data = _with_epochs(data, "train", "train_overrides", epochs)
+        if qat_epochs is not None:
+            data = _with_epochs(data, "qat", "qat_overrides", qat_epochs)
+        if steps is not None:
+            data = {**data, "attacks": [_with_steps(a, steps) for a in _attacks(data)]}
+        if analyses is False:
+            switches = dict.fromkeys(ANALYSIS_SWITCHES, False)
+            data = {**data, "analyses": {**_as_dict(data.get("analyses")), **switches}}
+        return data
+
+
+ANALYSIS_SWITCHES = ("gradient_alignment", "features", "spatial", "size_curve", "quant_strength")
+"""The booleans of ``AnalysisSettings``, one per "why" analysis."""
+
+
+def _quick(value: int | None, shortcuts: Shortcuts) -> int | None:
+    return value if value is not None else (1 if shortcuts.quick else None)
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A settings object or mapping as a plain mapping (anything else is left to validation)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _with_epochs(data: dict[str, Any], field: str, overrides: str, epochs: int) -> dict[str, Any]:
+    """``epochs`` for the schedule ``field`` and every entry of its per-name ``overrides``
+    (their defaults included: a 2-bit QAT keeps its own learning rate)."""
+    base = data.get(field, StudyConfig.model_fields[field].default_factory())
+    per_name = data.get(overrides, StudyConfig.model_fields[overrides].default_factory())
+    if not isinstance(per_name, dict):
+        return data  # validation reports it
+    changed = {str(getattr(k, "name", k)): {**_as_dict(v), "epochs": epochs}
+               for k, v in per_name.items()}  # fmt: skip
+    return {**data, field: {**_as_dict(base), "epochs": epochs}, overrides: changed}
+
+
+def _attacks(data: dict[str, Any]) -> list[Any]:
+    if "attacks" in data:
+        return list(data["attacks"]) if isinstance(data["attacks"], list) else []
+    precisions = [_as_spec(p) for p in data.get("precisions", DEFAULT_PRECISIONS)]
+    return [a.model_dump(exclude_defaults=True) for a in default_attacks(precisions)]
+
+
+def _with_steps(attack: Any, steps: int) -> Any:
+    """``attack`` with ``steps`` where its attack spends a step budget (a random patch takes
+    none; query attacks count queries, not steps)."""
+    attack = _as_dict(attack) or attack
+    if not isinstance(attack, dict) or attack.get("name") not in ATTACKS:
+        return attack  # validation reports it
+    if not getattr(ATTACKS.get(attack["name"]), "default_steps", 0):
+        return attack
+    return {**attack, "params": {**attack.get("params", {}), "steps": steps}}
+
+
+def load_study(
+    path: str | Path | None = None, *, shortcuts: Shortcuts | None = None, **overrides: Any
+) -> StudyConfig:
+    """Read a study YAML (or the defaults) and apply CLI overrides (``None`` means unset),
+    then the ``shortcuts``.
 
     The file is read within limits (``quantpatch._yaml``). A study file is often shared, so
     where it may write is bounded: its ``cache_dir`` must be a relative path inside the working
@@ -561,6 +645,8 @@ def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
         _check_cache_dir(data.get("cache_dir"), path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
+        if shortcuts is not None:
+            data = shortcuts.apply(data)
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
