@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -38,7 +40,7 @@ def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figur
     archs = sorted({m.arch for m in models})
     by_precision = {m.precision: order(m.name)[1:] for m in models}
     precisions = sorted(by_precision, key=lambda p: by_precision[p])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(precisions), 3))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 + 1.1 * len(precisions)), 3.4))
     width = 0.8 / max(1, len(archs))
     for i, arch in enumerate(archs):
         rows = {m.precision: m.clean for m in models if m.arch == arch}
@@ -49,10 +51,9 @@ def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figur
         ax.bar(xs, y, width, yerr=err, capsize=2, label=arch)
     ax.set_xticks([j + width * (len(archs) - 1) / 2 for j in range(len(precisions))])
     ax.set_xticklabels(precisions)
-    low = min(100 * m.clean.ci_low for m in models)
-    ax.set_ylim(max(0, low - 5), 100)
+    ax.set_ylim(0, 100)  # from 0: a truncated axis makes a 2-point gap look like a collapse
     ax.set_ylabel("clean accuracy (%)")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # off the bars
     fig.tight_layout()
     return fig
 
@@ -60,32 +61,44 @@ def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figur
 def asr_vs_bits_figure(
     records: list[CellRecord], attack: str, size: int | None, order: ModelOrder
 ) -> Figure:
-    """White-box ASR and fp32->target transfer ASR per precision, one panel per architecture."""
-    chosen = [r for r in records if r.attack == attack and r.patch_size == size]
+    """ASR on the target itself (white-box, or query-only for a query attack) and fp32 ->
+    target transfer per precision, one panel per architecture. The axis holds the trained
+    precisions only, fewest bits last; fp32-ft controls and integer runtimes are in the
+    transfer tables, where they are not mistaken for points on a bit-width scale."""
+    chosen = [r for r in records if r.attack == attack and r.patch_size == size
+              and PRECISION_NAME.match(r.target_precision)]  # fmt: skip
     baseline = [r for r in records if r.attack == "random" and r.patch_size == size]
     archs = sorted({r.target_arch for r in chosen})
-    fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3), squeeze=False)
+    fig, axes = plt.subplots(1, len(archs), figsize=(4.8 * len(archs), 3.4), squeeze=False)
     for ax, arch in zip(axes[0], archs, strict=True):
         rows = [r for r in chosen if r.target_arch == arch]
         targets = sorted({r.target for r in rows}, key=order)
         xs = list(range(len(targets)))
         by_target = group(rows, "target", "source")
-        white = [pool(by_target.get((t, t), [])) for t in targets]
+        own = [pool(by_target.get((t, t), [])) for t in targets]
         fp32 = [pool(by_target.get((t, f"{arch}/fp32"), [])) for t in targets]
         noise = group(baseline, "target")
         random = [pool(noise.get((t,), [])) for t in targets]
-        _errorbar(ax, xs, white, "white-box")
+        threats = {r.threat for t in targets for r in by_target.get((t, t), [])}
+        _errorbar(ax, xs, own, " / ".join(sorted(threats)) or "white-box")
         _errorbar(ax, xs, fp32, f"{arch}/fp32 → target", linestyle="--")
         if attack != "random":
             _errorbar(ax, xs, random, "random patch (baseline)", linestyle=":", color="gray")
         ax.set_xticks(xs)
-        ax.set_xticklabels([t.partition("/")[2] for t in targets], rotation=30)
+        ax.set_xticklabels([t.partition("/")[2] for t in targets])
         ax.set_ylim(0, 100)
         ax.set_title(f"{arch}: {attack}" + (f", {size}px" if size else ""))
         ax.set_ylabel("ASR (%)")
-        ax.legend(frameon=False, fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, frameon=False, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0)
+    )  # below the panels: never over an error bar
     fig.tight_layout()
     return fig
+
+
+PRECISION_NAME = re.compile(r"^(fp32|w\d+a\d+(-ptq)?)$")
+"""A trained precision's name (fp32, w4a4, w8a8-ptq), not a control or a runtime."""
 
 
 def transfer_heatmap(

@@ -90,6 +90,10 @@ def _header(page: Page, results: ResultsFile) -> None:
         "counts only images the target model classifies correctly when clean; targeted ASR "
         "only images whose true class is not the target."
     )
+    page.add('<p class="note">Data: <a href="results.json">results.json</a> (every record), '
+             '<a href="results.csv">results.csv</a> (one row per cell and target), '
+             '<a href="figures/">figures/</a> (each figure as PNG).</p>')  # fmt: skip
+    page.toc_here()
 
 
 def _models_section(
@@ -110,9 +114,35 @@ def _models_section(
         page.table(["model", "clean accuracy (replicate 0)", "each trained replicate"], rows)
     else:
         page.table(["model", "clean accuracy"], [[m.name, fmt_rate(m.clean)] for m in models])
+    _training_warnings(page, models)
     deployed = [m for m in models if m.deployment]
     if deployed:
         _deployment_table(page, deployed)
+
+
+WELL_TRAINED = 0.80
+"""Below this clean accuracy the best model of an architecture is flagged as undertrained."""
+QUANTIZATION_LOSS = 0.10
+"""A model this far below its architecture's best is flagged as badly trained or quantized."""
+
+
+def _training_warnings(page: Page, models: list[ModelRecord]) -> None:
+    """Flag models whose ASR would be read on a small, easy subset: an undertrained
+    architecture, or a precision that lost much of its architecture's accuracy."""
+    for arch in sorted({m.arch for m in models}):
+        mine = [m for m in models if m.arch == arch]
+        best = max(mine, key=lambda m: m.clean.rate)
+        if best.clean.rate < WELL_TRAINED:
+            page.para(f"Warning: {arch}'s best model ({best.name}) reaches only "
+                      f"{100 * best.clean.rate:.1f} % clean accuracy; its ASR counts only the "
+                      "images it gets right. Train longer before reading its rates.",
+                      "flag")  # fmt: skip
+        weak = [m.name for m in mine if m.clean.rate < best.clean.rate - QUANTIZATION_LOSS]
+        if weak:
+            page.para(f"Warning: {', '.join(weak)} lost more than "
+                      f"{100 * QUANTIZATION_LOSS:.0f} points of clean accuracy against "
+                      f"{best.name}: badly trained or badly quantized, so its ASR is measured "
+                      "on fewer, easier images.", "flag")  # fmt: skip
 
 
 def _deployment_table(page: Page, deployed: list[ModelRecord]) -> None:
@@ -122,7 +152,8 @@ def _deployment_table(page: Page, deployed: list[ModelRecord]) -> None:
     rows = []
     for m in deployed:
         dep = m.deployment
-        for label, check in (("clean", dep.clean), ("adversarial", dep.adversarial)):
+        checks = (("clean", dep.clean), ("adversarial", dep.adversarial), ("patch", dep.patched))
+        for label, check in checks:
             if check is None:
                 continue
             rows.append([
@@ -138,7 +169,9 @@ def _deployment_table(page: Page, deployed: list[ModelRecord]) -> None:
         f"{_settings(m.deployment.settings)}; {m.deployment.int8_img_per_s:.0f} img/s vs fp32 "
         f"{m.deployment.fp32_img_per_s:.0f} ({m.deployment.speedup_vs_fp32:.2f}x)."
         for m in deployed
-    ) + f" Adversarial images: {deployed[0].deployment.adversarial_attack}.")  # fmt: skip
+    ) + f" Adversarial images: {deployed[0].deployment.adversarial_attack}."
+      + (f" Patch images: {deployed[0].deployment.patched_attack}."
+         if deployed[0].deployment.patched_attack else ""))  # fmt: skip
 
 
 def _settings(settings: dict) -> str:
@@ -173,8 +206,10 @@ def _attack_sections(page: Page, results: ResultsFile, order: ModelOrder) -> Non
         if crafted:
             page.figure(figures.asr_vs_bits_figure(records, attack, size, order),
                         f"asr_bits_{attack}_{size}",
-                        "ASR vs precision: white-box, transfer from the fp32 sibling, and a "
-                        "random patch of the same size; bars are 95 % Wilson intervals.")  # fmt: skip
+                        "ASR vs precision: on the target itself (white-box, or query-only "
+                        "for a query attack), transfer from the fp32 sibling, and a random "
+                        "patch of the same size; bars are the 95 % intervals of the tables. "
+                        "Controls and integer runtimes: see the transfer table.")  # fmt: skip
         _transfer_table(page, records, attack, size, order)
     _patch_vs_pixel(page, records, order)
     _masking_section(page, records, results.models, order)
