@@ -213,6 +213,28 @@ def test_quick_is_a_smoke_run_and_explicit_shortcuts_win() -> None:
     assert kept.n_eval == 40  # quick never raises a smaller n
 
 
+def test_analyses_shortcut_picks_lenses_by_name() -> None:
+    picked = load_study(None, shortcuts=Shortcuts.of(analyses=["features", "size-curve"]))
+    on = {name for name in ANALYSIS_SWITCHES if getattr(picked.analyses, name)}
+    assert on == {"features", "size_curve"}
+    everything = load_study(None, shortcuts=Shortcuts.of(quick=True, analyses=["all"]))
+    assert all(getattr(everything.analyses, name) for name in ANALYSIS_SWITCHES)
+    with pytest.raises(ConfigError, match="unknown analysis saliency; known: none, all"):
+        Shortcuts.of(analyses=["saliency"])
+
+
+def test_every_study_schema_field_has_a_description() -> None:
+    from quantpatch.study.settings.config import StudyConfig
+
+    schema = StudyConfig.model_json_schema()
+    models = {"StudyConfig": schema, **schema.get("$defs", {})}
+    missing = [f"{model}.{field}"
+               for model, definition in models.items()
+               for field, prop in definition.get("properties", {}).items()
+               if not prop.get("description")]  # fmt: skip
+    assert not missing, f"study-schema fields without a description: {', '.join(missing)}"
+
+
 def test_nan_and_inf_settings_are_refused() -> None:
     for change in ({"train": {"lr": float("inf")}}, {"n_eval": 10, "analyses": {
             "size_fractions": [float("nan")]}}):  # fmt: skip

@@ -23,13 +23,21 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    epochs: int = Field(10, ge=0)
-    lr: float = Field(0.05, gt=0)
-    batch_size: int = Field(128, ge=1)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    seed: int = 0
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    epochs: int = Field(10, ge=0, description="passes over the training split (0: no training)")
+    lr: float = Field(
+        0.05, gt=0, description="initial SGD learning rate, cosine-annealed per step to 0"
+    )
+    batch_size: int = Field(128, ge=1, description="images per SGD step")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum, in [0, 1)")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay (L2 penalty)")
+    seed: int = Field(
+        0,
+        description="seeds the shuffle order and training's random draws (in a study also "
+        "the fp32 model's initial weights)",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description="cross-entropy label smoothing, in [0, 1)"
+    )
 
 
 ParamGroups = Iterable[torch.Tensor] | Iterable[dict[str, Any]]

@@ -75,9 +75,18 @@ class AttackSettings(_Strict):
     ``label`` names it in results; left out, the study derives a label from the name and the
     settings that set it apart from the study's other attacks of the same name."""
 
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
+    name: str = Field(description="a registered attack (`quantpatch list attacks`)")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the attack's constructor arguments (e.g. steps, eps, batch_size); "
+        "patch_size comes from the study's patch_sizes",
+    )
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$",
+        description="its name in results (letters, digits, . _ = -; up to 80 chars); default: "
+        "the name plus the params that set it apart from same-named attacks",
+    )
     sources: list[str] | None = Field(
         None,
         min_length=1,
@@ -109,9 +118,16 @@ class _RegisteredSettings(_Strict):
     attack's when left out); an unknown name fails the config, listing the registry."""
 
     _registry: ClassVar[Registry]
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$")
+    name: str = Field(description="a registered name")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of its constructor"
+    )
+    label: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$",
+        description="its name in results (letters, digits, . _ = -; up to 80 chars); default: "
+        "the name plus the params that set it apart from same-named entries",
+    )
 
     @field_validator("name")
     @classmethod
@@ -143,6 +159,7 @@ class DefenseSettings(_RegisteredSettings):
     settings that set it apart from the study's other defences of the same name)."""
 
     _registry: ClassVar[Registry] = DEFENSES
+    name: str = Field(description="a registered defence (`quantpatch list defenses`)")
 
 
 class RecipeSettings(_RegisteredSettings):
@@ -155,7 +172,12 @@ class RecipeSettings(_RegisteredSettings):
     precision (the longest plain QAT gets), so the recipe trains no longer than plain QAT."""
 
     _registry: ClassVar[Registry] = RECIPES
-    qat: TrainConfig | None = None
+    name: str = Field(description="a registered training defence (`quantpatch list recipes`)")
+    qat: TrainConfig | None = Field(
+        None,
+        description="its training schedule; default: the QAT schedule of the study's lowest "
+        "precision",
+    )
 
 
 Labelled = TypeVar("Labelled", AttackSettings, DefenseSettings, RecipeSettings)
@@ -196,10 +218,23 @@ class OnnxModelSettings(_Strict):
     [0, 1] images as they are). It is evaluated on every attack's images, and query attacks
     can be crafted on the users' files (``sources: [onnx]``)."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    path: Path
-    mean: list[float] | None = Field(None, min_length=1)
-    std: list[float] | None = Field(None, min_length=1)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="names the target '<name>/onnx' (letters, digits, . _ -; up to 64 chars)",
+    )
+    path: Path = Field(description="the .onnx file (fp32, or QDQ int8)")
+    mean: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="per-channel mean the file expects on [0, 1] images (one value or one per "
+        "channel); give with std, or neither",
+    )
+    std: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="per-channel std the file expects (positive; one value or one per "
+        "channel); left out with mean: the [0, 1] images as they are",
+    )
 
     @model_validator(mode="after")
     def _normalisation(self) -> OnnxModelSettings:
@@ -234,14 +269,33 @@ class OnnxModelSettings(_Strict):
 class AnalysisSettings(_Strict):
     """Which "why" analyses run; each is cheap next to training and can be switched off."""
 
-    gradient_alignment: bool = True
-    features: bool = True
-    spatial: bool = True
-    spatial_stride: int = Field(2, ge=1)
-    size_curve: bool = True
-    size_fractions: list[float] = Field(default_factory=lambda: [0.02, 0.04, 0.06, 0.10, 0.16])
-    quant_strength: bool = True
-    strength_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
+    gradient_alignment: bool = Field(
+        True,
+        description="input-gradient alignment (cosine, edge IoU, HOG) of every pair of models",
+    )
+    features: bool = Field(
+        True, description="layer-wise CKA to fp32, patch dominance and Grad-CAM patch mass"
+    )
+    spatial: bool = Field(
+        True, description="ASR map of each architecture's fp32 patch over patch locations"
+    )
+    spatial_stride: int = Field(2, ge=1, description="pixels between locations of the ASR map")
+    size_curve: bool = Field(
+        True, description="ASR vs patch area: white-box fp32 and fp32 → lowest precision"
+    )
+    size_fractions: list[float] = Field(
+        default_factory=lambda: [0.02, 0.04, 0.06, 0.10, 0.16],
+        description="patch areas of the size curve, as shares of the image area, in (0, 1)",
+    )
+    quant_strength: bool = Field(
+        True,
+        description="weights-only, activations-only and both quantized at each strength_bits: "
+        "clean accuracy, white-box and fp32-transfer ASR",
+    )
+    strength_bits: list[int] = Field(
+        default_factory=lambda: [2, 4, 8],
+        description="bit-widths (1-8) of the quantization-strength lens",
+    )
     models: list[str] | None = Field(
         None,
         description="architectures for the costly lenses (size curve, quantization strength); "
@@ -300,18 +354,44 @@ def default_attacks(precisions: list[QuantSpec] | tuple[QuantSpec, ...]) -> list
 class StudyConfig(_Strict):
     """A full study: dataset x models x precisions x attacks x patch sizes x seeds."""
 
-    name: str = Field("demo", pattern=STUDY_NAME)
-    dataset: str = "mnist5k"
-    data_root: Path | None = None
-    download: bool = False
-    limit: int | None = Field(None, ge=1)
+    name: str = Field(
+        "demo",
+        pattern=STUDY_NAME,
+        description="the study's name, its folder under runs/ (letters, digits, . _ -; "
+        "no leading dot or separator)",
+    )
+    dataset: str = Field(
+        "mnist5k",
+        description="a registered dataset (`quantpatch list datasets`); mnist5k is embedded",
+    )
+    data_root: Path | None = Field(
+        None,
+        description="folder holding the dataset's files in their standard layout "
+        "(not needed for mnist5k)",
+    )
+    download: bool = Field(
+        False, description="allow downloading missing dataset files into data_root"
+    )
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many images per split (train, test), a seeded subset; "
+        "default: all",
+    )
     data_seed: Seed = Field(
         0, description="seeds the dataset split and the evaluation and calibration subsets"
     )
-    models: list[str] = Field(default_factory=lambda: ["lenet", "resnet20"], min_length=1)
+    models: list[str] = Field(
+        default_factory=lambda: ["lenet", "resnet20"],
+        min_length=1,
+        description="architectures (`quantpatch list models`, or timm:<name> / tv:<name>)",
+    )
     precisions: list[Precision] = Field(
         default_factory=lambda: list(DEFAULT_PRECISIONS),
         min_length=1,
+        description="precisions to train and attack: fp32, or wXaY (weight/activation bits 1-8, "
+        "32 = float; QAT) with suffixes -ptq (post-training), -pt (per-tensor weights), "
+        "-full, -asym or -reduced (weight grid), e.g. w8a8, w2a2-full, w4a4-ptq",
     )
     deployments: list[str] = Field(
         default_factory=lambda: ["ort-int8", "ort-w8a8"],
@@ -325,7 +405,8 @@ class StudyConfig(_Strict):
         "dict), e.g. {'timm:resnet18': w.safetensors}: that model is loaded, not trained",
     )
     onnx_models: list[OnnxModelSettings] = Field(
-        default_factory=list, description="users' ONNX files evaluated as targets (onnx:<name>)"
+        default_factory=list,
+        description="users' ONNX files evaluated as targets (named <name>/onnx)",
     )
     controls: bool = Field(
         True,
@@ -336,6 +417,8 @@ class StudyConfig(_Strict):
         default_factory=lambda: default_attacks(DEFAULT_PRECISIONS),
         min_length=1,
         validate_default=True,
+        description="attacks of the grid, each crafted on its sources and scored on every "
+        "target; default: universal, patch-pgd, pgd-linf and random",
     )
     defenses: list[DefenseSettings] = Field(
         default_factory=list,
@@ -346,7 +429,12 @@ class StudyConfig(_Strict):
         description="quantization-aware training defences whose models join the grid at every "
         "precision (opt-in; none by default)",
     )
-    patch_sizes: list[int] = Field(default_factory=lambda: [7], min_length=1)
+    patch_sizes: list[int] = Field(
+        default_factory=lambda: [7],
+        min_length=1,
+        description="patch side lengths in pixels; each patch attack runs at every size "
+        "(the analyses but the size curve use the first)",
+    )
     seeds: list[Seed] = Field(
         default_factory=lambda: [0],
         min_length=1,
@@ -362,11 +450,18 @@ class StudyConfig(_Strict):
         "trained model as well as the images",
     )
     n_eval: int = Field(500, ge=1, description="test images every patch is evaluated on")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=0.05))
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=3, lr=0.05),
+        description="fp32 training schedule of every architecture (see train_overrides)",
+    )
     train_overrides: dict[str, TrainConfig] = Field(
         default_factory=dict, description="training settings per architecture, replacing `train`"
     )
-    qat: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=0.01))
+    qat: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=1, lr=0.01),
+        description="QAT schedule of every QAT precision and of its fp32-ft control "
+        "(see qat_overrides)",
+    )
     qat_overrides: dict[Precision, TrainConfig] = Field(
         # 2-bit needs a longer, hotter QAT: resnet20 on mnist5k reaches 26 % after 1 epoch at
         # lr 0.01 and 96 % after 3 epochs at lr 0.05 (MSE calibration)
@@ -374,10 +469,25 @@ class StudyConfig(_Strict):
         description="QAT settings per precision name (e.g. w2a2), replacing `qat`",
     )
     calibration: str = Field("mse", description="a registered calibration method")
-    first_last_bits: int | None = Field(8, ge=1, le=8)
-    analyses: AnalysisSettings = Field(default_factory=AnalysisSettings)
-    device: str = "auto"
-    cache_dir: Path = Path("runs/.cache")
+    first_last_bits: int | None = Field(
+        8,
+        ge=1,
+        le=8,
+        description="bits (1-8) of the first and last quantized layers (stem, classifier); "
+        "null: the precision's own",
+    )
+    analyses: AnalysisSettings = Field(
+        default_factory=AnalysisSettings,
+        description='the "why" analyses, driven by the study\'s first universal attack',
+    )
+    device: str = Field(
+        "auto", description="torch device: auto (CUDA, then MPS, then CPU), cpu, cuda[:N], mps"
+    )
+    cache_dir: Path = Field(
+        Path("runs/.cache"),
+        description="content-keyed cache of models, patches, ONNX files and deployment checks "
+        "(in a study file: a relative path inside the working folder)",
+    )
     executor: Literal["local", "ray"] = Field(
         "local",
         description="where models and cells run: this process, or the tasks of a Ray cluster "
@@ -554,15 +664,38 @@ class Shortcuts(_Strict):
 
     ``epochs``: fp32 training epochs of every architecture; ``qat_epochs``: QAT epochs of
     every precision; ``steps``: the step budget of every attack that takes one;
-    ``analyses=False``: no "why" analysis. ``quick``: a smoke run of the whole pipeline
-    (1 replicate, 100 images, 1 epoch, 10 steps, no analyses) whose figures are not findings;
-    the other shortcuts, when given, win over it."""
+    ``analyses``: the "why" analyses that run (``[]``: none, ``["all"]``: every one), the
+    others switched off. ``quick``: a smoke run of the whole pipeline (1 replicate, 100
+    images, 1 epoch, 10 steps, no analyses) whose figures are not findings; the other
+    shortcuts, when given, win over it."""
 
     epochs: int | None = Field(None, ge=0)
     qat_epochs: int | None = Field(None, ge=0)
     steps: int | None = Field(None, ge=1)
-    analyses: bool | None = None
+    analyses: list[str] | None = None
     quick: bool = False
+
+    @classmethod
+    def of(cls, **values: Any) -> Shortcuts:
+        """Validated shortcuts; a bad one is a ``ConfigError`` in one line, like a study's."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(_one_line(exc)) from None
+
+    @field_validator("analyses")
+    @classmethod
+    def _known_analyses(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        names = [n.replace("-", "_") for n in names]
+        if names == ["all"]:
+            return list(ANALYSIS_SWITCHES)
+        unknown = sorted(set(names) - set(ANALYSIS_SWITCHES))
+        if unknown:
+            raise ValueError(f"unknown analysis {', '.join(unknown)}; known: none, all, "
+                             f"{', '.join(ANALYSIS_SWITCHES)}")  # fmt: skip
+        return names
 
     def apply(self, data: dict[str, Any]) -> dict[str, Any]:
         """``data`` (a study mapping, before validation) with the shortcuts applied."""
@@ -572,15 +705,15 @@ class Shortcuts(_Strict):
             data = {**data, "replicates": 1, "n_eval": n_eval}
         epochs, qat_epochs = _quick(self.epochs, self), _quick(self.qat_epochs, self)
         steps = self.steps if self.steps is not None else (10 if self.quick else None)
-        analyses = self.analyses if self.analyses is not None else (False if self.quick else None)
+        analyses = self.analyses if self.analyses is not None else ([] if self.quick else None)
         if epochs is not None:
             data = _with_epochs(data, "train", "train_overrides", epochs)
         if qat_epochs is not None:
             data = _with_epochs(data, "qat", "qat_overrides", qat_epochs)
         if steps is not None:
             data = {**data, "attacks": [_with_steps(a, steps) for a in _attacks(data)]}
-        if analyses is False:
-            switches = dict.fromkeys(ANALYSIS_SWITCHES, False)
+        if analyses is not None:
+            switches = {name: name in analyses for name in ANALYSIS_SWITCHES}
             data = {**data, "analyses": {**_as_dict(data.get("analyses")), **switches}}
         return data
 
