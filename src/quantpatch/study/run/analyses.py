@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import time
 from collections.abc import Callable
 
 import torch
@@ -91,9 +92,15 @@ def _cached(context: StudyContext, name: str, compute: Callable[[], object]) -> 
     def dump(result: object) -> object:
         return Analyses.model_validate({name: result}).model_dump(mode="json")[name]
 
+    def timed() -> object:
+        started = time.perf_counter()
+        result = parse(compute())
+        context.log(f"analysis {name} done in {time.perf_counter() - started:.1f} s")
+        return result
+
     return settle(
         "analysis", analysis_path(context.out, name), key, lock_path(context.out, f"analysis-{name}"),
-        parse=parse, dump=dump, compute=lambda: parse(compute()),
+        parse=parse, dump=dump, compute=timed,
     )  # fmt: skip
 
 

@@ -6,6 +6,7 @@ sealed in ``cells/<id>.json``; a rerun (or a resumed, interrupted run) skips it.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -76,8 +77,10 @@ def prepare_replicate(context: StudyContext, executor: Executor | None) -> None:
 def run_cells(context: StudyContext, cells: list[Cell]) -> list[CellRecord]:
     """Run every cell not already on disk; return all records (old and new)."""
     records: list[CellRecord] = []
+    started = time.perf_counter()
     bar = tqdm(cells, desc="cells", disable=not context.progress)
     for cell in bar:
         bar.set_postfix_str(cell.cell_id[:60])
         records.extend(settle_cell(context, cell, run_cell))
+    context.log(f"{len(cells)} cells done in {time.perf_counter() - started:.1f} s")
     return records

@@ -33,6 +33,9 @@ def prepare_all(context: StudyContext) -> None:
     prepare_targets(context)
     prepare_deployed_targets(context)
     prepare_defended_targets(context)
+    for record in context.model_records:
+        context.log(f"{record.name}: clean accuracy {100 * record.clean.rate:.1f} % "
+                    f"of {record.clean.n} images")  # fmt: skip
 
 
 def study_dataset(config: StudyConfig) -> Dataset:

@@ -3,6 +3,8 @@ them (with the data, the settings and the artifact cache) to every later stage."
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from quantpatch.data import Dataset, Split
 from quantpatch.quant import QuantSpec
@@ -145,6 +148,14 @@ class StudyContext:
         """The same study, data and cache, with no model yet: replicate ``replicate``'s."""
         return StudyContext(self.config, self.out, self.device, self.dataset, self.cache,
                             progress=self.progress, replicate=replicate)  # fmt: skip
+
+    def log(self, message: str) -> None:
+        """One time-stamped line of the stage log (above any progress bar, which vanishes when
+        done), so a run can be followed and scrolled back through; silent with ``--quiet``."""
+        if self.progress:
+            stamp = time.strftime("%H:%M:%S")
+            where = f"replicate {self.replicate}: " if self.config.replicates > 1 else ""
+            tqdm.write(f"[{stamp}] {where}{message}", file=sys.stderr)
 
     def model_record(self, name: str) -> ModelRecord:
         return next(r for r in self.model_records if r.name == name)

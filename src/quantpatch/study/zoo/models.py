@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from quantpatch import __version__
 from quantpatch.defenses.training import train_recipe
@@ -46,8 +45,7 @@ def prepare_models(context: StudyContext) -> None:
         for settings in context.config.recipes:
             for prepared in prepare_recipe(context, base, settings):
                 context.models[prepared.name] = prepared
-        if context.progress:
-            tqdm.write(f"models for {arch} ready in {time.perf_counter() - started:.1f} s")
+        context.log(f"models for {arch} ready in {time.perf_counter() - started:.1f} s")
 
 
 def _prepare_controls(context: StudyContext, base: PreparedModel) -> None:
