@@ -29,6 +29,11 @@ READABLE_VERSIONS = (FORMAT_VERSION,)
 certifying defence, any runtime) and dropped ``white_box`` (``threat`` says it): rerun older
 studies."""
 
+PATCH_EXAMPLES = "examples"
+"""Folder under a run's ``patches/``: per patch PNG, the first evaluation image with the patch
+applied (``<cell>.png``) and a JSON note of its true class and the source model's prediction
+(``<cell>.json``), for the report's gallery."""
+
 
 def precision_order(weight_bits: int | None, act_bits: int | None) -> tuple[int, int]:
     """The one order of precisions, fewest bits first: by weight bits, then activation bits

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import math
 
 import matplotlib
 
@@ -22,6 +22,16 @@ from quantpatch.results import CellRecord, ModelRecord  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})  # fmt: skip
+
+
+LINE_STYLES = ("-", "--", ":", "-.", (0, (5, 1, 1, 1)))
+MARKERS = ("o", "s", "D", "^", "v", "x", "+")
+"""Cycled per series, so series that coincide (lenet fp32 and w8a8-ptq) stay told apart."""
+
+
+def _tick(name: str) -> str:
+    """A model name on two lines (architecture over precision): readable unrotated."""
+    return name.replace("/", "\n", 1)
 
 
 def _errorbar(ax, xs, cells: list[SeedRate | None], label: str, **kwargs) -> None:
@@ -59,46 +69,119 @@ def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figur
 
 
 def asr_vs_bits_figure(
-    records: list[CellRecord], attack: str, size: int | None, order: ModelOrder
-) -> Figure:
-    """ASR on the target itself (white-box, or query-only for a query attack) and fp32 ->
-    target transfer per precision, one panel per architecture. The axis holds the trained
-    precisions only, fewest bits last; fp32-ft controls and integer runtimes are in the
-    transfer tables, where they are not mistaken for points on a bit-width scale."""
+    records: list[CellRecord],
+    models: list[ModelRecord],
+    attack: str,
+    size: int | None,
+    order: ModelOrder,
+) -> Figure | None:
+    """ASR against weight bits (a log2 axis; float at 32), one panel per architecture: on the
+    target itself (white-box, or query-only for a query attack), transferred from the fp32
+    sibling, and a random patch of the same size. Trained precisions are joined by lines;
+    fp32-ft controls and integer runtimes are separate markers at their bits, so a control is
+    never read as a point on the bit-width scale. Recipe and defended models are left out
+    (their own report sections hold them). None: no architecture has a point to show."""
+    by_name = {m.name: m for m in models if m.defense is None and m.recipe is None}
     chosen = [r for r in records if r.attack == attack and r.patch_size == size
-              and PRECISION_NAME.match(r.target_precision)]  # fmt: skip
-    baseline = [r for r in records if r.attack == "random" and r.patch_size == size]
-    archs = sorted({r.target_arch for r in chosen})
-    fig, axes = plt.subplots(1, len(archs), figsize=(4.8 * len(archs), 3.4), squeeze=False)
+              and r.target in by_name]  # fmt: skip
+    noise = group([r for r in records if r.attack == "random" and r.patch_size == size],
+                  "target")  # fmt: skip
+    # an architecture with neither white-box nor fp32-transfer cells (a user's ONNX model)
+    # would show the baseline alone: it gets no panel
+    archs = sorted({r.target_arch for r in chosen
+                    if r.source in (r.target, f"{r.target_arch}/fp32")})  # fmt: skip
+    if not archs:
+        return None
+    fig, axes = plt.subplots(1, len(archs), figsize=(6.4 * len(archs), 3.8), squeeze=False)
+    threats: set[str] = set()
     for ax, arch in zip(axes[0], archs, strict=True):
-        rows = [r for r in chosen if r.target_arch == arch]
-        targets = sorted({r.target for r in rows}, key=order)
-        xs = list(range(len(targets)))
-        by_target = group(rows, "target", "source")
-        own = [pool(by_target.get((t, t), [])) for t in targets]
-        fp32 = [pool(by_target.get((t, f"{arch}/fp32"), [])) for t in targets]
-        noise = group(baseline, "target")
-        random = [pool(noise.get((t,), [])) for t in targets]
-        threats = {r.threat for t in targets for r in by_target.get((t, t), [])}
-        _errorbar(ax, xs, own, " / ".join(sorted(threats)) or "white-box")
-        _errorbar(ax, xs, fp32, f"{arch}/fp32 → target", linestyle="--")
-        if attack != "random":
-            _errorbar(ax, xs, random, "random patch (baseline)", linestyle=":", color="gray")
-        ax.set_xticks(xs)
-        ax.set_xticklabels([t.partition("/")[2] for t in targets])
-        ax.set_ylim(0, 100)
+        by_pair = group([r for r in chosen if r.target_arch == arch], "target", "source")
+        targets = sorted({t for t, _ in by_pair}, key=order)
+        threats |= {r.threat for t in targets for r in by_pair.get((t, t), [])}
+        x = _bit_positions([by_name[t] for t in targets])
+        rates = {
+            "own": [pool(by_pair.get((t, t), [])) for t in targets],
+            "fp32": [pool(by_pair.get((t, f"{arch}/fp32"), [])) for t in targets],
+            "random": [pool(noise.get((t,), [])) if attack != "random" else None
+                       for t in targets],
+        }  # fmt: skip
+        for (series, color), shift in zip(SERIES_COLORS.items(), (-0.05, 0.0, 0.05), strict=True):
+            _bit_series(ax, targets, by_name, [p + shift for p in x], rates[series], color)
+        for t, position, cell in zip(targets, x, rates["own"], strict=True):
+            if cell is not None:
+                ax.annotate(t.partition("/")[2], (position - 0.05, 100 * cell.rate), fontsize=7,
+                            xytext=(3, 4), textcoords="offset points")  # fmt: skip
+        bits = sorted({by_name[t].weight_bits or 32 for t in targets})
+        ax.set_xticks([math.log2(b) for b in bits], [str(b) if b < 32 else "32 (float)"
+                                                     for b in bits])  # fmt: skip
+        ax.set_xlabel("weight bits")
+        ax.set_ylim(0, 105)
         ax.set_title(f"{arch}: {attack}" + (f", {size}px" if size else ""))
         ax.set_ylabel("ASR (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, frameon=False, loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0)
-    )  # below the panels: never over an error bar
+    fig.legend(handles=_bit_legend(" / ".join(sorted(threats)) or "white-box"), frameon=False,
+               loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
     fig.tight_layout()
     return fig
 
 
-PRECISION_NAME = re.compile(r"^(fp32|w\d+a\d+(-ptq)?)$")
-"""A trained precision's name (fp32, w4a4, w8a8-ptq), not a control or a runtime."""
+SERIES_COLORS = {"own": "C0", "fp32": "C1", "random": "gray"}
+KIND_MARKERS = {"trained": "o", "control": "s", "runtime": "^"}
+
+
+def _model_kind(model: ModelRecord) -> str:
+    if model.runtime != "torch":
+        return "runtime"
+    return "control" if model.control_of else "trained"
+
+
+def _bit_positions(models: list[ModelRecord]) -> list[float]:
+    """log2 of each model's weight bits, nudged apart where several share them (w8a8 and
+    w8a8-ptq, or fp32 and its controls), in the given order."""
+    seen: dict[int, int] = {}
+    positions = []
+    for m in models:
+        bits = m.weight_bits or 32
+        positions.append(math.log2(bits) + 0.16 * seen.get(bits, 0))
+        seen[bits] = seen.get(bits, 0) + 1
+    return positions
+
+
+def _bit_series(ax, targets, by_name, xs, cells, color: str) -> None:
+    """One series: error bars for every model, a line through the trained precisions."""
+    line_x, line_y = [], []
+    for target, x, cell in zip(targets, xs, cells, strict=True):
+        if cell is None:
+            continue
+        kind = _model_kind(by_name[target])
+        y, (low, high) = 100 * cell.rate, (100 * cell.ci[0], 100 * cell.ci[1])
+        ax.errorbar([x], [y], yerr=[[y - low], [high - y]], color=color, capsize=3,
+                    marker=KIND_MARKERS[kind], mfc=color if kind == "trained" else "white",
+                    linestyle="none")  # fmt: skip
+        if kind == "trained":
+            line_x.append(x)
+            line_y.append(y)
+    if line_x:
+        ranked = sorted(zip(line_x, line_y, strict=True))
+        ax.plot(*zip(*ranked, strict=True), color=color, linewidth=1,
+                linestyle="--" if color != "C0" else "-")  # fmt: skip
+
+
+def _bit_legend(own_label: str) -> list:
+    from matplotlib.lines import Line2D
+
+    labels = {"own": f"on the target ({own_label})", "fp32": "transfer from fp32",
+              "random": "random patch (baseline)"}  # fmt: skip
+    handles = [Line2D([], [], color=c, label=labels[s]) for s, c in SERIES_COLORS.items()]
+    kinds = {"trained": "trained precision", "control": "fp32-ft control (at 32)",
+             "runtime": "integer runtime (at its bits)"}  # fmt: skip
+    handles += [Line2D([], [], color="black", marker=m, linestyle="none", label=kinds[k],
+                       mfc="black" if k == "trained" else "white")
+                for k, m in KIND_MARKERS.items()]  # fmt: skip
+    return handles
+
+
+CELL_IN = 0.95
+"""Inches per heatmap column: room for an unrotated two-line label such as resnet20/fp32-ft."""
 
 
 def transfer_heatmap(
@@ -106,7 +189,9 @@ def transfer_heatmap(
 ) -> Figure:
     """Source x target ASR matrix; white-box cells on the diagonal are outlined."""
     sources, targets, _ = transfer_matrix(records, attack, size, order)
-    fig, ax = plt.subplots(figsize=(1.6 + 0.62 * len(targets), max(2.6, 1.4 + 0.42 * len(sources))))
+    fig, ax = plt.subplots(
+        figsize=(2.4 + CELL_IN * len(targets), max(2.8, 1.6 + 0.45 * len(sources)))
+    )
     _draw_transfer(fig, ax, records, attack, size, order)
     fig.tight_layout()
     return fig
@@ -117,8 +202,8 @@ def side_by_side(
 ) -> Figure:
     """Several transfer matrices in one row (e.g. a patch attack next to pixel PGD)."""
     shapes = [transfer_matrix(records, a, s, order)[:2] for a, s in panels]
-    width = sum(1.6 + 0.62 * len(targets) for _, targets in shapes)
-    height = max(max(2.6, 1.4 + 0.42 * len(sources)) for sources, _ in shapes)
+    width = sum(2.4 + CELL_IN * len(targets) for _, targets in shapes)
+    height = max(max(2.8, 1.6 + 0.45 * len(sources)) for sources, _ in shapes)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
     for ax, (attack, size) in zip(axes[0], panels, strict=True):
         _draw_transfer(fig, ax, records, attack, size, order)
@@ -138,13 +223,13 @@ def _draw_transfer(
         for j, t in enumerate(targets):
             if not np.isnan(matrix[i, j]):
                 color = "black" if matrix[i, j] > 60 else "white"
-                ax.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{matrix[i, j]:.0f}", ha="center", va="center", fontsize=8,
                         color=color)  # fmt: skip
             if s == t:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5,
                                            edgecolor="cyan"))  # fmt: skip
-    ax.set_xticks(range(len(targets)), targets, rotation=45, ha="right")
-    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xticks(range(len(targets)), [_tick(t) for t in targets], fontsize=8)
+    ax.set_yticks(range(len(sources)), sources, fontsize=8)
     ax.set_xlabel("target")
     ax.set_ylabel("source (patch crafted on)")
     ax.set_title(f"{attack}" + (f", {size}px" if size else "") + ": ASR (%)")
@@ -182,7 +267,9 @@ def line_figure(
         if not points:
             continue
         x, y, low, high = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-        ax.plot(x, y, marker="o", label=label)
+        k = len(ax.lines)
+        ax.plot(x, y, marker=MARKERS[k % len(MARKERS)], label=label,
+                linestyle=LINE_STYLES[k % len(LINE_STYLES)])  # fmt: skip
         ax.fill_between(x, low, high, alpha=0.2)
     if xticklabels is not None:
         ax.set_xticks(range(len(xticklabels)), xticklabels)

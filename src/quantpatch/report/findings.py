@@ -47,11 +47,15 @@ def _arch_findings(
         chosen = [c for c in mine if c.attack == label and c.patch_size == size]
         own = [c for c in chosen if c.threat != "transfer"]  # white-box, ensemble, baseline
         by_target = group(own, "target")
-        row = [_attack_name(label, size, chosen)]
-        row += [_short(pool(by_target.get((m.name,), []))) for m in torch_models]
-        rows.append(row)
+        rates = [pool(by_target.get((m.name,), [])) for m in torch_models]
+        if all(r is None for r in rates):
+            continue  # crafted on other targets only (a query attack on ORT): no empty row
+        rows.append([_attack_name(label, size, chosen), *(_short(r) for r in rates)])
     page.heading(arch, 3)
-    page.table(header, rows)
+    if rows:
+        page.table(header, rows)
+    else:
+        page.para(f"No attack was crafted on {arch}'s PyTorch models.", cls="finding")
     runtimes = sorted(
         (m.name for m in models if m.arch == arch and m.runtime != "torch"), key=order
     )

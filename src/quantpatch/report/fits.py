@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from quantpatch.report import figures  # noqa: F401  (sets the Agg backend and the style)
+from quantpatch.report import figures  # sets the Agg backend and the style
 from quantpatch.report.page import Page
 from quantpatch.report.tables import ModelOrder, group, pool
 from quantpatch.results import CellRecord, CurvePoint
@@ -88,17 +88,22 @@ def _points(record: CellRecord) -> list[CurvePoint]:
 
 def fit_curve_figure(curves: list[Curve], title: str) -> Figure:
     """Two panels against the step: mean batch loss and batch success, one line per source."""
-    fig, (loss_ax, success_ax) = plt.subplots(1, 2, figsize=(8, 3))
-    for curve in curves:
-        (line,) = loss_ax.plot(curve.steps, curve.loss, label=curve.source)
-        success_ax.plot(curve.steps, [100 * v for v in curve.success], color=line.get_color())
+    fig, (loss_ax, success_ax) = plt.subplots(1, 2, figsize=(12, 3.6))
+    for k, curve in enumerate(curves):
+        # a dash pattern and marker per source: curves that coincide stay visible
+        style = {"linestyle": figures.LINE_STYLES[k % len(figures.LINE_STYLES)],
+                 "marker": figures.MARKERS[k % len(figures.MARKERS)], "markevery": 0.1,
+                 "markersize": 4}  # fmt: skip
+        (line,) = loss_ax.plot(curve.steps, curve.loss, label=curve.source, **style)
+        success_ax.plot(curve.steps, [100 * v for v in curve.success], color=line.get_color(),
+                        **style)  # fmt: skip
         success_ax.axvline(curve.plateau, color=line.get_color(), linestyle=":", linewidth=1)
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("mean batch cross-entropy")
     success_ax.set_xlabel("step")
     success_ax.set_ylabel("batch success (%)")
     success_ax.set_ylim(0, 100)
-    loss_ax.legend(frameon=False, fontsize=7)
+    loss_ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(2.25, 1.0))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
@@ -122,10 +127,13 @@ def fit_section(page: Page, cells: list[CellRecord], order: ModelOrder) -> None:
                     f"{label}: loss (left) and batch success (right) against the step.")  # fmt: skip
         page.para(_plateau_sentence(label, group_curves), cls="finding")
         rows = [[c.source, f"{100 * c.final:.1f}%", str(c.plateau), str(c.steps[-1]),
-                 str(c.seeds), "" if c.location is None else str(c.location)]
-                for c in group_curves]  # fmt: skip
-        page.table(["source", "final batch success", "plateau step", "steps", "seeds",
-                    "searched location (top, left)"], rows)  # fmt: skip
+                 str(c.seeds)] for c in group_curves]  # fmt: skip
+        header = ["source", "final batch success", "plateau step", "steps", "seeds"]
+        if any(c.location is not None for c in group_curves):  # no empty column
+            header.append("searched location (top, left)")
+            for row, c in zip(rows, group_curves, strict=True):
+                row.append("–" if c.location is None else str(c.location))
+        page.table(header, rows)
     _threat_models(page, cells, order)
 
 

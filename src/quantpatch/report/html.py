@@ -6,7 +6,8 @@ import base64
 import html
 from pathlib import Path
 
-from quantpatch._io import write_text_atomic
+from quantpatch._io import read_json, write_text_atomic
+from quantpatch.errors import QuantpatchError
 from quantpatch.report import figures
 from quantpatch.report.analysis_sections import analysis_sections
 from quantpatch.report.defenses import defenses_section
@@ -22,7 +23,13 @@ from quantpatch.report.tables import (
     transfer_matrix,
 )
 from quantpatch.report.training import training_section
-from quantpatch.results import CellRecord, ModelRecord, ResultsFile, load_results
+from quantpatch.results import (
+    PATCH_EXAMPLES,
+    CellRecord,
+    ModelRecord,
+    ResultsFile,
+    load_results,
+)
 
 
 def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -179,17 +186,54 @@ def _settings(settings: dict) -> str:
 
 
 def _patches_section(page: Page, run_dir: Path) -> None:
+    """Each patch of the first trained replicate (8x) beside the first evaluation image with
+    that patch applied (4x) and what the source model then predicts."""
     pngs = sorted((run_dir / "patches").glob("*.png"))
-    if not pngs:
+    shown = [png for png in pngs if _replicate_of(png) in (None, 0)]
+    if not shown:
         return
     page.heading("Patches")
-    items = []
-    for png in pngs:
-        data = base64.b64encode(png.read_bytes()).decode("ascii")
-        label = html.escape(png.stem.rsplit("__", 1)[0].replace("__", " · "))
-        items.append(f'<figure><img src="data:image/png;base64,{data}" alt="{label}">'
-                     f"<figcaption>{label}</figcaption></figure>")  # fmt: skip
-    page.add(f'<div class="patches">{"".join(items)}</div>')
+    page.para("Each patch (pixels upscaled 8x) beside the first evaluation image with the "
+              "patch applied (4x) and the source model's prediction on it; first trained "
+              "replicate only.", "note")  # fmt: skip
+    page.add(f'<div class="patches">{"".join(_patch_figure(png) for png in shown)}</div>')
+
+
+def _replicate_of(png: Path) -> int | None:
+    note = _example_note(png)
+    return note.get("replicate") if note else None
+
+
+def _example_note(png: Path) -> dict | None:
+    path = png.parent / PATCH_EXAMPLES / f"{png.stem}.json"
+    if not path.is_file():
+        return None
+    try:
+        note = read_json(path)
+    except QuantpatchError:
+        return None
+    return note if isinstance(note, dict) else None
+
+
+def _patch_figure(png: Path) -> str:
+    label = html.escape(png.stem.rsplit("__", 1)[0].replace("__", " · "))
+    images = [_inline_png(png, label)]
+    note = _example_note(png)
+    example = png.parent / PATCH_EXAMPLES / png.name
+    caption = label
+    if note and example.is_file():
+        images.append(_inline_png(example, f"{label}, applied"))
+        said, truth = note.get("prediction"), note.get("label")
+        verdict = "fooled" if said is not None and said != truth else "not fooled"
+        caption += "<br>" + html.escape(
+            f"true {truth} → {note.get('predicted_by')} says {said} ({verdict})"
+        )
+    return f"<figure>{''.join(images)}<figcaption>{caption}</figcaption></figure>"
+
+
+def _inline_png(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 def _attack_sections(page: Page, results: ResultsFile, order: ModelOrder) -> None:
@@ -203,13 +247,15 @@ def _attack_sections(page: Page, results: ResultsFile, order: ModelOrder) -> Non
                     "ASR (%) of adversarial images crafted on the row model, evaluated on the "
                     "column model; outlined: white-box.")  # fmt: skip
         crafted = any(r.source != "none" for r in records if r.attack == attack)
-        if crafted:
-            page.figure(figures.asr_vs_bits_figure(records, attack, size, order),
-                        f"asr_bits_{attack}_{size}",
-                        "ASR vs precision: on the target itself (white-box, or query-only "
-                        "for a query attack), transfer from the fp32 sibling, and a random "
-                        "patch of the same size; bars are the 95 % intervals of the tables. "
-                        "Controls and integer runtimes: see the transfer table.")  # fmt: skip
+        bits_figure = (figures.asr_vs_bits_figure(records, results.models, attack, size, order)
+                       if crafted else None)  # fmt: skip
+        if bits_figure is not None:
+            page.figure(bits_figure, f"asr_bits_{attack}_{size}",
+                        "ASR against weight bits: on the target itself (white-box, or "
+                        "query-only for a query attack), transferred from the fp32 sibling, "
+                        "and a random patch of the same size; bars are the 95 % intervals of "
+                        "the tables. Lines join the trained precisions; open markers are "
+                        "fp32-ft controls (at 32) and integer runtimes (at their bits).")  # fmt: skip
         _transfer_table(page, records, attack, size, order)
     _patch_vs_pixel(page, records, order)
     _masking_section(page, records, results.models, order)

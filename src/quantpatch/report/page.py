@@ -26,7 +26,8 @@ td:first-child,th:first-child{text-align:left}.diag{background:#e8f6ff;font-weig
 img{max-width:100%}figure{margin:1em 0}figcaption{font-size:.85em;color:#555}
 nav.toc{font-size:.9em;columns:2;background:#fafafa;border:1px solid #eee;padding:.5em 1.5em}
 nav.toc a,h2 a.anchor,h3 a.anchor{text-decoration:none;color:inherit}
-.patches{display:flex;flex-wrap:wrap;gap:1em}.patches figure{width:130px;margin:0}
+.patches{display:flex;flex-wrap:wrap;gap:1.2em}.patches figure{width:240px;margin:0}
+.patches img{width:112px;height:112px;image-rendering:pixelated;border:1px solid #999;margin-right:4px}
 """
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from quantpatch._io import atomic_path
+from quantpatch._io import atomic_path, write_json_atomic
 from quantpatch.attacks import Attack
 from quantpatch.metrics import Rate, attack_outcomes
-from quantpatch.results import CellRecord, CurvePoint, RateRecord, Timings
+from quantpatch.results import PATCH_EXAMPLES, CellRecord, CurvePoint, RateRecord, Timings
 from quantpatch.study.grid.cells import Cell, fit_cached
 from quantpatch.study.grid.threat import adaptive_via, is_adaptive, scored_targets, threat
 from quantpatch.study.zoo.context import StudyContext, Target
@@ -29,6 +29,8 @@ def run_cell(
     records = _score_cell(context, cell)
     where = {"executor": executor, "node": node or socket.gethostname()}
     wall = {"wall_s": time.perf_counter() - started, **where}
+    context.log(f"cell {cell.cell_id.rsplit('__', 1)[0]} on {len(records)} targets "
+                f"in {wall['wall_s']:.1f} s")  # fmt: skip
     return [r.model_copy(update={"timings": r.timings.model_copy(update=wall)}) for r in records]
 
 
@@ -41,10 +43,8 @@ def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
     )
     perturb_s = time.perf_counter() - started
     patch = getattr(attack, "patch", None)
-    if isinstance(patch, torch.Tensor):
-        save_patch_png(context.out / "patches" / f"{cell.cell_id}.png", patch)
     target_class = attack.target_class if attack.targeted else None
-    records = []
+    records, example_prediction = [], None
     for target in scored_targets(context, cell.source):
         started = time.perf_counter()
         adv_pred = target.predict_labels(adversarial)
@@ -55,6 +55,11 @@ def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
         record = cell_record(context, cell, attack, target, counted, fooled, timings)
         robust = Rate(int((adv_pred == context.eval_labels).sum()), len(context.eval_labels))
         records.append(record.model_copy(update={"robust_accuracy": RateRecord.of(robust)}))
+        if example_prediction is None or target.name == cell.source.label:
+            example_prediction = (target.name, int(adv_pred[0]))
+    if isinstance(patch, torch.Tensor):
+        save_patch_png(context.out / "patches" / f"{cell.cell_id}.png", patch)
+        save_patch_example(context, cell, adversarial[0], example_prediction)
     return records
 
 
@@ -125,6 +130,23 @@ def _mean_queries(attack: Attack) -> float | None:
     if isinstance(used, torch.Tensor) and used.numel():
         return float(used.float().mean())
     return None
+
+
+def save_patch_example(
+    context: StudyContext, cell: Cell, patched: torch.Tensor, prediction: tuple[str, int] | None
+) -> None:
+    """The first evaluation image with the cell's patch applied (4x, nearest neighbour) and a
+    JSON note of its true class and the source model's prediction, for the report's gallery:
+    a patch alone says little until it is seen on an image."""
+    folder = context.out / "patches" / PATCH_EXAMPLES
+    save_patch_png(folder / f"{cell.cell_id}.png", patched, upscale=4)
+    predicted_by, predicted = prediction if prediction else (None, None)
+    write_json_atomic(folder / f"{cell.cell_id}.json", {
+        "source": cell.source.label, "attack": cell.attack.label, "patch_size": cell.patch_size,
+        "seed": cell.seed, "replicate": cell.replicate,
+        "label": int(context.eval_labels[0]), "prediction": predicted,
+        "predicted_by": predicted_by,
+    })  # fmt: skip
 
 
 def save_patch_png(path: Path, patch: torch.Tensor, upscale: int = 8) -> None:
