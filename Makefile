@@ -29,8 +29,8 @@ test: $(TESTS)
 	$(PYTHON) -m pytest
 
 lint: $(TESTS)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 
 bench: $(STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[bench]"

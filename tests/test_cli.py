@@ -16,7 +16,7 @@ from quantpatch.cli import main
 def test_list_models_and_attacks(capsys) -> None:
     assert main(["list", "models"]) == 0
     out = capsys.readouterr().out
-    assert "lenet" in out and "resnet20" in out and "tv:<name>" in out
+    assert "lenet" in out and "resnet20" in out and "tv:<name>" in out and "timm:<name>" in out
     assert main(["list", "attacks"]) == 0
     out = capsys.readouterr().out
     for name in ("universal", "random", "lavan", "patch-pgd", "multibit", "pgd-linf", "sparse-rs"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import pytest
 
+from quantpatch.cli import main
 from quantpatch.errors import (
     ConfigError,
     InvalidSpecError,
@@ -17,6 +19,7 @@ from quantpatch.errors import (
 )
 from quantpatch.quant import QuantSpec
 from quantpatch.report import build_report
+from quantpatch.report.compare import compare_runs
 from quantpatch.results import csv_columns, load_results
 from quantpatch.study import load_study, run_study
 
@@ -106,17 +109,37 @@ def test_report_and_files_written(finished_run: Path) -> None:
         assert section in html
     header = (run / "results.csv").read_text().splitlines()[0]
     assert header.split(",") == csv_columns()
-    assert list((run / "patches").glob("*.png"))
-    assert list((run / "figures").glob("*.png"))
+    patches = list((run / "patches").glob("*.png"))
+    assert patches and list((run / "figures").glob("*.png"))
+    for png in patches:  # each patch has its applied example and the source's verdict
+        note = json.loads((run / "patches" / "examples" / f"{png.stem}.json").read_text())
+        assert (run / "patches" / "examples" / png.name).is_file()
+        assert note["label"] in range(10) and note["prediction"] in range(10)
+        assert note["predicted_by"] == note["source"] or note["source"] == "none"
+    assert html.count(" says ") == len(patches)  # the gallery shows every one (1 replicate)
+    for row in re.findall(r"<tr>(.*?)</tr>", html):  # no empty row: one label, then values
+        values = re.findall(r"<td[^>]*>(.*?)</td>", row)[1:]
+        assert not values or any(v not in ("", "–") for v in values), row
+    for anchor in re.findall(r'<a href="#([^"]+)"', html):  # every TOC link lands
+        assert f'id="{anchor}"' in html
 
 
-def test_rerun_reuses_everything(finished_run: Path, tiny_study_settings) -> None:
+def test_rerun_reuses_everything(finished_run: Path, tiny_study_settings, capsys) -> None:
     run = finished_run / "run"
     before = {p.name: p.stat().st_mtime_ns for p in (run / "cells").glob("*.json")}
     config = load_study(None, **tiny_study_settings, cache_dir=finished_run / "cache")
-    run_study(config, run, progress=False)
+    run_study(config, run, progress=True)
     after = {p.name: p.stat().st_mtime_ns for p in (run / "cells").glob("*.json")}
     assert before == after
+    # the stage log stays on screen, time-stamped; nothing ran again, so no cell line
+    log = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] models for lenet ready in [\d.]+ s", log[0])
+    accuracy = [line for line in log if "clean accuracy" in line]
+    assert len(accuracy) == len(_results(run)["models"])
+    assert re.fullmatch(r"\[[\d:]+\] lenet/w2a2: clean accuracy [\d.]+ % of 200 images",
+                        next(line for line in accuracy if "lenet/w2a2:" in line))  # fmt: skip
+    assert re.fullmatch(rf"\[[\d:]+\] {len(before)} cells done in [\d.]+ s", log[-1])
+    assert not any(" cell " in line for line in log)
 
 
 @pytest.mark.parametrize(
@@ -183,8 +206,6 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     the patch and pixel transfer matrices side by side and the masking check."""
     import yaml
 
-    from quantpatch.cli import main
-
     attacks = [
         {"name": "universal", "params": {"steps": 10, "batch_size": 64}},
         {"name": "universal", "params": {"steps": 10, "targeted": True, "target_class": 0}},
@@ -234,3 +255,58 @@ def test_every_attack_runs_from_a_yaml_study_via_the_cli(
     html = (finished_run / "suite" / "report.html").read_text()
     assert "Patch vs pixel attacks" in html and "masking" in html.lower()
     assert "Fit curves" in html and "Placement threat models" in html
+
+
+def _changed_run(finished_run: Path, name: str, flip_first_universal: bool) -> Path:
+    """A copy of the finished run's results; optionally its first white-box universal cell
+    fooling every image it counts (a rate far outside the original's interval)."""
+    data = _results(finished_run / "run")
+    if flip_first_universal:
+        cell = next(c for c in data["cells"]
+                    if c["attack"] == "universal" and c["source"] == c["target"])  # fmt: skip
+        cell.update(successes=cell["n"], rate=1.0, ci_low=0.98, ci_high=1.0,
+                    outcomes=cell["outcomes"].replace("0", "1"))  # fmt: skip
+    folder = finished_run / name
+    folder.mkdir(exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(data))
+    return folder
+
+
+def test_compare_marks_only_rates_beyond_the_intervals(finished_run: Path, capsys) -> None:
+    same = _changed_run(finished_run, "same", flip_first_universal=False)
+    changed = _changed_run(finished_run, "changed", flip_first_universal=True)
+    comparison = compare_runs([finished_run / "run", same, changed])
+    assert comparison.runs == ("run", "same", "changed") and comparison.only_some == 0
+    marked = [row for row in comparison.rows if any(row.differs)]
+    assert len(marked) == 1 and marked[0].differs == (False, True)
+    assert marked[0].what.startswith("ASR · universal 8px · lenet/")
+    clean = [row for row in comparison.rows if row.what.startswith("clean accuracy")]
+    assert len(clean) == len(_results(finished_run / "run")["models"])
+    out = finished_run / "compare.html"
+    assert main(["compare", str(finished_run / "run"), str(changed), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of " in printed and "marked *" in printed
+    assert sum(line.endswith(" *") for line in printed.splitlines()) == 1
+    page = out.read_text()
+    assert page.count('class="diag"') == 1 and "data:image/png;base64" in page
+
+
+def test_compare_refuses_one_run_and_missing_folders(finished_run: Path, capsys) -> None:
+    assert main(["compare", str(finished_run / "run")]) == 2
+    assert main(["compare", str(finished_run / "run"), str(finished_run / "nope")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and "at least two" in errors[0] and "nope" in errors[1]
+
+
+def test_plots_draw_the_report_figures_from_results(finished_run: Path) -> None:
+    from quantpatch.report import plots
+
+    run = finished_run / "run"
+    results = load_results(run)
+    assert plots.clean_accuracy(results).axes[0].get_ylim()[0] == 0
+    heatmap = plots.transfer(run, "universal", 8)
+    labels = [t.get_text() for t in heatmap.axes[0].get_xticklabels()]
+    assert "lenet\nw2a2" in labels and "lenet\nort-int8" in labels
+    assert len(plots.asr_vs_precision(results, "universal", 8).axes) == 1
+    with pytest.raises(ConfigError, match="the results hold: random 8, universal 8"):
+        plots.transfer(results, "patch-pgd", 8)

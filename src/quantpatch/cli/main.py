@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--qat-epochs", type=_seed, help="QAT epochs of every precision")
     run.add_argument("--steps", type=_count, help="step budget of every attack that takes one")
     run.add_argument(
-        "--no-analyses", action="store_true", help="skip the 'why' analyses (gradients, ...)"
+        "--analyses",
+        type=_csv_or_none,
+        help="which 'why' analyses run: none, all, or some of gradient_alignment,features,"
+        "spatial,size_curve,quant_strength",
     )
     run.add_argument(
         "--quick",
@@ -129,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, help="HTML file (default RUN_DIR/report.html)")
     report.set_defaults(handler=_cmd_report)
 
+    compare = sub.add_parser(
+        "compare", help="the same cells across runs (seeds, replicates, machines, commits)"
+    )
+    compare.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", type=Path, help="also write an HTML page with the figure")
+    compare.add_argument(
+        "--all", action="store_true", help="print every common row, not only those marked"
+    )
+    compare.set_defaults(handler=_cmd_compare)
+
     lister = sub.add_parser("list", help="print a registry")
     lister.add_argument(
         "what", choices=["datasets", "models", "attacks", "defenses", "recipes", "deployments"]
@@ -155,8 +168,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from quantpatch.study import Shortcuts, load_study, run_study
 
     attacks = [{"name": name} for name in args.attacks] if args.attacks else None
-    shortcuts = Shortcuts(epochs=args.epochs, qat_epochs=args.qat_epochs, steps=args.steps,
-                          analyses=False if args.no_analyses else None, quick=args.quick)  # fmt: skip
+    shortcuts = Shortcuts.of(epochs=args.epochs, qat_epochs=args.qat_epochs, steps=args.steps,
+                          analyses=args.analyses, quick=args.quick)  # fmt: skip
     config = load_study(
         args.study,
         shortcuts=shortcuts,
@@ -219,6 +232,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from quantpatch.report.compare import compare_runs, comparison_rows, write_comparison
+
+    out = require_writable_file(args.out, "comparison page") if args.out else None
+    comparison = compare_runs(args.run_dirs)
+    rows = comparison_rows(comparison)
+    marked = [row for row, r in zip(rows, comparison.rows, strict=True) if any(r.differs)]
+    shown = rows if args.all else marked
+    print("\t".join(["quantity", *comparison.runs]))
+    for row in shown:
+        print("\t".join(row))
+    print(f"{len(marked)} of {len(rows)} common rows differ from {comparison.runs[0]} beyond "
+          f"the 95 % intervals (marked *); {comparison.only_some} in only some runs")  # fmt: skip
+    if out is not None:
+        print(f"comparison: {write_comparison(comparison, out)}")
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     registry = _registry(args.what)
     width = max(len(name) for name, _ in registry.describe())
@@ -226,6 +257,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {help_text}")
     if args.what == "models":
         print(f"{'tv:<name>':<{width}}  any torchvision classifier (weights from a local file)")
+        print(f"{'timm:<name>':<{width}}  any timm classifier (pip install 'quantpatch[timm]')")
     return 0
 
 
