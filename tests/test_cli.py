@@ -175,3 +175,13 @@ def test_list_deployments(capsys) -> None:
     assert main(["list", "deployments"]) == 0
     out = capsys.readouterr().out
     assert "ort-int8" in out and "openvino-int8" in out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["compare", "--help"]])
+def test_help_does_not_import_torch(argv) -> None:
+    """Help prints before any heavy import (torch alone costs seconds of CPU)."""
+    code = ("import sys\nfrom quantpatch.cli import main\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "usage: quantpatch" in done.stdout

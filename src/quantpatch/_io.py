@@ -15,13 +15,12 @@ import secrets
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from quantpatch.errors import CorruptFileError, DataNotFoundError, OutputPathError
+
+if TYPE_CHECKING:  # torch is imported where tensors are: `quantpatch --help` stays fast
+    import torch
 
 _META_KEY = "quantpatch"
 MAX_JSON_BYTES = 256 * 2**20
@@ -142,6 +141,8 @@ def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]
 ) -> None:
     """Save tensors as safetensors; ``metadata`` (any JSON value) rides in the header."""
+    from safetensors.torch import save_file
+
     header = {_META_KEY: json.dumps(metadata, sort_keys=True, default=_json_default)}
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -150,13 +151,14 @@ def save_tensors(
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a file written by ``save_tensors``; never unpickles anything."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"file not found: {path}")
     try:
         tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
         metadata = json.loads(header.get(_META_KEY, "{}"))
@@ -176,8 +178,8 @@ def content_key(parts: Mapping[str, Any]) -> str:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):
+        return obj.tolist()  # a tensor (torch is not imported here to find out)
     if hasattr(obj, "model_dump"):
         return obj.model_dump()
     if hasattr(obj, "to_dict"):
