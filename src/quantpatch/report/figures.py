@@ -118,7 +118,10 @@ def asr_vs_bits_figure(
         ax.set_ylim(0, 105)
         ax.set_title(f"{arch}: {attack}" + (f", {size}px" if size else ""))
         ax.set_ylabel("ASR (%)")
-    fig.legend(handles=_bit_legend(" / ".join(sorted(threats)) or "white-box"), frameon=False,
+    drawn = {series for series, color in SERIES_COLORS.items()
+             if any(line.get_color() == color for ax in axes[0] for line in ax.lines)}  # fmt: skip
+    fig.legend(handles=_bit_legend(" / ".join(sorted(threats)) or "white-box", drawn),
+               frameon=False,
                loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
     fig.tight_layout()
     return fig
@@ -141,7 +144,7 @@ def _bit_positions(models: list[ModelRecord]) -> list[float]:
     positions = []
     for m in models:
         bits = m.weight_bits or 32
-        positions.append(math.log2(bits) + 0.16 * seen.get(bits, 0))
+        positions.append(math.log2(bits) + 0.3 * seen.get(bits, 0))
         seen[bits] = seen.get(bits, 0) + 1
     return positions
 
@@ -166,12 +169,13 @@ def _bit_series(ax, targets, by_name, xs, cells, color: str) -> None:
                 linestyle="--" if color != "C0" else "-")  # fmt: skip
 
 
-def _bit_legend(own_label: str) -> list:
+def _bit_legend(own_label: str, drawn: set[str]) -> list:
     from matplotlib.lines import Line2D
 
     labels = {"own": f"on the target ({own_label})", "fp32": "transfer from fp32",
               "random": "random patch (baseline)"}  # fmt: skip
-    handles = [Line2D([], [], color=c, label=labels[s]) for s, c in SERIES_COLORS.items()]
+    handles = [Line2D([], [], color=c, label=labels[s]) for s, c in SERIES_COLORS.items()
+               if s in drawn]  # fmt: skip
     kinds = {"trained": "trained precision", "control": "fp32-ft control (at 32)",
              "runtime": "integer runtime (at its bits)"}  # fmt: skip
     handles += [Line2D([], [], color="black", marker=m, linestyle="none", label=kinds[k],
@@ -179,6 +183,9 @@ def _bit_legend(own_label: str) -> list:
                 for k, m in KIND_MARKERS.items()]  # fmt: skip
     return handles
 
+
+MAX_ROW_IN = 16.0
+"""Widest figure (inches) the report puts panels side by side in; beyond it they stack."""
 
 CELL_IN = 0.95
 """Inches per heatmap column: room for an unrotated two-line label such as resnet20/fp32-ft."""
@@ -202,10 +209,15 @@ def side_by_side(
 ) -> Figure:
     """Several transfer matrices in one row (e.g. a patch attack next to pixel PGD)."""
     shapes = [transfer_matrix(records, a, s, order)[:2] for a, s in panels]
-    width = sum(2.4 + CELL_IN * len(targets) for _, targets in shapes)
-    height = max(max(2.8, 1.6 + 0.45 * len(sources)) for sources, _ in shapes)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, height), squeeze=False)
-    for ax, (attack, size) in zip(axes[0], panels, strict=True):
+    widths = [2.4 + CELL_IN * len(targets) for _, targets in shapes]
+    heights = [max(2.8, 1.6 + 0.45 * len(sources)) for sources, _ in shapes]
+    if sum(widths) <= MAX_ROW_IN:  # side by side
+        fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths), max(heights)),
+                                 squeeze=False)  # fmt: skip
+    else:  # stacked: a page is not wide enough for several wide matrices
+        fig, axes = plt.subplots(len(panels), 1, figsize=(max(widths), sum(heights)),
+                                 squeeze=False)  # fmt: skip
+    for ax, (attack, size) in zip(axes.flat, panels, strict=True):
         _draw_transfer(fig, ax, records, attack, size, order)
     fig.tight_layout()
     return fig

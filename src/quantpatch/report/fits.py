@@ -103,7 +103,10 @@ def fit_curve_figure(curves: list[Curve], title: str) -> Figure:
     success_ax.set_xlabel("step")
     success_ax.set_ylabel("batch success (%)")
     success_ax.set_ylim(0, 100)
-    loss_ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(2.25, 1.0))
+    handles, labels = loss_ax.get_legend_handles_labels()
+    success_ax.legend(
+        handles, labels, frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0)
+    )  # right of the panels: never over a curve
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
