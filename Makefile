@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e .
 	touch $(STAMP)
 
-# the test extras (pytest, hypothesis, ruff, timm, ray) only where tests run; torchattacks
+# the test extras (pytest, hypothesis, ruff, timm, ray, playwright) only where tests run; torchattacks
 # without its stale requests pin (see the attacks extra in pyproject.toml)
 $(TESTS): $(STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[test]"

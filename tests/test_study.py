@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -310,3 +313,56 @@ def test_plots_draw_the_report_figures_from_results(finished_run: Path) -> None:
     assert len(plots.asr_vs_precision(results, "universal", 8).axes) == 1
     with pytest.raises(ConfigError, match="the results hold: random 8, universal 8"):
         plots.transfer(results, "patch-pgd", 8)
+
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+
+CHECKS = """() => {
+  const blank = [...document.images].filter(img => {
+    if (!img.complete || img.naturalWidth === 0) return true;
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const data = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+    for (let i = 4; i < data.length; i += 4)
+      for (let c = 0; c < 3; c++) if (data[i + c] !== data[c]) return false;
+    return true;  // one colour everywhere: blank
+  }).map(img => img.alt);
+  const emptyRows = [...document.querySelectorAll('tr')].filter(tr => {
+    const cells = [...tr.querySelectorAll('td')].slice(1).map(td => td.textContent.trim());
+    return cells.length > 0 && cells.every(c => c === '' || c === '–');
+  }).map(tr => tr.textContent.slice(0, 80));
+  const deadLinks = [...document.querySelectorAll('nav.toc a')]
+    .filter(a => !document.getElementById(a.hash.slice(1))).map(a => a.hash);
+  return {images: document.images.length, blank, emptyRows, deadLinks,
+          toc: document.querySelectorAll('nav.toc a').length};
+}"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("playwright") is None, reason="pip install playwright")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+def test_report_renders_in_chromium(finished_run: Path) -> None:
+    """The report in headless Chromium (Playwright): no console error, every image decodes to
+    something not blank, no empty table row, every table-of-contents link lands. A screenshot
+    goes to $QUANTPATCH_ARTIFACTS (CI's output folder) when set. `.ci/run` installs Debian's
+    chromium; without it (or Playwright) the test is skipped, saying why."""
+    from playwright.sync_api import sync_playwright
+
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto((finished_run / "run" / "report.html").as_uri(), wait_until="load")
+        found = page.evaluate(CHECKS)
+        artifacts = os.environ.get("QUANTPATCH_ARTIFACTS")
+        if artifacts:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(Path(artifacts) / "report.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert found["images"] > 5 and found["blank"] == [], found["blank"]
+    assert found["emptyRows"] == [], found["emptyRows"]
+    assert found["toc"] > 3 and found["deadLinks"] == [], found["deadLinks"]
