@@ -81,9 +81,6 @@ def mask_set(
 def _axis(n: int, p: int, masks: int | None, stride: int | None) -> tuple[int, tuple[int, ...]]:
     if p > n:
         raise PatchTooLargeError(f"a {p}px patch does not fit a {n}px image side")
-    if masks is not None and masks > n - p + 1:
-        raise ConfigError(f"patchcleanser masks_per_axis {masks} exceeds the {n - p + 1} "
-                          f"positions a {p}px patch can take on a {n}px side")  # fmt: skip
     s = stride if stride is not None else math.ceil((n - p + 1) / masks)  # type: ignore[operator]
     m = min(p + s - 1, n)
     starts = list(range(0, n - m + 1, s))
