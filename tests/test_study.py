@@ -366,3 +366,22 @@ def test_report_renders_in_chromium(finished_run: Path) -> None:
     assert found["images"] > 5 and found["blank"] == [], found["blank"]
     assert found["emptyRows"] == [], found["emptyRows"]
     assert found["toc"] > 3 and found["deadLinks"] == [], found["deadLinks"]
+
+
+def test_runtime_section_says_whether_attacks_reach_the_deployed_model(finished_run: Path) -> None:
+    html = (finished_run / "run" / "report.html").read_text()
+    assert "Integer runtimes: do attacks reach the deployed model?" in html
+    assert "<td>lenet/ort-w8a8</td><td>lenet/w8a8</td>" in html  # QDQ export of the QAT model
+    assert "Attacks reach the deployed model on every runtime" in html  # same images, same bits
+    # a runtime that resisted every image crafted on its own model is called out
+    data = _results(finished_run / "run")
+    for cell in data["cells"]:
+        if cell["target"] == "lenet/ort-w8a8" and cell["source"] == "lenet/w8a8":
+            cell.update(successes=0, rate=0.0, ci_low=0.0, ci_high=0.02,
+                        outcomes=cell["outcomes"].replace("1", "0"))  # fmt: skip
+    resisted = finished_run / "resisted"
+    resisted.mkdir(exist_ok=True)
+    (resisted / "results.json").write_text(json.dumps(data))
+    page = build_report(resisted).read_text()
+    assert "the runtime is fooled less than its own model beyond the intervals" in page
+    assert "<td>no: " in page

@@ -40,7 +40,7 @@ def _arch_findings(
     if not torch_models:
         return
     mine = [c for c in cells if c.target_arch == arch]
-    attacks = _attack_rows(mine)
+    attacks = attack_rows(mine)
     header = ["attack (white-box ASR)", *(m.precision for m in torch_models)]
     rows = []
     for label, size in attacks:
@@ -50,7 +50,7 @@ def _arch_findings(
         rates = [pool(by_target.get((m.name,), [])) for m in torch_models]
         if all(r is None for r in rates):
             continue  # crafted on other targets only (a query attack on ORT): no empty row
-        rows.append([_attack_name(label, size, chosen), *(_short(r) for r in rates)])
+        rows.append([_attack_name(label, size, chosen), *(short_rate(r) for r in rates)])
     page.heading(arch, 3)
     if rows:
         page.table(header, rows)
@@ -99,7 +99,7 @@ def compare(transfer: SeedRate, white: SeedRate) -> str:
     return text + f" (not distinguishable from white-box at {models})"
 
 
-def _attack_rows(cells: Iterable[CellRecord]) -> list[tuple[str, int | None]]:
+def attack_rows(cells: Iterable[CellRecord]) -> list[tuple[str, int | None]]:
     """Patch attacks first, then pixel attacks, then the source-free baseline."""
     seen = {(c.attack, c.patch_size): c for c in cells}
     rank = {"patch": 0, "pixel": 1}
@@ -114,7 +114,7 @@ def _attack_name(label: str, size: int | None, cells: list[CellRecord]) -> str:
     return f"{label}" + (f" {size}px" if size else "") + f" ({kind})"
 
 
-def _short(rate: SeedRate | None) -> str:
+def short_rate(rate: SeedRate | None) -> str:
     if rate is None:
         return "–"
     low, high = rate.ci
@@ -134,7 +134,7 @@ def _transfer_sentences(
     sentences = []
     for target in targets:
         parts = []
-        for label, size in _attack_rows(cells):
+        for label, size in attack_rows(cells):
             chosen = [c for c in cells if c.attack == label and c.patch_size == size]
             if chosen[0].threat == "source-free" or chosen[0].source_precision == "multibit":
                 continue
@@ -146,7 +146,7 @@ def _transfer_sentences(
             if transfer is None:
                 continue
             kind = chosen[0].attack_kind
-            text = f"{label} ({kind}) {_short(transfer)}"
+            text = f"{label} ({kind}) {short_rate(transfer)}"
             if white is not None and white.n and transfer.n:
                 text += compare(transfer, white)
             parts.append(text)

@@ -15,6 +15,7 @@ from quantpatch.report.findings import key_findings
 from quantpatch.report.fits import fit_section
 from quantpatch.report.page import Page
 from quantpatch.report.queries import query_section
+from quantpatch.report.runtimes import runtime_section
 from quantpatch.report.tables import (
     ModelOrder,
     attack_sizes,
@@ -47,6 +48,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _patches_section(page, run_dir)
     _attack_sections(page, results, order)
     query_section(page, results.cells, results.models, order)
+    runtime_section(page, results.cells, results.models, order)
     fit_section(page, results.cells, order)
     defenses_section(page, everything, order)
     training_section(page, results, order)
