@@ -119,6 +119,10 @@ def test_report_and_files_written(finished_run: Path) -> None:
         assert (run / "patches" / "examples" / png.name).is_file()
         assert note["label"] in range(10) and note["prediction"] in range(10)
         assert note["predicted_by"] == note["source"] or note["source"] == "none"
+        if note["clean_prediction"] == note["label"]:  # the ASR rule: counted, then judged
+            assert note["fooled"] == (note["prediction"] != note["label"])
+        else:
+            assert note["fooled"] is None
     assert html.count(" says ") == len(patches)  # the gallery shows every one (1 replicate)
     for row in re.findall(r"<tr>(.*?)</tr>", html):  # no empty row: one label, then values
         values = re.findall(r"<td[^>]*>(.*?)</td>", row)[1:]
@@ -265,8 +269,10 @@ def _changed_run(finished_run: Path, name: str, flip_first_universal: bool) -> P
     fooling every image it counts (a rate far outside the original's interval)."""
     data = _results(finished_run / "run")
     if flip_first_universal:
-        cell = next(c for c in data["cells"]
-                    if c["attack"] == "universal" and c["source"] == c["target"])  # fmt: skip
+        cell = min((c for c in data["cells"]
+                    if c["attack"] == "universal" and c["source"] == c["target"]),
+                   key=lambda c: c["rate"])  # fmt: skip
+        assert cell["rate"] < 0.9  # room to move beyond its interval
         cell.update(successes=cell["n"], rate=1.0, ci_low=0.98, ci_high=1.0,
                     outcomes=cell["outcomes"].replace("0", "1"))  # fmt: skip
     folder = finished_run / name

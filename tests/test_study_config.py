@@ -204,7 +204,8 @@ def test_quick_is_a_smoke_run_and_explicit_shortcuts_win() -> None:
     config = load_study("studies/demo.yaml", shortcuts=Shortcuts(quick=True, steps=3))
     assert (config.replicates, config.n_eval, config.train.epochs, config.qat.epochs) == (
         1, 100, 1, 1)  # fmt: skip
-    assert all(a.params.get("steps") in (3, None) for a in config.attacks)
+    assert {a.name: a.params.get("steps") for a in config.attacks} == {
+        "universal": 3, "patch-pgd": 3, "pgd-linf": 3, "random": None}  # fmt: skip
     switches = {name: getattr(config.analyses, name) for name in ANALYSIS_SWITCHES}
     assert switches == dict.fromkeys(ANALYSIS_SWITCHES, False)
     bools = {n for n, f in AnalysisSettings.model_fields.items() if f.annotation in (bool, "bool")}
@@ -213,12 +214,25 @@ def test_quick_is_a_smoke_run_and_explicit_shortcuts_win() -> None:
     assert kept.n_eval == 40  # quick never raises a smaller n
 
 
+def test_quick_fits_any_study_and_explicit_settings_win() -> None:
+    """--quick on a study without w2a2 (whose QAT the defaults tune) still validates; an
+    explicit --n-eval or --replicates beats it; --qat-epochs reaches a recipe's own QAT."""
+    no_w2a2 = load_study(None, precisions=["fp32", "w8a8"], shortcuts=Shortcuts.of(quick=True))
+    assert no_w2a2.qat.epochs == 1 and no_w2a2.attacks[1].sources == ["fp32", "w8a8"]
+    kept = load_study(None, n_eval=500, replicates=3, shortcuts=Shortcuts.of(quick=True))
+    assert (kept.n_eval, kept.replicates) == (500, 3)
+    recipe = load_study(None, recipes=[{"name": "patch-at", "qat": {"epochs": 5}}],
+                        shortcuts=Shortcuts.of(qat_epochs=2))  # fmt: skip
+    assert recipe.recipes[0].qat.epochs == 2
+
+
 def test_analyses_shortcut_picks_lenses_by_name() -> None:
     picked = load_study(None, shortcuts=Shortcuts.of(analyses=["features", "size-curve"]))
     on = {name for name in ANALYSIS_SWITCHES if getattr(picked.analyses, name)}
     assert on == {"features", "size_curve"}
     everything = load_study(None, shortcuts=Shortcuts.of(quick=True, analyses=["all"]))
     assert all(getattr(everything.analyses, name) for name in ANALYSIS_SWITCHES)
+    assert Shortcuts.of(analyses=["none"]).analyses == []
     with pytest.raises(ConfigError, match="unknown analysis saliency; known: none, all"):
         Shortcuts.of(analyses=["saliency"])
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -178,8 +179,9 @@ def content_key(parts: Mapping[str, Any]) -> str:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
-    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):
-        return obj.tolist()  # a tensor (torch is not imported here to find out)
+    torch_module = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch_module is not None and isinstance(obj, torch_module.Tensor):
+        return obj.tolist()
     if hasattr(obj, "model_dump"):
         return obj.model_dump()
     if hasattr(obj, "to_dict"):

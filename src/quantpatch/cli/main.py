@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(`quantpatch list deployments`); 'none' for no runtime",
     )
     run.add_argument("--epochs", type=_seed, help="fp32 training epochs of every architecture")
-    run.add_argument("--qat-epochs", type=_seed, help="QAT epochs of every precision")
+    run.add_argument("--qat-epochs", type=_seed, help="QAT epochs of every precision and recipe")
     run.add_argument("--steps", type=_count, help="step budget of every attack that takes one")
     run.add_argument(
         "--analyses",

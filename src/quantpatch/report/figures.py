@@ -120,7 +120,8 @@ def asr_vs_bits_figure(
         ax.set_ylabel("ASR (%)")
     drawn = {series for series, color in SERIES_COLORS.items()
              if any(line.get_color() == color for ax in axes[0] for line in ax.lines)}  # fmt: skip
-    fig.legend(handles=_bit_legend(" / ".join(sorted(threats)) or "white-box", drawn),
+    kinds = {_model_kind(by_name[r.target]) for r in chosen if r.target_arch in archs}
+    fig.legend(handles=_bit_legend(" / ".join(sorted(threats)) or "white-box", drawn, kinds),
                frameon=False,
                loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))  # fmt: skip
     fig.tight_layout()
@@ -169,7 +170,7 @@ def _bit_series(ax, targets, by_name, xs, cells, color: str) -> None:
                 linestyle="--" if color != "C0" else "-")  # fmt: skip
 
 
-def _bit_legend(own_label: str, drawn: set[str]) -> list:
+def _bit_legend(own_label: str, drawn: set[str], drawn_kinds: set[str]) -> list:
     from matplotlib.lines import Line2D
 
     labels = {"own": f"on the target ({own_label})", "fp32": "transfer from fp32",
@@ -180,7 +181,7 @@ def _bit_legend(own_label: str, drawn: set[str]) -> list:
              "runtime": "integer runtime (at its bits)"}  # fmt: skip
     handles += [Line2D([], [], color="black", marker=m, linestyle="none", label=kinds[k],
                        mfc="black" if k == "trained" else "white")
-                for k, m in KIND_MARKERS.items()]  # fmt: skip
+                for k, m in KIND_MARKERS.items() if k in drawn_kinds]  # fmt: skip
     return handles
 
 

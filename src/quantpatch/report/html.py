@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from pathlib import Path
 
 from quantpatch._io import read_json, write_text_atomic
@@ -202,8 +203,12 @@ def _patches_section(page: Page, run_dir: Path) -> None:
 
 
 def _replicate_of(png: Path) -> int | None:
+    """From the patch's note, else from its cell id (``...__r<k>__<key>``)."""
     note = _example_note(png)
-    return note.get("replicate") if note else None
+    if note and isinstance(note.get("replicate"), int):
+        return note["replicate"]
+    found = re.search(r"__r(\d+)__[0-9a-f]+$", png.stem)
+    return int(found.group(1)) if found else None
 
 
 def _example_note(png: Path) -> dict | None:
@@ -225,10 +230,11 @@ def _patch_figure(png: Path) -> str:
     caption = label
     if note and example.is_file():
         images.append(_inline_png(example, f"{label}, applied"))
-        said, truth = note.get("prediction"), note.get("label")
-        verdict = "fooled" if said is not None and said != truth else "not fooled"
+        said, truth, fooled = note.get("prediction"), note.get("label"), note.get("fooled")
+        verdict = {True: "fooled", False: "not fooled"}.get(fooled, "not counted: wrong when clean")
+        goal = f", target {note['target_class']}" if note.get("target_class") is not None else ""
         caption += "<br>" + html.escape(
-            f"true {truth} → {note.get('predicted_by')} says {said} ({verdict})"
+            f"true {truth}{goal} → {note.get('predicted_by')} says {said} ({verdict})"
         )
     return f"<figure>{''.join(images)}<figcaption>{caption}</figcaption></figure>"
 

@@ -123,9 +123,9 @@ def _spread(page: Page, runtimes: list[ModelRecord], by_pair, names: set[str]) -
         mine = [m for m in runtimes if m.arch == arch and _built_from(m, names) == fp32]
         if len(mine) < 2:
             continue
-        for label, size, source, _ in sorted({k for k in by_pair if k[2] == fp32},
-                                             key=lambda k: (k[0], k[1] or 0)):  # fmt: skip
-            rates = {m.name: pool(by_pair.get((label, size, source, m.name), [])) for m in mine}
+        for label, size in sorted({k[:2] for k in by_pair if k[2] == fp32},
+                                  key=lambda k: (k[0], k[1] or 0)):  # fmt: skip
+            rates = {m.name: pool(by_pair.get((label, size, fp32, m.name), [])) for m in mine}
             rates = {k: v for k, v in rates.items() if v is not None}
             if len(rates) < 2:
                 continue

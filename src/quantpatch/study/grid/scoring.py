@@ -55,11 +55,13 @@ def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
         record = cell_record(context, cell, attack, target, counted, fooled, timings)
         robust = Rate(int((adv_pred == context.eval_labels).sum()), len(context.eval_labels))
         records.append(record.model_copy(update={"robust_accuracy": RateRecord.of(robust)}))
-        if example_prediction is None or target.name == cell.source.label:
-            example_prediction = (target.name, int(adv_pred[0]))
+        if _better_example_target(example_prediction, target, cell):
+            clean = target.clean_pred
+            example_prediction = (target.name, None if clean is None else int(clean[0]),
+                                  int(adv_pred[0]))  # fmt: skip
     if isinstance(patch, torch.Tensor):
         save_patch_png(context.out / "patches" / f"{cell.cell_id}.png", patch)
-        save_patch_example(context, cell, adversarial[0], example_prediction)
+        save_patch_example(context, cell, adversarial[0], example_prediction, target_class)
     return records
 
 
@@ -132,20 +134,44 @@ def _mean_queries(attack: Attack) -> float | None:
     return None
 
 
+def _better_example_target(chosen: tuple[str, int, int] | None, target: Target, cell: Cell) -> bool:
+    """Whose prediction the gallery shows: the source model itself; for an ensemble
+    (multibit) cell the first target of its architecture; for a source-free one the first."""
+    if target.name == cell.source.label:
+        return True
+    if chosen is not None:
+        return False
+    return cell.source.arch in (None, target.arch)
+
+
 def save_patch_example(
-    context: StudyContext, cell: Cell, patched: torch.Tensor, prediction: tuple[str, int] | None
+    context: StudyContext,
+    cell: Cell,
+    patched: torch.Tensor,
+    prediction: tuple[str, int, int] | None,
+    target_class: int | None,
 ) -> None:
     """The first evaluation image with the cell's patch applied (4x, nearest neighbour) and a
-    JSON note of its true class and the source model's prediction, for the report's gallery:
-    a patch alone says little until it is seen on an image."""
+    JSON note of its true class and a model's clean and patched predictions (the source's
+    own, where it is a target), for the report's gallery: a patch alone says little until it
+    is seen on an image. ``fooled`` follows the ASR rule (untargeted: right when clean, wrong
+    when patched; targeted: not the target when clean, the target when patched); None: the
+    image does not count."""
     folder = context.out / "patches" / PATCH_EXAMPLES
     save_patch_png(folder / f"{cell.cell_id}.png", patched, upscale=4)
-    predicted_by, predicted = prediction if prediction else (None, None)
+    predicted_by, clean, predicted = prediction if prediction else (None, None, None)
+    label = int(context.eval_labels[0])
+    fooled = None
+    if predicted is not None:
+        if target_class is None:
+            fooled = predicted != label if clean == label else None
+        else:
+            fooled = predicted == target_class if label != target_class else None
     write_json_atomic(folder / f"{cell.cell_id}.json", {
         "source": cell.source.label, "attack": cell.attack.label, "patch_size": cell.patch_size,
-        "seed": cell.seed, "replicate": cell.replicate,
-        "label": int(context.eval_labels[0]), "prediction": predicted,
-        "predicted_by": predicted_by,
+        "seed": cell.seed, "replicate": cell.replicate, "label": label,
+        "clean_prediction": clean, "prediction": predicted, "predicted_by": predicted_by,
+        "target_class": target_class, "fooled": fooled,
     })  # fmt: skip
 
 

@@ -663,7 +663,7 @@ class Shortcuts(_Strict):
     """Command-line shortcuts that change many settings at once (``None``: leave as set).
 
     ``epochs``: fp32 training epochs of every architecture; ``qat_epochs``: QAT epochs of
-    every precision; ``steps``: the step budget of every attack that takes one;
+    every precision and of every recipe's own ``qat``; ``steps``: the step budget of every attack that takes one;
     ``analyses``: the "why" analyses that run (``[]``: none, ``["all"]``: every one), the
     others switched off. ``quick``: a smoke run of the whole pipeline (1 replicate, 100
     images, 1 epoch, 10 steps, no analyses) whose figures are not findings; the other
@@ -689,6 +689,8 @@ class Shortcuts(_Strict):
         if names is None:
             return None
         names = [n.replace("-", "_") for n in names]
+        if names == ["none"]:
+            return []
         if names == ["all"]:
             return list(ANALYSIS_SWITCHES)
         unknown = sorted(set(names) - set(ANALYSIS_SWITCHES))
@@ -697,12 +699,14 @@ class Shortcuts(_Strict):
                              f"{', '.join(ANALYSIS_SWITCHES)}")  # fmt: skip
         return names
 
-    def apply(self, data: dict[str, Any]) -> dict[str, Any]:
-        """``data`` (a study mapping, before validation) with the shortcuts applied."""
+    def apply(self, data: dict[str, Any], keep: set[str] = frozenset()) -> dict[str, Any]:
+        """``data`` (a study mapping, before validation) with the shortcuts applied; the
+        settings named in ``keep`` (given explicitly) are left as they are."""
         if self.quick:
             n_eval = data.get("n_eval")
             n_eval = min(n_eval, 100) if isinstance(n_eval, int) else 100
-            data = {**data, "replicates": 1, "n_eval": n_eval}
+            quick = {"replicates": 1, "n_eval": n_eval}
+            data = {**data, **{k: v for k, v in quick.items() if k not in keep}}
         epochs, qat_epochs = _quick(self.epochs, self), _quick(self.qat_epochs, self)
         steps = self.steps if self.steps is not None else (10 if self.quick else None)
         analyses = self.analyses if self.analyses is not None else ([] if self.quick else None)
@@ -710,6 +714,7 @@ class Shortcuts(_Strict):
             data = _with_epochs(data, "train", "train_overrides", epochs)
         if qat_epochs is not None:
             data = _with_epochs(data, "qat", "qat_overrides", qat_epochs)
+            data = _with_recipe_epochs(data, qat_epochs)
         if steps is not None:
             data = {**data, "attacks": [_with_steps(a, steps) for a in _attacks(data)]}
         if analyses is not None:
@@ -737,12 +742,38 @@ def _with_epochs(data: dict[str, Any], field: str, overrides: str, epochs: int) 
     """``epochs`` for the schedule ``field`` and every entry of its per-name ``overrides``
     (their defaults included: a 2-bit QAT keeps its own learning rate)."""
     base = data.get(field, StudyConfig.model_fields[field].default_factory())
+    given = overrides in data
     per_name = data.get(overrides, StudyConfig.model_fields[overrides].default_factory())
     if not isinstance(per_name, dict):
         return data  # validation reports it
     changed = {str(getattr(k, "name", k)): {**_as_dict(v), "epochs": epochs}
                for k, v in per_name.items()}  # fmt: skip
-    return {**data, field: {**_as_dict(base), "epochs": epochs}, overrides: changed}
+    if not given:  # a default entry joins only where the study has its name (w2a2's QAT)
+        known = _names(data, "models" if field == "train" else "precisions")
+        changed = {k: v for k, v in changed.items() if k in known}
+    data = {**data, field: {**_as_dict(base), "epochs": epochs}}
+    return {**data, overrides: changed} if changed or given else data
+
+
+def _names(data: dict[str, Any], field: str) -> set[str]:
+    """The model or precision names a study mapping lists (its defaults where unset)."""
+    values = data.get(field, StudyConfig.model_fields[field].default_factory())
+    values = values if isinstance(values, list) else []
+    return {str(getattr(v, "name", v)) for v in values}
+
+
+def _with_recipe_epochs(data: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """``epochs`` in every recipe's own ``qat`` schedule (the others follow the study's)."""
+    recipes = data.get("recipes")
+    if not isinstance(recipes, list):
+        return data
+    changed = []
+    for recipe in recipes:
+        recipe = _as_dict(recipe) or recipe
+        if isinstance(recipe, dict) and recipe.get("qat") is not None:
+            recipe = {**recipe, "qat": {**_as_dict(recipe["qat"]), "epochs": epochs}}
+        changed.append(recipe)
+    return {**data, "recipes": changed}
 
 
 def _attacks(data: dict[str, Any]) -> list[Any]:
@@ -753,8 +784,8 @@ def _attacks(data: dict[str, Any]) -> list[Any]:
 
 
 def _with_steps(attack: Any, steps: int) -> Any:
-    """``attack`` with ``steps`` where its attack spends a step budget (a random patch takes
-    none; query attacks count queries, not steps)."""
+    """``attack`` with ``steps`` where its attack spends a step budget: gradient steps, or
+    sparse-rs-universal's passes (a random patch takes none; sparse-rs counts queries)."""
     attack = _as_dict(attack) or attack
     if not isinstance(attack, dict) or attack.get("name") not in ATTACKS:
         return attack  # validation reports it
@@ -766,8 +797,9 @@ def _with_steps(attack: Any, steps: int) -> Any:
 def load_study(
     path: str | Path | None = None, *, shortcuts: Shortcuts | None = None, **overrides: Any
 ) -> StudyConfig:
-    """Read a study YAML (or the defaults) and apply CLI overrides (``None`` means unset),
-    then the ``shortcuts``.
+    """Read a study YAML (or the defaults), apply the CLI overrides (``None`` means unset),
+    then the ``shortcuts`` (an explicit ``--n-eval`` or ``--replicates`` wins over
+    ``--quick``).
 
     The file is read within limits (``quantpatch._yaml``). A study file is often shared, so
     where it may write is bounded: its ``cache_dir`` must be a relative path inside the working
@@ -776,10 +808,11 @@ def load_study(
     if path is not None:
         data = load_yaml_mapping(path)
         _check_cache_dir(data.get("cache_dir"), path)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    data.update(explicit)
     try:
-        if shortcuts is not None:
-            data = shortcuts.apply(data)
+        if shortcuts is not None:  # an explicit --n-eval or --replicates wins over --quick
+            data = shortcuts.apply(data, keep=set(explicit))
         return StudyConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
