@@ -13,7 +13,6 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.report.tables import (  # noqa: E402
     ModelOrder,
-    SeedRate,
     group,
     pool,
     transfer_matrix,
@@ -32,17 +31,6 @@ MARKERS = ("o", "s", "D", "^", "v", "x", "+")
 def _tick(name: str) -> str:
     """A model name on two lines (architecture over precision): readable unrotated."""
     return name.replace("/", "\n", 1)
-
-
-def _errorbar(ax, xs, cells: list[SeedRate | None], label: str, **kwargs) -> None:
-    points = [(x, c) for x, c in zip(xs, cells, strict=True) if c is not None]
-    if not points:
-        return
-    x = [p[0] for p in points]
-    y = np.array([100 * c.rate for _, c in points])
-    low = np.array([100 * c.ci[0] for _, c in points])
-    high = np.array([100 * c.ci[1] for _, c in points])
-    ax.errorbar(x, y, yerr=[y - low, high - y], capsize=3, marker="o", label=label, **kwargs)
 
 
 def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figure:

@@ -191,20 +191,20 @@ def _settings(settings: dict) -> str:
 def _patches_section(page: Page, run_dir: Path) -> None:
     """Each patch of the first trained replicate (8x) beside the first evaluation image with
     that patch applied (4x) and what the source model then predicts."""
-    pngs = sorted((run_dir / "patches").glob("*.png"))
-    shown = [png for png in pngs if _replicate_of(png) in (None, 0)]
+    notes = {png: _example_note(png) for png in sorted((run_dir / "patches").glob("*.png"))}
+    shown = {png: note for png, note in notes.items() if _replicate_of(png, note) in (None, 0)}
     if not shown:
         return
     page.heading("Patches")
     page.para("Each patch (pixels upscaled 8x) beside the first evaluation image with the "
               "patch applied (4x) and the source model's prediction on it; first trained "
               "replicate only.", "note")  # fmt: skip
-    page.add(f'<div class="patches">{"".join(_patch_figure(png) for png in shown)}</div>')
+    figures_html = "".join(_patch_figure(png, note) for png, note in shown.items())
+    page.add(f'<div class="patches">{figures_html}</div>')
 
 
-def _replicate_of(png: Path) -> int | None:
+def _replicate_of(png: Path, note: dict | None) -> int | None:
     """From the patch's note, else from its cell id (``...__r<k>__<key>``)."""
-    note = _example_note(png)
     if note and isinstance(note.get("replicate"), int):
         return note["replicate"]
     found = re.search(r"__r(\d+)__[0-9a-f]+$", png.stem)
@@ -222,10 +222,9 @@ def _example_note(png: Path) -> dict | None:
     return note if isinstance(note, dict) else None
 
 
-def _patch_figure(png: Path) -> str:
+def _patch_figure(png: Path, note: dict | None) -> str:
     label = html.escape(png.stem.rsplit("__", 1)[0].replace("__", " · "))
     images = [_inline_png(png, label)]
-    note = _example_note(png)
     example = png.parent / PATCH_EXAMPLES / png.name
     caption = label
     if note and example.is_file():

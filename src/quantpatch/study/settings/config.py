@@ -69,6 +69,10 @@ STUDY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 """A study name becomes a folder under runs/: no separators, no leading dot."""
 
 
+LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$"
+"""A results label of an attack, defence or recipe (it names files and table columns)."""
+
+
 class AttackSettings(_Strict):
     """One attack of the grid; ``params`` go to the attack's constructor.
 
@@ -83,7 +87,7 @@ class AttackSettings(_Strict):
     )
     label: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$",
+        pattern=LABEL_PATTERN,
         description="its name in results (letters, digits, . _ = -; up to 80 chars); default: "
         "the name plus the params that set it apart from same-named attacks",
     )
@@ -124,7 +128,7 @@ class _RegisteredSettings(_Strict):
     )
     label: str | None = Field(
         None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._=-]{0,79}$",
+        pattern=LABEL_PATTERN,
         description="its name in results (letters, digits, . _ = -; up to 80 chars); default: "
         "the name plus the params that set it apart from same-named entries",
     )

@@ -91,13 +91,7 @@ class Probe:
 
     def images(self) -> torch.Tensor:
         if self._images is None:
-            from quantpatch.attacks import ATTACKS
-
-            attack = ATTACKS.create(**ADVERSARIAL_PROBE, progress=False)
-            context = self.context
-            self._images = attack.perturb(
-                [self.fp32.module], context.eval_images, context.eval_labels, context.device
-            )
+            self._images = _crafted(self.context, ADVERSARIAL_PROBE, self.fp32.module)
         return self._images
 
 
@@ -132,7 +126,7 @@ def _compare(
     calib = context.calibration_images(CALIBRATION_IMAGES)  # the images it calibrated on
     simulation = deployment.simulation(source.module, calib, context.device)
     images, labels = context.eval_images, context.eval_labels
-    patched = _patched_images(context, simulation)
+    patched = _crafted(context, _patch_probe(context), simulation)
     result = compare_int8(target.predict, simulation, runtime_fp32, images, labels,
                           adversarial=probe.images(), patched=patched,
                           device=context.device)  # fmt: skip
@@ -159,11 +153,14 @@ def _patch_probe(context: StudyContext) -> dict[str, Any]:
     return {**PATCH_PROBE, "patch_size": context.config.patch_sizes[0]}
 
 
-def _patched_images(context: StudyContext, simulation: torch.nn.Module) -> torch.Tensor:
+def _crafted(
+    context: StudyContext, settings: dict[str, Any], model: torch.nn.Module
+) -> torch.Tensor:
+    """The evaluation images attacked by the probe ``settings`` on ``model``."""
     from quantpatch.attacks import ATTACKS
 
-    attack = ATTACKS.create(**_patch_probe(context), progress=False)
-    return attack.perturb([simulation], context.eval_images, context.eval_labels, context.device)
+    attack = ATTACKS.create(**settings, progress=False)
+    return attack.perturb([model], context.eval_images, context.eval_labels, context.device)
 
 
 def _label(settings: dict[str, Any], on: str) -> str:
