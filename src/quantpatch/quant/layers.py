@@ -122,6 +122,9 @@ class FakeQuantizer(nn.Module):
             return torch.fake_quantize_per_channel_affine(
                 x, scale, zero_point, self.axis, qmin, qmax
             )
+        # the tensor-qparams op's CUDA kernel takes only an int32 zero point (the CPU one casts
+        # it); zero points here are whole numbers, so the cast is exact on both
+        zero_point = zero_point.to(torch.int32)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
