@@ -145,6 +145,13 @@ class DeploymentRecord(Record):
     speedup_vs_fp32: float
 
 
+class CertifiedPoint(Record):
+    """Certified accuracy against one patch side: a point of the certified-accuracy curve."""
+
+    patch_size: int = Field(ge=1, description="side (px) of the patch certified against")
+    certified: RateRecord = Field(description="certified robust accuracy at that side")
+
+
 class CertifiedRecord(Record):
     """A certifying defence's certificate on the clean evaluation images: a certified image
     keeps its true label under every patch of ``patch_size`` anywhere, whatever its content."""
@@ -153,6 +160,16 @@ class CertifiedRecord(Record):
     method: str = Field(description="how it certifies, in words (e.g. '36 masks of 12x12 px')")
     clean: RateRecord = Field(description="the defended model's accuracy on the clean images")
     certified: RateRecord = Field(description="certified robust accuracy")
+    base_training: Literal["plain", "certifiable"] = Field(
+        "plain",
+        description="how the model behind the defence was trained: on whole images ('plain') "
+        "or on the defence's own ablated or masked inputs ('certifiable')",
+    )
+    curve: list[CertifiedPoint] = Field(
+        default_factory=list,
+        description="certified accuracy against other patch sides from the same votes "
+        "(the defence's certify_sizes), ascending; empty where none were asked for",
+    )
 
 
 class ModelRecord(Record):

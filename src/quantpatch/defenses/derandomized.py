@@ -17,6 +17,7 @@ predictor taking the 2C encoding: fp32 or fake-quant modules and ONNX Runtime se
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -152,21 +153,23 @@ class DerandomizedSmoothing(Certifier):
         """Refuse, before any work, a band wider than the image (``ConfigError``), a patch
         larger than it (``PatchTooLargeError``) or a patch no vote can certify against: one
         whose ``2Δ`` margin is at least the number of votes (``ConfigError``)."""
+        self.check_patch_size(self.patch_size, image_hw)
+
+    def check_patch_size(self, patch_size: int, image_hw: tuple[int, int]) -> None:
+        """``check_image_size`` for a patch of side ``patch_size`` (a point of the curve)."""
         height, width = (int(n) for n in image_hw)
         side = width if self.ablation == "column" else min(height, width)
         if self.band > side:
             raise ConfigError(
                 f"derandomized-smoothing band {self.band} is wider than the {side}px image side"
             )
-        if self.patch_size > min(height, width):
-            raise PatchTooLargeError(
-                f"a {self.patch_size}px patch does not fit {height}x{width} images"
-            )
+        if patch_size > min(height, width):
+            raise PatchTooLargeError(f"a {patch_size}px patch does not fit {height}x{width} images")
         ablations = AblationSet(self.ablation, self.band, (height, width))
-        delta, votes = ablations.affected(self.patch_size), len(ablations)
+        delta, votes = ablations.affected(patch_size), len(ablations)
         if 2 * delta >= votes:
             raise ConfigError(
-                f"derandomized-smoothing cannot certify a {self.patch_size}px patch with "
+                f"derandomized-smoothing cannot certify a {patch_size}px patch with "
                 f"{self.ablation} band {self.band} on {height}x{width} images: it meets up to "
                 f"{delta} of the {votes} ablations, and the margin 2x{delta} needs more votes; "
                 f"use a narrower band or a smaller patch"
@@ -228,15 +231,36 @@ class DerandomizedSmoothing(Certifier):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(smoothed labels, certified) for clean ``images`` with true ``labels``: certified
         means the label is right and no ``patch_size`` patch anywhere can change it."""
+        prediction, certified = self.certify_sizes(model, images, labels, [self.patch_size],
+                                                   device)  # fmt: skip
+        return prediction, certified[self.patch_size]
+
+    def certify_sizes(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        sizes: Sequence[int],
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(smoothed labels, {side: certified}) against a patch of each side in ``sizes``,
+        from one vote: the votes do not depend on the patch, only the margin ``2Δ`` does."""
         check_images(images)
         if labels.shape != (len(images),):
             raise ShapeError(f"labels must be ({len(images)},), got {tuple(labels.shape)}")
-        delta = self.delta(tuple(images.shape[-2:]))
+        image_hw = tuple(images.shape[-2:])
+        for size in sizes:
+            self.check_patch_size(size, image_hw)
         counts = self.votes(model, images, device)
         if not len(counts):
-            return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool)
-        prediction, robust = certify_counts(counts, delta)
-        return prediction, robust & (prediction == labels.cpu())
+            empty = torch.empty(0, dtype=torch.bool)
+            return torch.empty(0, dtype=torch.long), {size: empty for size in sizes}
+        ablations = self.ablation_set(image_hw)
+        prediction, certified = counts.argmax(dim=1), {}  # certify_counts' prediction rule
+        for size in sizes:
+            _, robust = certify_counts(counts, ablations.affected(size))
+            certified[size] = robust & (prediction == labels.cpu())
+        return prediction, certified
 
     def _kept(self, image_hw: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (image_hw, str(device))

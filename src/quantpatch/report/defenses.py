@@ -13,12 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.metrics import Rate, difference_interval  # noqa: E402
+from quantpatch.report.certified import certified_section  # noqa: E402
 from quantpatch.report.page import Page  # noqa: E402
 from quantpatch.report.tables import (  # noqa: E402
     ModelOrder,
     SeedRate,
     crafted_attacks,
-    fmt_rate,
     group,
     pool,
 )
@@ -187,7 +187,7 @@ def defenses_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
                     "hollow: transfer only (ORT int8); bars are 95 % Wilson intervals. Up and "
                     "to the left is better.")  # fmt: skip
         _gap_table(page, gaps(results, attack, size), order)
-    _certified_table(page, results.models, order)
+    certified_section(page, results.models, order)
 
 
 def _gap_table(page: Page, rows: list[Gap], order: ModelOrder) -> None:
@@ -224,22 +224,3 @@ def robust_accuracy(rate: SeedRate | None) -> SeedRate | None:
 
 def _fmt(rate: SeedRate | None) -> str:
     return rate.fmt() if rate is not None else "n/a"
-
-
-def _certified_table(page: Page, models: list[ModelRecord], order: ModelOrder) -> None:
-    certified = sorted((m for m in models if m.certified), key=lambda m: order(base_name(m)))
-    if not certified:
-        return
-    undefended = {m.name: m for m in models if m.defense is None}
-    page.heading("Certified robust accuracy per precision", 3)
-    page.para("Certified: no patch of the stated size anywhere, whatever its content, changes "
-              "the prediction. Clean: the defended model's accuracy.")  # fmt: skip
-    rows = []
-    for m in certified:
-        cert, plain = m.certified, undefended.get(base_name(m))
-        rows.append([base_name(m), m.defense, f"{cert.patch_size} px",
-                     cert.method,
-                     fmt_rate(plain.clean) if plain else "n/a", fmt_rate(cert.clean),
-                     fmt_rate(cert.certified)])  # fmt: skip
-    page.table(["model", "defence", "patch", "certificate", "undefended clean", "clean",
-                "certified"], rows)  # fmt: skip

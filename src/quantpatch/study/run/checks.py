@@ -10,11 +10,8 @@ from quantpatch.errors import ConfigError, DataNotFoundError, PatchTooLargeError
 from quantpatch.models import check_model_name, create_model
 from quantpatch.quant import FP32
 from quantpatch.quant.switchable import SwitchablePrecision
-from quantpatch.study.settings.config import StudyConfig
+from quantpatch.study.settings.config import DefenseSettings, StudyConfig
 from quantpatch.study.zoo.targets import check_onnx_model
-
-NEEDS_CERTIFIABLE_TRAINING = ("derandomized-smoothing",)
-"""Defences whose base model takes another input than the study's models (2C channels)."""
 
 
 def validate_study(config: StudyConfig) -> None:
@@ -33,16 +30,32 @@ def validate_study(config: StudyConfig) -> None:
             settings.create(size, config.seeds[0], progress=False)
     for entry in (*config.defenses, *config.recipes):
         entry.create()
-    for defense in config.defenses:
-        if defense.name in NEEDS_CERTIFIABLE_TRAINING:
-            raise ConfigError(
-                f"defense '{defense.label}': {defense.name} needs base models trained on its "
-                "ablated inputs, which a study does not train yet; certify from Python "
-                "(quantpatch.defenses.certifiable, see the README)"
-            )
+    for settings in config.defenses:
+        _check_certified_settings(settings)
     for name in config.deployed_precisions:
         create_deployment(name)  # a runtime that is not installed is refused here
     resolve_device(config.device)
+
+
+def _check_certified_settings(settings: DefenseSettings) -> None:
+    """``certifiable`` and ``certify_sizes`` only where the defence supports them."""
+    defense = settings.create()
+    if settings.certifiable and not hasattr(defense, "train_transform"):
+        raise ConfigError(
+            f"defense '{settings.label}': certifiable training needs a certified defence "
+            f"(derandomized-smoothing, patchcleanser); {settings.name} has none"
+        )
+    if settings.train is not None and not settings.certifiable:
+        raise ConfigError(
+            f"defense '{settings.label}': train is the schedule of certifiable models; set "
+            "certifiable: true or leave train out"
+        )
+    if settings.certify_sizes and not hasattr(defense, "certify_sizes"):
+        raise ConfigError(
+            f"defense '{settings.label}': certify_sizes needs a defence that certifies every "
+            f"patch side from one vote (derandomized-smoothing); {settings.name} certifies "
+            "its own patch_size only"
+        )
 
 
 def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
@@ -67,10 +80,13 @@ def validate_against_data(config: StudyConfig, dataset: Dataset) -> None:
     _check_recipes(config, dataset)
     image_hw = tuple(dataset.train.images.shape[-2:])
     for defense in config.defenses:
+        created = defense.create()
         try:
-            defense.create().check_image_size(image_hw)
-        except PatchTooLargeError as exc:
-            raise PatchTooLargeError(f"defense '{defense.label}': {exc}") from None
+            created.check_image_size(image_hw)
+            for size in defense.certify_sizes:
+                created.check_patch_size(size, image_hw)
+        except (PatchTooLargeError, ConfigError) as exc:
+            raise type(exc)(f"defense '{defense.label}': {exc}") from None
     for settings in config.attacks:
         target_class = settings.params.get("target_class")
         if isinstance(target_class, int) and target_class >= dataset.num_classes:

@@ -164,6 +164,32 @@ class DefenseSettings(_RegisteredSettings):
 
     _registry: ClassVar[Registry] = DEFENSES
     name: str = Field(description="a registered defence (`quantpatch list defenses`)")
+    certifiable: bool = Field(
+        False,
+        description="a certified defence only: put it in front of models trained for it, on "
+        "its own ablated or masked inputs (fp32, then every quantized precision by QAT or "
+        "PTQ on the same inputs, and each deployment of that fp32 model), named "
+        "'<arch>/<precision>-cert+<label>'; false: in front of the study's plain models",
+    )
+    train: TrainConfig | None = Field(
+        None,
+        description="with certifiable: the schedule of its fp32 models; default: the "
+        "study's train (QAT follows the study's qat and qat_overrides)",
+    )
+    certify_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="more patch sides (px) to certify against, for the certified-accuracy "
+        "curve; only for a defence that certifies every side from one vote "
+        "(derandomized-smoothing)",
+    )
+
+    @field_validator("certify_sizes")
+    @classmethod
+    def _ascending_sizes(cls, sizes: list[int]) -> list[int]:
+        return sorted(set(sizes))
+
+    def base_label(self) -> str:
+        return f"{self.name}-cert" if self.certifiable else self.name
 
 
 class RecipeSettings(_RegisteredSettings):

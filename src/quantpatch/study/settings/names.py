@@ -2,8 +2,8 @@
 
 A model of a study is ``<arch>/<precision>``, where the precision label is a ``QuantSpec`` name
 (``w4a4``), a tagged one (``fp32-ft``: a control; ``w2a2-<recipe>``: a training defence's
-member; ``random-<recipe>``: one served at a random precision), a deployment (``ort-int8``) or
-``onnx`` for a user's file; behind a defence it is ``<arch>/<precision>+<defence label>``.
+member; ``random-<recipe>``: one served at a random precision; ``w8a8-cert``: trained for a
+certified defence), a deployment (``ort-int8``) or ``onnx`` for a user's file; behind a defence it is ``<arch>/<precision>+<defence label>``.
 The results and the report only ever read these names back; they never build them.
 """
 
@@ -22,6 +22,10 @@ CONTROL_TAG = "ft"
 
 INDEPENDENT_TAG = "indep"
 """The tag of the independently trained fp32 model of the similarity lenses."""
+
+CERTIFIABLE_TAG = "cert"
+"""The tag of a model trained on a certified defence's own inputs ('w8a8-cert'): it is only
+ever evaluated behind that defence ('<arch>/w8a8-cert+<label>')."""
 
 FP32 = "fp32"
 
@@ -51,8 +55,13 @@ def is_control(precision: str) -> bool:
 
 
 def is_reserved(precision: str) -> bool:
-    """Labels no recipe may take: the controls' and the independent fp32 model's."""
-    return is_control(precision) or precision.startswith(tagged(FP32, INDEPENDENT_TAG))
+    """Labels no recipe may take: the controls', the independent fp32 model's and the
+    certifiably trained models'."""
+    return (
+        is_control(precision)
+        or precision.startswith(tagged(FP32, INDEPENDENT_TAG))
+        or precision.endswith(f"-{CERTIFIABLE_TAG}")
+    )
 
 
 def random_precision(recipe_label: str) -> str:

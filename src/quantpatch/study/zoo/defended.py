@@ -14,12 +14,14 @@ import torch.nn.functional as F
 
 from quantpatch._io import content_key
 from quantpatch.defenses import Certifier, DefendedModel, Defense, InputDefense
+from quantpatch.defenses.certifiable import plain_view
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
-from quantpatch.results import CertifiedRecord, RateRecord
+from quantpatch.results import CertifiedPoint, CertifiedRecord, RateRecord
 from quantpatch.study.settings.config import DefenseSettings
 from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
-from quantpatch.study.zoo.context import PreparedModel, StudyContext, Target
+from quantpatch.study.zoo.certified import certifiable_targets, takes_encoded_input
+from quantpatch.study.zoo.context import Predictor, PreparedModel, StudyContext, Target
 from quantpatch.study.zoo.targets import add_target
 
 
@@ -29,10 +31,12 @@ def prepare_defended_targets(context: StudyContext) -> None:
     undefended = [t for t in context.targets if t.defense is None]
     for settings in context.config.defenses:
         defense = settings.create()
-        for base in undefended:
+        certifiable = settings.certifiable
+        bases = certifiable_targets(context, settings, defense) if certifiable else undefended
+        for base in bases:
             target = defended_target(context, base, settings, defense)
             add_target(context, target)
-            certified = certify(context, base, target, defense)
+            certified = certify(context, base, target, settings, defense)
             record = context.model_records[-1]
             context.model_records[-1] = record.model_copy(
                 update={"defense": settings.label, "certified": certified}
@@ -49,7 +53,10 @@ def defended_target(
     if isinstance(defense, InputDefense):
         predict = _transformed_predictor(base, defense, context.device)
     else:
-        predict = _certifier_predictor(base, defense, _device(context, base),
+        base_predict = base.predict
+        if takes_encoded_input(defense) and not settings.certifiable:
+            base_predict = plain_view(base.predict)  # a model trained on whole images
+        predict = _certifier_predictor(base_predict, defense, _device(context, base),
                                        context.dataset.num_classes)  # fmt: skip
     return Target(
         base.arch, base.precision, base.spec, base.runtime, predict, key, base.model,
@@ -65,11 +72,13 @@ def _transformed_predictor(base: Target, defense: InputDefense, device: torch.de
     return predict
 
 
-def _certifier_predictor(base: Target, defense: Defense, device: torch.device, num_classes: int):
+def _certifier_predictor(
+    base_predict: Predictor, defense: Defense, device: torch.device, num_classes: int
+) -> Predictor:
     """A defence that gives labels, not logits: one-hot scores keep ``argmax`` meaning them."""
 
     def predict(images: torch.Tensor) -> torch.Tensor:
-        labels = defense.predict(base.predict, images, device)
+        labels = defense.predict(base_predict, images, device)
         return F.one_hot(labels, num_classes).float()
 
     return predict
@@ -89,25 +98,45 @@ def adaptive_source(model: PreparedModel, target: Target, defense: InputDefense)
 
 
 def certify(
-    context: StudyContext, base: Target, target: Target, defense: Defense
-) -> CertifiedRecord | None:
-    """A certifier's certified accuracy of ``base`` on the evaluation images (cached: it
-    classifies many masked or ablated copies of each image); None for other defences."""
+    context: StudyContext, base: Target, target: Target, settings: DefenseSettings,
+    defense: Defense,
+) -> CertifiedRecord | None:  # fmt: skip
+    """A certifier's certified accuracy of ``base`` on the evaluation images, at its patch
+    size and at each of ``certify_sizes`` (cached: it classifies many masked or ablated copies
+    of each image, and the key holds every size); None for other defences."""
     if not isinstance(defense, Certifier):
         return None
     parts = {"target": target.key, "n_eval": len(context.eval_labels),
-             "data": context.data_identity(), "code": code_fingerprint(*EVAL_CODE)}  # fmt: skip
+             "sizes": settings.certify_sizes, "data": context.data_identity(),
+             "code": code_fingerprint(*EVAL_CODE)}  # fmt: skip
 
     return context.cache.record("certified", parts, CertifiedRecord,
-                                lambda: _certified_record(context, base, defense))  # fmt: skip
+                                lambda: _certified_record(context, base, settings, defense))  # fmt: skip
 
 
-def _certified_record(context: StudyContext, base: Target, defense: Certifier) -> CertifiedRecord:
-    images, labels = context.eval_images, context.eval_labels
-    pred, certified = defense.certify(base.predict, images, labels, _device(context, base))
+def _certified_record(
+    context: StudyContext, base: Target, settings: DefenseSettings, defense: Certifier
+) -> CertifiedRecord:
+    images, labels, device = context.eval_images, context.eval_labels, _device(context, base)
+    predict = base.predict
+    if takes_encoded_input(defense) and not settings.certifiable:
+        predict = plain_view(base.predict)
+    sizes = sorted({defense.patch_size, *settings.certify_sizes})
+    if settings.certify_sizes:
+        pred, by_size = defense.certify_sizes(predict, images, labels, sizes, device)
+    else:
+        pred, certified = defense.certify(predict, images, labels, device)
+        by_size = {defense.patch_size: certified}
+
+    def rate(certified: torch.Tensor) -> RateRecord:
+        return RateRecord.of(accuracy(torch.where(certified, labels, -1), labels))
+
+    curve = [CertifiedPoint(patch_size=s, certified=rate(by_size[s])) for s in sizes]
     return CertifiedRecord(
         patch_size=defense.patch_size,
         method=defense.method(tuple(images.shape[-2:])),
         clean=RateRecord.of(accuracy(pred, labels)),
-        certified=RateRecord.of(accuracy(torch.where(certified, labels, -1), labels)),
+        certified=rate(by_size[defense.patch_size]),
+        base_training="certifiable" if settings.certifiable else "plain",
+        curve=curve if settings.certify_sizes else [],
     )

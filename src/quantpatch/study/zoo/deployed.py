@@ -52,7 +52,7 @@ def deployed_target(context: StudyContext, deployment: Deployment, source: Prepa
     calib = context.calibration_images(CALIBRATION_IMAGES)
     parts = {"base": source.key, "deployment": deployment.name, "n_calib": int(calib.shape[0]),
              **deployment.fingerprint()}  # fmt: skip
-    session, key = _artifact(
+    session, key = deployed_artifact(
         context, deployment, parts, lambda path: deployment.export(source.module, calib, path)
     )
     spec = deployment.spec(source.spec)
@@ -64,13 +64,13 @@ def runtime_fp32(context: StudyContext, deployment: Deployment, fp32: PreparedMo
     (one per runtime, shared by its deployments)."""
     example = context.calibration_images(CALIBRATION_IMAGES)[:2]
     parts = {"base": fp32.key, "runtime": deployment.runtime, "precision": "fp32"}
-    session, _ = _artifact(
+    session, _ = deployed_artifact(
         context, deployment, parts, lambda path: deployment.export_fp32(fp32.module, example, path)
     )
     return session
 
 
-def _artifact(context: StudyContext, deployment: Deployment, parts: dict, build) -> tuple:
+def deployed_artifact(context: StudyContext, deployment: Deployment, parts: dict, build) -> tuple:
     """A cached exported file (built on a miss), opened as a session, and its key."""
     cache = context.cache
     session = cache.get("deployments", parts, deployment.suffix, build=build, load=deployment.load)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from quantpatch import __version__
+from quantpatch.data import Split
 from quantpatch.defenses.training import train_recipe
 from quantpatch.models import (
     TrainConfig,
@@ -105,10 +107,10 @@ def prepare_fp32(context: StudyContext, arch: str, *, independent: bool = False)
         else:
             desc = f"train {arch}" + (" (independent seed)" if independent else "")
             train_model(model, dataset.train, train_cfg, context.device, context.progress, desc)
-        _save(context, path, model, arch, FP32, train_cfg.seed)
+        save_model(context, path, model, arch, FP32, train_cfg.seed)
 
     tag = INDEPENDENT_TAG if independent else ""
-    return _cached_model(context, parts, build, lambda: model, arch, FP32, tag)
+    return cached_model(context, parts, build, lambda: model, arch, FP32, tag)
 
 
 def prepare_quantized(
@@ -141,12 +143,12 @@ def prepare_quantized(
             device=context.device,
             progress=context.progress,
         )
-        _save(context, path, model, base.arch, spec, qat.seed)
+        save_model(context, path, model, base.arch, spec, qat.seed)
 
     def skeleton() -> nn.Module:
         return quantize(base.module, spec, first_last_bits=config.first_last_bits)
 
-    return _cached_model(context, parts, build, skeleton, base.arch, spec)
+    return cached_model(context, parts, build, skeleton, base.arch, spec)
 
 
 def prepare_control(
@@ -161,12 +163,12 @@ def prepare_control(
         model = copy.deepcopy(base.module)
         desc = f"fine-tune {base.arch} ({tag})"
         train_model(model, context.dataset.train, schedule, context.device, context.progress, desc)
-        _save(context, path, model, base.arch, FP32, schedule.seed)
+        save_model(context, path, model, base.arch, FP32, schedule.seed)
 
     def skeleton() -> nn.Module:
         return copy.deepcopy(base.module)
 
-    return _cached_model(context, parts, build, skeleton, base.arch, FP32, tag)
+    return cached_model(context, parts, build, skeleton, base.arch, FP32, tag)
 
 
 def prepare_recipe(
@@ -196,13 +198,13 @@ def prepare_recipe(
             calibration=config.calibration, first_last_bits=config.first_last_bits,
             device=context.device, progress=context.progress,
         )  # fmt: skip
-        _save(context, path, model, base.arch, FP32, schedule.seed)
+        save_model(context, path, model, base.arch, FP32, schedule.seed)
 
     def skeleton() -> nn.Module:
         return SwitchablePrecision.from_float(base.module, specs,
                                               first_last_bits=config.first_last_bits)  # fmt: skip
 
-    whole = _cached_model(context, parts, build, skeleton, base.arch, FP32, settings.label)
+    whole = cached_model(context, parts, build, skeleton, base.arch, FP32, settings.label)
     switchable: SwitchablePrecision = whole.module  # type: ignore[assignment]
 
     def member(spec: QuantSpec, module: nn.Module, key: str, label: str | None = None):
@@ -232,7 +234,7 @@ def control_schedules(context: StudyContext) -> dict[str, TrainConfig]:
     return schedules
 
 
-def _cached_model(
+def cached_model(
     context: StudyContext,
     parts: dict,
     build,
@@ -254,15 +256,24 @@ def _cached_model(
     return PreparedModel(arch, spec, module.to(context.device).eval(), key, tag=tag)
 
 
-def _save(
-    context: StudyContext, path: Path, model: nn.Module, arch: str, spec: QuantSpec, seed: int
+def save_model(
+    context: StudyContext,
+    path: Path,
+    model: nn.Module,
+    arch: str,
+    spec: QuantSpec,
+    seed: int,
+    clean_on: Split | None | Literal["test"] = "test",
 ) -> None:
-    clean = evaluate_accuracy(model, context.dataset.test, context.device)
+    """The checkpoint with its metadata; its clean accuracy on ``clean_on`` (default: the
+    test split; None: a model whose input is not an image, which records none)."""
+    split = context.dataset.test if clean_on == "test" else clean_on
+    clean = None if split is None else evaluate_accuracy(model, split, context.device).to_dict()
     metadata = {
         "arch": arch,
         "dataset": context.dataset.name,
         "precision": spec.name,
-        "clean_accuracy": clean.to_dict(),
+        "clean_accuracy": clean,
         "seed": seed,
         "replicate": context.replicate,
         "quantpatch_version": __version__,
