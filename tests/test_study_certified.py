@@ -116,3 +116,18 @@ def test_bad_certified_settings_fail_before_work(tmp_path: Path, defense, match)
         config = load_study(None, defenses=[defense], cache_dir=tmp_path / "cache")
         run_study(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_certifiable_training_without_a_certificate(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from quantpatch.cli import main
+
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"defenses": [{"name": "median", "certifiable": True}]}))
+    argv = ["run", str(study), "--out", str(tmp_path / "run"), "--quiet",
+            "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "certifiable training" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()

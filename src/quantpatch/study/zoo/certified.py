@@ -21,6 +21,7 @@ from quantpatch.models import TrainConfig, create_model, train_model
 from quantpatch.quant import FP32, QuantSpec, build_quantized, quantize
 from quantpatch.study.settings.config import DefenseSettings
 from quantpatch.study.settings.names import CERTIFIABLE_TAG, tagged
+from quantpatch.study.store.cache import code_fingerprint
 from quantpatch.study.zoo.context import PreparedModel, StudyContext, Target
 from quantpatch.study.zoo.deployed import CALIBRATION_IMAGES, deployed_artifact
 from quantpatch.study.zoo.models import cached_model, replicated, save_model
@@ -54,9 +55,15 @@ def certifiable_targets(
     return targets
 
 
+CERTIFIABLE_CODE = ("defenses", "study/zoo/certified.py")
+"""What a certifiable model depends on beyond ``MODEL_CODE``: its defence's training inputs."""
+
+
 def _identity(settings: DefenseSettings) -> dict:
-    """What the training inputs depend on: the defence and its parameters."""
-    return {"defense": settings.name, "params": settings.params}
+    """What the training inputs depend on: the defence, its parameters and their code (part
+    of these models' keys only, so plain models survive edits there)."""
+    return {"defense": settings.name, "params": settings.params,
+            "code": code_fingerprint(*CERTIFIABLE_CODE)}  # fmt: skip
 
 
 def certifiable_fp32(
