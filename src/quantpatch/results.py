@@ -265,12 +265,15 @@ class CellRecord(RateRecord):
         description="crafted knowing the target's defence: white-box through it; False on a "
         "defended target: crafted on an undefended model (non-adaptive)",
     )
-    adaptive_via: Literal["exact", "bpda", "underlying-model", "queries"] | None = Field(
-        None,
-        description="how an adaptive attack saw the defence: exact gradients, straight-through "
-        "(BPDA) ones, or none: a forward-only defence (patchcleanser) has no gradient, so its "
-        "adaptive attack is the white-box attack on the model behind it; 'queries': a query "
-        "attack that saw only the defended model's outputs",
+    adaptive_via: Literal["exact", "bpda", "surrogate", "underlying-model", "queries"] | None = (
+        Field(
+            None,
+            description="how an adaptive attack saw the defence: exact gradients, "
+            "straight-through (BPDA) ones, a certified defence's differentiable 'surrogate' "
+            "(soft vote, mean over masks), or none: a forward-only defence without a surrogate "
+            "is attacked white-box on the model behind it; 'queries': a query attack that saw "
+            "only the defended model's outputs",
+        )
     )
     attack: str = Field(description="label: attack name plus the settings that set it apart")
     attack_name: str

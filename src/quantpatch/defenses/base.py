@@ -77,6 +77,18 @@ class Certifier(Defense):
         """How it certifies images of ``image_hw``, in words, for results."""
         raise NotImplementedError
 
+    @property
+    def adaptive_via(self) -> str:
+        """'surrogate' where the defence offers a differentiable stand-in (``surrogate``),
+        so an adaptive attack can be crafted through it; else the underlying model's."""
+        has_own = type(self).surrogate is not Certifier.surrogate
+        return "surrogate" if has_own else "underlying-model"
+
+    def surrogate(self, model: nn.Module) -> nn.Module:
+        """A differentiable stand-in for the defended classifier around ``model`` (images ->
+        scores whose argmax tracks the defence's label), for adaptive attacks."""
+        raise NotImplementedError(f"{type(self).__name__} has no differentiable surrogate")
+
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: the defended images; backward: the incoming gradient, unchanged, to the input."""

@@ -279,6 +279,10 @@ class DerandomizedSmoothing(Certifier):
         """A differentiable surrogate of this vote around ``model``, for attacks."""
         return SoftVote(model, self, temperature)
 
+    def surrogate(self, model: nn.Module) -> SoftVote:
+        """The soft vote: adaptive attacks on the smoothed classifier go through it."""
+        return self.soft_vote(model)
+
     def __repr__(self) -> str:
         return (
             f"DerandomizedSmoothing(patch_size={self.patch_size}, ablation={self.ablation!r}, "

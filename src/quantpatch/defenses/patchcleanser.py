@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from quantpatch.defenses.base import (
     DEFENSES,
@@ -155,6 +156,11 @@ class PatchCleanser(Certifier):
                     f"of a {self.patch_size}px patch along a {side}px side"
                 )
 
+    def surrogate(self, model: nn.Module) -> SoftMasking:
+        """Every one-mask image's softmax, averaged: a patch that beats double masking must
+        fool the one-mask predictions of every mask that leaves it uncovered."""
+        return SoftMasking(model, self)
+
     def train_transform(self, seed: int = 0) -> RandomMasks:
         """Certifiable training input: each image with up to two masks of this mask set."""
         return RandomMasks(self, seed)
@@ -270,3 +276,25 @@ def double_masking(first: torch.Tensor, agree: torch.Tensor) -> torch.Tensor:
     which = case_two.to(torch.uint8).argmax(dim=1)  # the first True (argmax takes the first max)
     disagreer = first.gather(1, which[:, None]).squeeze(1)
     return torch.where(case_two.any(dim=1), disagreer, vote)
+
+
+class SoftMasking(nn.Module):
+    """PatchCleanser made differentiable, to attack it adaptively: ``model`` on every one-mask
+    copy of each image (all N x M at once, with gradients), returned as the log of the mean
+    softmax over the masks. Ascending its cross-entropy pushes down the true class on the
+    masked images the patch survives in, which is what a patch must win to flip double
+    masking; masks that cover the patch give it no gradient, as in the defence."""
+
+    def __init__(self, model: nn.Module, cleanser: PatchCleanser) -> None:
+        super().__init__()
+        self.model = model
+        self.cleanser = cleanser
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images)
+        keep = self.cleanser.mask_set(tuple(images.shape[-2:])).keep().to(images.device)
+        n, masks = len(images), len(keep)
+        expanded = images.repeat_interleave(masks, dim=0)
+        masked = torch.where(keep.repeat(n, 1, 1, 1), expanded, self.cleanser.mask_value)
+        log_probs = self.model(masked).log_softmax(dim=1).view(n, masks, -1)
+        return torch.logsumexp(log_probs, dim=1) - math.log(masks)

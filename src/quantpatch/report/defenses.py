@@ -29,6 +29,7 @@ VIA = {
     "exact": "exact gradients",
     "bpda": "BPDA (straight-through)",
     "underlying-model": "attacks the model behind it (forward-only)",
+    "surrogate": "through its differentiable surrogate (soft vote or mean over masks)",
 }
 
 
@@ -173,9 +174,11 @@ def defenses_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
         "Non-adaptive: adversarial images crafted on the undefended model, scored behind the "
         "defence (ORT int8 has no gradients: crafted on its fp32 sibling). Adaptive: the "
         "attack crafted white-box through the defence, with exact gradients where it is "
-        "differentiable and straight-through ones (BPDA) where it is not; PatchCleanser "
-        "is forward-only, so its adaptive attack is the white-box attack on the model behind "
-        "it. No defence is randomised, so no expectation over transformations is needed."
+        "differentiable and straight-through ones (BPDA) where it is not; a certified "
+        "defence is attacked through its differentiable surrogate (derandomized smoothing: "
+        "the soft vote; PatchCleanser: the mean softmax over its one-mask images), and no "
+        "attack can beat its certificate on a certified image. No defence is randomised, so "
+        "no expectation over transformations is needed."
     )
     for attack, size in crafted_attacks(results.cells):
         label = attack + (f", {size} px" if size else "")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from quantpatch.attacks import Attack
 from quantpatch.study.settings.config import AttackSettings
-from quantpatch.study.settings.names import FP32, model_name
+from quantpatch.study.settings.names import CERTIFIABLE_TAG, FP32, model_name
 from quantpatch.study.zoo.context import PreparedModel, StudyContext, Target
 
 
@@ -97,9 +97,10 @@ def sources_for(context: StudyContext, cls: type[Attack], settings: AttackSettin
 def adaptive_sources_for(
     context: StudyContext, cls: type[Attack], settings: AttackSettings
 ) -> list[Source]:
-    """One source per input-defended PyTorch target, the defence included (white-box through
-    it): the adaptive cells. None for attacks that use no model or several (multibit), or
-    that the study marks ``adaptive: false``; a forward-only defence has no such source (its
+    """One source per defended PyTorch target, the defence included: white-box through an
+    input defence, or through a certifier's differentiable surrogate (the adaptive cells).
+    None for attacks that use no model or several (multibit), or that the study marks
+    ``adaptive: false``; a forward-only defence without a surrogate has no such source (its
     adaptive attack is the undefended model's, already in the grid)."""
     if cls.source_free or cls.multi_precision or not settings.adaptive:
         return []
@@ -108,7 +109,8 @@ def adaptive_sources_for(
         Source.single(model)
         for model in context.adaptive_sources.values()
         if chosen is None or model.precision in chosen
-    ]
+        or (model.tag == CERTIFIABLE_TAG and model.spec.name in chosen)  # 'fp32' takes fp32-cert
+    ]  # fmt: skip
 
 
 def scored_targets(context: StudyContext, source: Source) -> list[Target]:

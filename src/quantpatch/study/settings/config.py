@@ -101,7 +101,7 @@ class AttackSettings(_Strict):
         True,
         description="when the study has defences: also craft this attack white-box through each "
         "input defence (BPDA where it is not differentiable) and score it on that defended "
-        "target; a forward-only defence (patchcleanser) is attacked through its model",
+        "target; a certified defence is attacked through its differentiable surrogate",
     )
 
     def base_label(self) -> str:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from quantpatch._io import content_key
 from quantpatch.defenses import Certifier, DefendedModel, Defense, InputDefense
-from quantpatch.defenses.certifiable import plain_view
+from quantpatch.defenses.certifiable import PlainInputAdapter, plain_view
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.results import CertifiedPoint, CertifiedRecord, RateRecord
@@ -41,8 +42,9 @@ def prepare_defended_targets(context: StudyContext) -> None:
             context.model_records[-1] = record.model_copy(
                 update={"defense": settings.label, "certified": certified}
             )
-            if base.model is not None and isinstance(defense, InputDefense):
-                context.adaptive_sources[target.name] = adaptive_source(base.model, target, defense)
+            through = _differentiable(base, settings, defense)
+            if through is not None:
+                context.adaptive_sources[target.name] = adaptive_source(base.model, target, through)
 
 
 def defended_target(
@@ -89,12 +91,26 @@ def _device(context: StudyContext, base: Target) -> torch.device:
     return context.device if base.runtime == "torch" else torch.device("cpu")
 
 
-def adaptive_source(model: PreparedModel, target: Target, defense: InputDefense) -> PreparedModel:
-    """``model`` behind ``defense`` as an attack source (white-box through the defence)."""
-    return PreparedModel(
-        model.arch, model.spec, DefendedModel(model.module, defense), target.key, model.tag,
-        defense=target.defense,
-    )  # fmt: skip
+def _differentiable(base: Target, settings: DefenseSettings, defense: Defense) -> nn.Module | None:
+    """The defended PyTorch model as a module an attack can be crafted through: the model
+    behind an input defence (BPDA where it is not differentiable) or a certifier's surrogate
+    around it; None for other runtimes and defences without one."""
+    if base.model is None:
+        return None
+    if isinstance(defense, InputDefense):
+        return DefendedModel(base.model.module, defense)
+    if isinstance(defense, Certifier) and defense.adaptive_via == "surrogate":
+        inner = base.model.module
+        if takes_encoded_input(defense) and not settings.certifiable:
+            inner = PlainInputAdapter(inner)
+        return defense.surrogate(inner)
+    return None
+
+
+def adaptive_source(model: PreparedModel, target: Target, module: nn.Module) -> PreparedModel:
+    """``module`` (``model`` behind the target's defence) as an attack source."""
+    return PreparedModel(model.arch, model.spec, module, target.key, model.tag,
+                         defense=target.defense)  # fmt: skip
 
 
 def certify(
