@@ -48,6 +48,35 @@ def certified_section(page: Page, models: list[ModelRecord], order: ModelOrder) 
     _curves(page, by_name, names)
 
 
+def certified_findings(page: Page, models: list[ModelRecord], order: ModelOrder) -> None:
+    """Key findings: per certified defence and architecture, what fp32 certifies, what the
+    lowest precision and each runtime keep of it."""
+    by_name = _by_name([m for m in models if m.certified is not None])
+    groups: dict[tuple, list[str]] = defaultdict(list)
+    for name, records in by_name.items():
+        groups[(records[0].defense, records[0].arch)].append(name)
+    for (defense, arch), names in sorted(groups.items()):
+        names.sort(key=lambda n: order(_base(by_name[n][0])))
+        fp32 = [n for n in names if _is_float_torch(by_name[n][0])]
+        if not fp32:
+            continue
+        first = by_name[fp32[0]][0]
+        cert = first.certified
+        parts = [f"Certified ({defense}, {cert.base_training} {arch}): fp32 "
+                 f"{_rate([m.certified.certified for m in by_name[fp32[0]]]).fmt()} against a "
+                 f"{cert.patch_size} px patch at {_rate([m.certified.clean for m in by_name[fp32[0]]]).fmt()} clean"]  # fmt: skip
+        for name in names[1:]:
+            records = by_name[name]
+            share = _kept_of_fp32(records, by_name)
+            parts.append(f"{records[0].precision} "
+                         f"{_rate([m.certified.certified for m in records]).fmt()} ({share} of fp32)")  # fmt: skip
+        page.para("; ".join(parts) + ".", cls="finding")
+
+
+def _is_float_torch(model: ModelRecord) -> bool:
+    return model.runtime == "torch" and model.weight_bits is None
+
+
 def _by_name(models: list[ModelRecord]) -> dict[str, list[ModelRecord]]:
     grouped: dict[str, list[ModelRecord]] = defaultdict(list)
     for model in sorted(models, key=lambda m: m.replicate):
@@ -72,7 +101,7 @@ def _kept_of_fp32(records: list[ModelRecord], by_name: dict[str, list[ModelRecor
     first = records[0]
     fp32 = next((group for group in by_name.values()
                  if group[0].defense == first.defense and group[0].arch == first.arch
-                 and group[0].runtime == "torch" and group[0].weight_bits is None), None)  # fmt: skip
+                 and _is_float_torch(group[0])), None)  # fmt: skip
     if fp32 is None or fp32[0].name == first.name or len(fp32) != len(records):
         return "–"
     ratio = rate_ratio(

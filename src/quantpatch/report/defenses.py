@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.metrics import Rate, difference_interval  # noqa: E402
-from quantpatch.report.certified import certified_section  # noqa: E402
 from quantpatch.report.page import Page  # noqa: E402
 from quantpatch.report.tables import (  # noqa: E402
     ModelOrder,
@@ -190,7 +189,6 @@ def defenses_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
                     "hollow: transfer only (ORT int8); bars are 95 % Wilson intervals. Up and "
                     "to the left is better.")  # fmt: skip
         _gap_table(page, gaps(results, attack, size), order)
-    certified_section(page, results.models, order)
 
 
 def _gap_table(page: Page, rows: list[Gap], order: ModelOrder) -> None:

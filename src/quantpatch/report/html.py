@@ -11,6 +11,7 @@ from quantpatch._io import read_json, write_text_atomic
 from quantpatch.errors import QuantpatchError
 from quantpatch.report import figures
 from quantpatch.report.analysis_sections import analysis_sections
+from quantpatch.report.certified import certified_findings, certified_section
 from quantpatch.report.defenses import defenses_section
 from quantpatch.report.findings import key_findings
 from quantpatch.report.fits import fit_section
@@ -45,6 +46,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     page = Page(run_dir / "figures")
     _header(page, results)
     key_findings(page, results, order)
+    certified_findings(page, loaded.models, order)
     _models_section(page, results.models, order, undefended(loaded).models)
     _patches_section(page, run_dir)
     _attack_sections(page, results, order)
@@ -52,6 +54,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     runtime_section(page, results.cells, results.models, order)
     fit_section(page, results.cells, order)
     defenses_section(page, everything, order)
+    certified_section(page, loaded.models, order)  # every replicate: it pools them
     training_section(page, results, order)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
