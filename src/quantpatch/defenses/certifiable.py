@@ -107,21 +107,12 @@ def certifiable_transform(defense: Any, seed: int = 0) -> InputTransform:
     return hook(seed)
 
 
-def plain_view(predict: Callable[[torch.Tensor], torch.Tensor]):
-    """``predict`` of a model trained on plain C-channel images, made to take the 2C
-    encoding: it sees the kept pixels (ablated ones 0), as ``PlainInputAdapter`` does."""
-
-    def on_encoded(encoded: torch.Tensor) -> torch.Tensor:
-        return predict(encoded[:, : encoded.shape[1] // 2])
-
-    return on_encoded
-
-
 class PlainInputAdapter(nn.Module):
     """A model trained on plain C-channel images behind derandomized smoothing: it gets the
-    kept pixels of the 2C encoding (ablated pixels 0), the plain model's view of an ablation."""
+    kept pixels of the 2C encoding (ablated pixels 0), the plain model's view of an ablation.
+    ``model`` may be a module (differentiable end to end) or any predictor (an ORT session)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.model = model
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from quantpatch._io import content_key
 from quantpatch.defenses import Certifier, DefendedModel, Defense, InputDefense
-from quantpatch.defenses.certifiable import PlainInputAdapter, plain_view
+from quantpatch.defenses.certifiable import PlainInputAdapter
 from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.results import CertifiedPoint, CertifiedRecord, RateRecord
@@ -55,10 +55,8 @@ def defended_target(
     if isinstance(defense, InputDefense):
         predict = _transformed_predictor(base, defense, context.device)
     else:
-        base_predict = base.predict
-        if takes_encoded_input(defense) and not settings.certifiable:
-            base_predict = plain_view(base.predict)  # a model trained on whole images
-        predict = _certifier_predictor(base_predict, defense, _device(context, base),
+        predict = _certifier_predictor(_seen_by(defense, settings, base.predict), defense,
+                                       _device(context, base),
                                        context.dataset.num_classes)  # fmt: skip
     return Target(
         base.arch, base.precision, base.spec, base.runtime, predict, key, base.model,
@@ -86,6 +84,14 @@ def _certifier_predictor(
     return predict
 
 
+def _seen_by(defense: Defense, settings: DefenseSettings, model):
+    """``model`` as the defence feeds it: a plain model behind smoothing takes the kept
+    pixels of the 2C encoding (``PlainInputAdapter``); anything else as it is."""
+    if takes_encoded_input(defense) and not settings.certifiable:
+        return PlainInputAdapter(model)
+    return model
+
+
 def _device(context: StudyContext, base: Target) -> torch.device:
     """Where masked images are built: ONNX Runtime sessions take CPU tensors."""
     return context.device if base.runtime == "torch" else torch.device("cpu")
@@ -100,10 +106,7 @@ def _differentiable(base: Target, settings: DefenseSettings, defense: Defense) -
     if isinstance(defense, InputDefense):
         return DefendedModel(base.model.module, defense)
     if isinstance(defense, Certifier) and defense.adaptive_via == "surrogate":
-        inner = base.model.module
-        if takes_encoded_input(defense) and not settings.certifiable:
-            inner = PlainInputAdapter(inner)
-        return defense.surrogate(inner)
+        return defense.surrogate(_seen_by(defense, settings, base.model.module))
     return None
 
 
@@ -134,9 +137,7 @@ def _certified_record(
     context: StudyContext, base: Target, settings: DefenseSettings, defense: Certifier
 ) -> CertifiedRecord:
     images, labels, device = context.eval_images, context.eval_labels, _device(context, base)
-    predict = base.predict
-    if takes_encoded_input(defense) and not settings.certifiable:
-        predict = plain_view(base.predict)
+    predict = _seen_by(defense, settings, base.predict)
     sizes = sorted({defense.patch_size, *settings.certify_sizes})
     if settings.certify_sizes:
         pred, by_size = defense.certify_sizes(predict, images, labels, sizes, device)
