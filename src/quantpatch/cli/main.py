@@ -278,15 +278,9 @@ def _registry(what: str):
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    if args.what == "study":
-        from quantpatch.study import StudyConfig
+    from quantpatch.schemas import shipped
 
-        schema = StudyConfig.model_json_schema()
-    else:
-        from quantpatch.results import results_schema
-
-        schema = results_schema()
-    print(json.dumps(schema, indent=2))
+    print(json.dumps(shipped(args.what), indent=2))
     return 0
 
 
