@@ -63,3 +63,24 @@ def test_patch_pgd_searches_the_placement(mnist_lenet_fp32):
     assert changed.sum(1).max() <= 100 and rows.sum(1).max() <= 10 and cols.sum(1).max() <= 10
     _, fooled = loss_and_success(model, adversarial, y)
     assert fooled.float().mean() >= 0.95, fooled.float().mean()
+
+
+@pytest.mark.parametrize(
+    ("steps", "rounds"), [(50, [2, 3, 23]), (100, [4, 6, 46]), (10, [1, 1, 5])]
+)
+def test_patch_pgd_search_spends_its_step_budget(mnist_lenet_fp32, steps, rounds):
+    """Successive halving (9 positions, the best 3, the best one) spends ``steps`` gradient
+    passes per image, probes included; each round also evaluates where it ends (9 + 3 + 1
+    forwards). Tiny budgets keep 45 % of ``steps`` for the chosen position."""
+    model, x, y = correct_test_images(mnist_lenet_fp32, 4)
+    attack = create_attack("patch-pgd", patch_size=7, steps=steps, progress=False)
+    assert attack._round_steps() == rounds
+    passes = 9 * rounds[0] + 3 * rounds[1] + rounds[2]
+    assert passes == steps or steps < 25
+    seen = []
+    hook = model.register_forward_hook(lambda _m, inputs, _out: seen.append(len(inputs[0])))
+    try:
+        attack.perturb([model], x, y, CPU)
+    finally:
+        hook.remove()
+    assert sum(seen) == len(x) * (passes + 9 + 3 + 1)

@@ -374,7 +374,7 @@ def default_attacks(precisions: list[QuantSpec] | tuple[QuantSpec, ...]) -> list
     ends = [FP32] + ([lowest.name] if not lowest.is_float else [])
     return [
         AttackSettings(name="universal", params={"steps": 100, "batch_size": 64}),
-        # batch 32: the placement probe runs 9 copies of each batch (memory, not speed)
+        # batch 32: the first round of the placement search runs 9 copies of each batch (memory)
         AttackSettings(name="patch-pgd", params={"steps": 50, "batch_size": 32}, sources=ends),
         AttackSettings(name="pgd-linf", params={"eps": 0.1, "steps": 20}, sources=ends),
         AttackSettings(name="random"),
