@@ -8,7 +8,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
 from quantpatch.defenses.base import DEFENSES, InputDefense, check_images, check_int
 from quantpatch.errors import ShapeError
@@ -36,6 +35,10 @@ class JPEG(InputDefense):
             raise ShapeError(f"jpeg needs 1 or 3 channels, got {images.shape[1]}")
         if len(images) == 0:
             return images.detach().clone()
+        # deferred: importing torchvision costs seconds (its models pull in torch._dynamo),
+        # which every study, help and refused config would otherwise pay
+        from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
         codes = images.detach().mul(255).round_().clamp_(0, 255).to("cpu", torch.uint8)
         with warnings.catch_warnings():
             # torchvision >= 0.29 marks its codecs deprecated in favour of TorchCodec, which
