@@ -2,18 +2,27 @@
 
 Each recipe trains a ``SwitchablePrecision`` model (shared float weights, per-precision
 quantizer ranges and BatchNorm) with its own objective; a study puts every precision of it in
-the grid next to plain QAT. Formulated from the papers' descriptions (none released code):
+the grid next to plain QAT. Formulated from the papers (DWQ's code is public, the others'
+is not):
 
-* ``random-precision`` (DWQ, Fu et al. ICML 2021): every precision trained jointly; the model
-  is also served at a random precision per image, and attacked with an expectation over
-  precisions.
+* ``dwq`` (Double-Win Quant, Fu et al. ICML 2021, GATECH-EIC/Double-Win-Quant): random-precision
+  adversarial training. Each batch draws one precision, crafts adversarial examples on it and
+  trains that precision alone on them (switchable BatchNorm); the model is served at a random
+  precision per image.
+* ``random-precision``: DWQ's random precision without its adversarial training: every
+  precision trained jointly on clean images, served at a random precision per image.
 * ``patch-at`` (patch adversarial training across bit-widths, as in QADT-R, arXiv 2503.07058):
   each step crafts patches against a randomly drawn precision (per-image sign-gradient
   patches at random places, and a persistent universal patch updated every step) and trains
   every precision on them.
 * ``disalign`` (cross-precision disalignment, as in TriQDef, arXiv 2508.12132): the squared
   cosine similarity of the fp32 and each quantized precision's input gradients is
-  penalised, so that a patch made on one precision points elsewhere on the others.
+  penalised, both gradients differentiated (scales frozen for the penalty, eval-mode
+  BatchNorm as attackers see it), so that a patch made on one precision points elsewhere on
+  the others.
+
+A random-precision model is attacked with the exact expectation over its members (the mean
+loss of every precision, ``quant.switchable.attack_members``), and scored as served.
 
 ``RECIPES`` maps names to classes; ``create_recipe(name, **params)`` validates the parameters.
 """
@@ -33,7 +42,7 @@ from quantpatch.attacks.placement import paste_at
 from quantpatch.defenses.base import check_float, check_int
 from quantpatch.errors import ConfigError
 from quantpatch.models.train import TrainConfig, train_model
-from quantpatch.quant import FP32, QuantSpec, calibrate, quantize, set_learnable
+from quantpatch.quant import FP32, FakeQuantizer, QuantSpec, calibrate, quantize, set_learnable
 from quantpatch.quant.quantize import CALIBRATION_IMAGES, param_groups
 from quantpatch.quant.switchable import SwitchablePrecision
 
@@ -71,7 +80,8 @@ def joint_loss(
 
 @RECIPES.register
 class RandomPrecision(Recipe):
-    """DWQ-style: every precision trained jointly; served at a random precision per image."""
+    """DWQ's random precision without adversarial training: every precision trained jointly on
+    clean images; served at a random precision per image."""
 
     name = "random-precision"
     random_inference = True
@@ -149,26 +159,112 @@ class PatchAdversarial(Recipe):
         return torch.cat(parts).detach()
 
     def _step(self, member, images, labels, tops, lefts, patch, shared: bool = False):
-        """One sign-gradient ascent step on the loss of ``member`` (a shared patch: on the
-        batch-mean loss, so all images move it the same way)."""
-        if not len(images):
-            return patch
-        patch = patch.detach().requires_grad_(True)
-        loss = F.cross_entropy(member(paste_at(images, patch, tops, lefts)), labels)
-        (grad,) = torch.autograd.grad(loss, patch)
-        if shared:
-            grad = grad.sum(dim=0, keepdim=True).expand_as(grad)
-        return (patch + self.step_size * grad.sign()).clamp(0, 1).detach()
+        return patch_step(member, images, labels, tops, lefts, patch, self.step_size, shared)
+
+
+def patch_step(member, images, labels, tops, lefts, patch, step_size: float, shared=False):
+    """One sign-gradient ascent step of ``step_size`` on the loss of ``member`` (a shared
+    patch: on the batch-mean loss, so all images move it the same way)."""
+    if not len(images):
+        return patch
+    patch = patch.detach().requires_grad_(True)
+    loss = F.cross_entropy(member(paste_at(images, patch, tops, lefts)), labels)
+    (grad,) = torch.autograd.grad(loss, patch)
+    if shared:
+        grad = grad.sum(dim=0, keepdim=True).expand_as(grad)
+    return (patch + step_size * grad.sign()).clamp(0, 1).detach()
+
+
+@RECIPES.register
+class DoubleWinQuant(Recipe):
+    """DWQ: random-precision adversarial training, served at a random precision per image.
+
+    Each batch draws one precision uniformly, crafts adversarial examples on it as it trains
+    (training-mode BatchNorm, as DWQ's code does) and trains that precision alone on them,
+    which moves the shared weights and that precision's own BatchNorm and ranges. ``attack``:
+    ``"fgsm"`` (DWQ's default, "fast" adversarial training: one step of ``1.25 eps`` from a
+    uniform start in the ``eps`` ball), ``"pgd"`` (``steps`` steps of ``eps / 4`` from a uniform
+    start; DWQ's PGD-7 of 2/255 at 8/255 on CIFAR-10) or ``"patch"`` (a per-image
+    ``patch_size`` patch at a random place, ``steps`` sign steps of 0.25 from noise). DWQ
+    draws from a contiguous bit range (e.g. 4-16); here the draw is over the study's
+    precisions. ``eps`` 0.1 is the study's pixel-PGD budget on [0, 1] images.
+    """
+
+    name = "dwq"
+    random_inference = True
+
+    def __init__(
+        self,
+        attack: str = "pgd",
+        eps: float = 0.1,
+        steps: int = 7,
+        patch_size: int = 7,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(seed)
+        if attack not in DWQ_ATTACKS:
+            raise ConfigError(f"dwq attack must be one of {', '.join(DWQ_ATTACKS)}, got {attack!r}")
+        self.attack = attack
+        self.eps = check_float("dwq eps", eps, 0.0, 1.0)
+        self.steps = check_int("dwq steps", steps, minimum=1)
+        self.patch_size = check_int("dwq patch_size", patch_size, minimum=1)
+
+    def params(self) -> dict[str, Any]:
+        return {"attack": self.attack, "eps": self.eps, "steps": self.steps,
+                "patch_size": self.patch_size, **super().params()}  # fmt: skip
+
+    def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
+        drawn = model.names[int(torch.randint(len(model.names), (1,), generator=self.generator))]
+        member = model.member(drawn)
+        adversarial = self.adversarial(member, images, labels)
+        return F.cross_entropy(member(adversarial), labels, label_smoothing=self.label_smoothing)
+
+    def adversarial(self, member: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        """The batch attacked on ``member`` as it is (detached; weights get no gradient)."""
+        if self.attack == "patch":
+            return self._patched(member, images, labels)
+        start = (torch.rand(images.shape, generator=self.generator) * 2 - 1) * self.eps
+        adversarial = (images + start.to(images.device)).clamp(0, 1)
+        steps, step_size = (
+            (1, 1.25 * self.eps) if self.attack == "fgsm" else (self.steps, self.eps / 4)
+        )
+        for _ in range(steps):
+            adversarial = adversarial.detach().requires_grad_(True)
+            loss = F.cross_entropy(member(adversarial), labels)
+            (grad,) = torch.autograd.grad(loss, adversarial)
+            moved = adversarial.detach() + step_size * grad.sign()
+            adversarial = torch.min(torch.max(moved, images - self.eps), images + self.eps).clamp(
+                0, 1
+            )
+        return adversarial.detach()
+
+    def _patched(self, member: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        n, channels, height, width = images.shape
+        p = self.patch_size
+        if p > min(height, width):
+            raise ConfigError(f"dwq: a {p}px patch does not fit {height}x{width} images")
+        tops = torch.randint(height - p + 1, (n,), generator=self.generator)
+        lefts = torch.randint(width - p + 1, (n,), generator=self.generator)
+        patch = torch.rand(n, channels, p, p, generator=self.generator).to(images.device)
+        for _ in range(self.steps):
+            patch = patch_step(member, images, labels, tops, lefts, patch, 0.25)
+        return paste_at(images, patch, tops, lefts).detach()
+
+
+DWQ_ATTACKS = ("fgsm", "pgd", "patch")
 
 
 @RECIPES.register
 class Disalignment(Recipe):
-    """Cross-precision disalignment: fp32's input gradients turned away from each precision's.
+    """Cross-precision disalignment: fp32's and each precision's input gradients turned apart.
 
     Every precision trained jointly, plus ``weight`` times the mean squared cosine similarity
-    of fp32's input gradient and each quantized precision's. (Default 10: on a LeNet probe, 512 training digits, it halved the fp32-w2a2
-    gradient alignment, where 1 moved it by a tenth and 100 cost 30 points of accuracy.) Fake-quant ops have no second derivative, so the quantized gradients enter
-    as constants: the shared weights move fp32's gradient away from them."""
+    of fp32's input gradient and each quantized precision's, both differentiated: the penalty
+    pass runs with frozen quantizer scales (the fixed-scale native fake-quant op has a second
+    derivative, LSQ's learnable op has none) and eval-mode BatchNorm, as an attacker sees the
+    model. (Default 10: on a LeNet probe, 512 training digits, it halved the fp32-w2a2
+    gradient alignment of the one-sided form, where 1 moved it by a tenth and 100 cost 30
+    points of accuracy.)"""
 
     name = "disalign"
 
@@ -182,20 +278,22 @@ class Disalignment(Recipe):
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
         if FP32.name not in model.names or len(model.names) < 2:
             raise ConfigError("disalign needs fp32 and at least one quantized precision")
+        joint = joint_loss(model, images, labels, self.label_smoothing)
+        return joint + self.weight * self.penalty(model, images, labels)
+
+    def penalty(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
+        """Mean squared cosine of fp32's and each quantized precision's input gradients, with
+        a graph through both (so the shared weights turn either gradient)."""
         x = images.detach().requires_grad_(True)
-        losses = {name: F.cross_entropy(model.member(name)(x), labels,
-                                        label_smoothing=self.label_smoothing)
-                  for name in model.names}  # fmt: skip
-        (reference,) = torch.autograd.grad(losses[FP32.name], x, create_graph=True)
-        reference = reference.flatten(1)
-        similarity = []
-        for name in model.names:
-            if name == FP32.name:
-                continue
-            (other,) = torch.autograd.grad(losses[name], x, retain_graph=True)
-            similarity.append(F.cosine_similarity(reference, other.flatten(1), dim=1).pow(2))
-        penalty = torch.stack(similarity).mean()
-        return torch.stack(list(losses.values())).mean() + self.weight * penalty
+        gradients = {}
+        with _evaluating(model), _frozen_scales(model):
+            for name in model.names:
+                loss = F.cross_entropy(model.member(name)(x), labels)
+                (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
+                gradients[name] = gradient.flatten(1)
+        reference = gradients.pop(FP32.name)
+        cosines = [F.cosine_similarity(reference, g, dim=1).pow(2) for g in gradients.values()]
+        return torch.stack(cosines).mean()
 
 
 def create_recipe(name: str, **params: Any) -> Recipe:
@@ -236,6 +334,22 @@ def train_recipe(
     finally:
         set_learnable(model, False)
     return model.eval()
+
+
+@contextlib.contextmanager
+def _frozen_scales(model: nn.Module) -> Iterator[None]:
+    """Every learnable quantizer on its fixed-scale op for the block, then learnable again.
+    Only ``requires_grad`` changes, never a value: the graph of the joint loss, built on the
+    same scales, stays valid. (LSQ keeps scales positive in practice; its forward reads
+    ``|s|``, the fixed op ``s``.)"""
+    learnable = [q for q in model.modules() if isinstance(q, FakeQuantizer) and q.learnable]
+    for quantizer in learnable:
+        quantizer.scale.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for quantizer in learnable:
+            quantizer.scale.requires_grad_(True)
 
 
 @contextlib.contextmanager

@@ -26,8 +26,9 @@ class SwitchablePrecision(nn.Module):
     ``active`` names the member that runs; ``None`` is random-precision inference: each image
     gets a precision drawn uniformly from a seeded generator (deterministic for a given order
     of calls; every member runs, the drawn one's logits are kept). Attacks crafted on it in
-    that mode see a fresh draw at every step: an expectation over precisions by sampling
-    (EOT), with each image's gradient through the precision it drew.
+    that mode directly see a fresh draw at every step (each image's gradient through the
+    precision it drew); a study attacks it through ``attack_members`` instead, the exact
+    expectation over the members.
     """
 
     def __init__(self, members: dict[str, nn.Module], seed: int = 0) -> None:
@@ -66,6 +67,16 @@ class SwitchablePrecision(nn.Module):
     def reseed(self) -> None:
         """Restart the random choice of precisions (the same draws again)."""
         self.generator.manual_seed(self.seed)
+
+
+def attack_members(module: nn.Module) -> list[nn.Module]:
+    """The modules a gradient attack on ``module`` averages its loss over: a random-precision
+    model's members (the exact expectation over the draws it serves, and success only where
+    every member is fooled), anything else itself. A wrapper around a random model (e.g. an
+    input defence) is attacked as it is: through its own draws."""
+    if isinstance(module, SwitchablePrecision) and module.active is None:
+        return [module.member(name) for name in module.names]
+    return [module]
 
 
 def _tie(members: list[nn.Module]) -> None:

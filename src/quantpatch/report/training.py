@@ -1,7 +1,7 @@
 """The "Training defences" section: each training recipe's models beside plain QAT at the same
 precision. White-box ASR is the attack crafted on the model itself (adaptive: it knows the
-trained weights; on a random-precision model every step draws precisions, an expectation over
-them); transfer is from the fp32 model of the same training, the threat the recipes target.
+trained weights; on a random-precision model, the exact expectation over its precisions, and
+success where every one is fooled, scored on the model as served); transfer is from the fp32 model of the same training, the threat the recipes target.
 Built from result records only; absent when the study has no recipes."""
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
     page.para(
         "Each recipe trains one model at fp32 and every quantized precision at once (shared "
         "weights, per-precision BatchNorm and quantizer ranges). White-box: the attack crafted "
-        "on that model itself (on a random-precision model, each step draws precisions: an "
-        "expectation over them). Transfer: crafted on the fp32 model of the same training "
+        "on that model itself (on a random-precision model: on the mean loss of every "
+        "precision, scored on the model as served, a precision drawn per image). Transfer: crafted on the fp32 model of the same training "
         "(plain QAT: on the plain fp32 model). 'x plain' is white-box ASR over plain QAT's at "
         "the same precision; the goal is at most 0.5 at a clean-accuracy cost of at most 2 "
         "points."

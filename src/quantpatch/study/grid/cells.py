@@ -101,7 +101,7 @@ def fit_cached(
     def build(path: Path) -> None:
         nonlocal elapsed
         started = time.perf_counter()
-        attack.fit(source.predictors(), context.dataset.train, context.device)
+        attack.fit(source.predictors(attack), context.dataset.train, context.device)
         elapsed = time.perf_counter() - started
         save_tensors(path, attack.state_dict(), {"source": source.label, "fit_s": elapsed})
 

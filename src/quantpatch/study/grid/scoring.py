@@ -39,7 +39,7 @@ def _score_cell(context: StudyContext, cell: Cell) -> list[CellRecord]:
     fit_s = fit_cached(context, cell.source, cell.attack, cell.patch_size, cell.seed, attack)
     started = time.perf_counter()
     adversarial = attack.perturb(
-        cell.source.predictors(), context.eval_images, context.eval_labels, context.device
+        cell.source.predictors(attack), context.eval_images, context.eval_labels, context.device
     )
     perturb_s = time.perf_counter() - started
     patch = getattr(attack, "patch", None)

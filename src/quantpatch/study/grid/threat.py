@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from quantpatch.attacks import Attack
+from quantpatch.quant.switchable import attack_members
 from quantpatch.study.settings.config import AttackSettings
 from quantpatch.study.settings.names import CERTIFIABLE_TAG, FP32, model_name
 from quantpatch.study.zoo.context import PreparedModel, StudyContext, Target
@@ -40,11 +41,15 @@ class Source:
             return cls.single(target.model)
         return cls(target.name, target.arch, target.precision, (), target)
 
-    def predictors(self) -> list:
-        """What the attack is given: PyTorch modules, or the runtime's logits function."""
+    def predictors(self, attack: Attack) -> list:
+        """What ``attack`` is given: PyTorch modules, or the runtime's logits function. A
+        gradient attack on a random-precision model gets its members (the exact expectation
+        over its draws); a query attack sees the model as served."""
         if self.deployed is not None:
             return [self.deployed.predict]
-        return [model.module for model in self.models]
+        if not attack.needs_gradients:
+            return [model.module for model in self.models]
+        return [m for model in self.models for m in attack_members(model.module)]
 
     @classmethod
     def ensemble(cls, arch: str, models: tuple[PreparedModel, ...]) -> Source:
