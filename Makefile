@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
 	$(PYTHON) benchmarks/patch_speed.py
 	$(PYTHON) benchmarks/fake_quant_cost.py
+	$(PYTHON) benchmarks/fake_quant_kernel.py
+	$(PYTHON) benchmarks/patch_pgd_speed.py
 	$(PYTHON) benchmarks/spatial_throughput.py
 
 clean:
