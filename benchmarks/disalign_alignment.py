@@ -71,7 +71,7 @@ def alignment(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--weight", type=float, default=10.0)
+    parser.add_argument("--weight", type=float, default=1.0)
     args = parser.parse_args()
     cores = setup_threads(args.threads)
     device = torch.device(args.device)
