@@ -68,6 +68,21 @@ class Recipe:
     def params(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
+    def draw_precision(self, model: SwitchablePrecision) -> str:
+        """One of ``model``'s precisions, uniformly, from the recipe's seeded stream."""
+        return model.names[int(torch.randint(len(model.names), (1,), generator=self.generator))]
+
+    def random_places(self, images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, ...]:
+        """(tops, lefts): a seeded random place inside each image for a ``patch_size`` patch."""
+        n, _, height, width = images.shape
+        if patch_size > min(height, width):
+            raise ConfigError(
+                f"{self.name}: a {patch_size}px patch does not fit {height}x{width} images"
+            )
+        tops = torch.randint(height - patch_size + 1, (n,), generator=self.generator)
+        lefts = torch.randint(width - patch_size + 1, (n,), generator=self.generator)
+        return tops, lefts
+
 
 def joint_loss(
     model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0
@@ -128,7 +143,7 @@ class PatchAdversarial(Recipe):
 
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
         clean = joint_loss(model, images, labels, self.label_smoothing)
-        drawn = model.names[int(torch.randint(len(model.names), (1,), generator=self.generator))]
+        drawn = self.draw_precision(model)
         with _evaluating(model.member(drawn)) as member:
             patched = self.patched(member, images, labels)
         adversarial = joint_loss(model, patched, labels, self.label_smoothing)
@@ -137,12 +152,9 @@ class PatchAdversarial(Recipe):
     def patched(self, member: nn.Module, images: torch.Tensor, labels: torch.Tensor):
         """The batch with patches crafted against ``member``: the first ``universal_fraction``
         with the universal patch, the rest with their own per-image patches."""
-        n, channels, height, width = images.shape
+        n, channels = images.shape[:2]
         p = self.patch_size
-        if p > min(height, width):
-            raise ConfigError(f"patch-at: a {p}px patch does not fit {height}x{width} images")
-        tops = torch.randint(height - p + 1, (n,), generator=self.generator)
-        lefts = torch.randint(width - p + 1, (n,), generator=self.generator)
+        tops, lefts = self.random_places(images, p)
         k = round(n * self.universal_fraction)
         if self.universal is None:
             self.universal = torch.rand(channels, p, p, generator=self.generator)
@@ -214,7 +226,7 @@ class DoubleWinQuant(Recipe):
                 "patch_size": self.patch_size, **super().params()}  # fmt: skip
 
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
-        drawn = model.names[int(torch.randint(len(model.names), (1,), generator=self.generator))]
+        drawn = self.draw_precision(model)
         member = model.member(drawn)
         adversarial = self.adversarial(member, images, labels)
         return F.cross_entropy(member(adversarial), labels, label_smoothing=self.label_smoothing)
@@ -233,18 +245,13 @@ class DoubleWinQuant(Recipe):
             loss = F.cross_entropy(member(adversarial), labels)
             (grad,) = torch.autograd.grad(loss, adversarial)
             moved = adversarial.detach() + step_size * grad.sign()
-            adversarial = torch.min(torch.max(moved, images - self.eps), images + self.eps).clamp(
-                0, 1
-            )
+            adversarial = moved.clamp(images - self.eps, images + self.eps).clamp(0, 1)
         return adversarial.detach()
 
     def _patched(self, member: nn.Module, images: torch.Tensor, labels: torch.Tensor):
-        n, channels, height, width = images.shape
+        n, channels = images.shape[:2]
         p = self.patch_size
-        if p > min(height, width):
-            raise ConfigError(f"dwq: a {p}px patch does not fit {height}x{width} images")
-        tops = torch.randint(height - p + 1, (n,), generator=self.generator)
-        lefts = torch.randint(width - p + 1, (n,), generator=self.generator)
+        tops, lefts = self.random_places(images, p)
         patch = torch.rand(n, channels, p, p, generator=self.generator).to(images.device)
         for _ in range(self.steps):
             patch = patch_step(member, images, labels, tops, lefts, patch, 0.25)
