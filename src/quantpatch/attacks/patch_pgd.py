@@ -111,9 +111,9 @@ class PatchPGD(PerImageAttack):
         n, cells = len(x), SEARCH_GRID**2
         tops, lefts = grid_corners(tuple(x.shape[-2:]), self.patch_size, SEARCH_GRID)
         everywhere = Placement.at(tops.repeat(n), lefts.repeat(n), self.patch_size)
-        patches, _ = self.random_patches(x.repeat_interleave(cells, 0), gen, everywhere)
+        pair_adv = x.repeat_interleave(cells, 0)  # each pair's best example (so far: clean)
+        patches, _ = self.random_patches(pair_adv, gen, everywhere)
         pair_key = torch.full((n, cells), -torch.inf, device=x.device)
-        pair_adv = x.repeat_interleave(cells, 0)
         racing = torch.ones(n, cells, dtype=torch.bool, device=x.device)
         for round_index, steps in enumerate(self._round_steps()):
             if round_index:  # keep each image's best positions; fooled ones stop with early_stop
