@@ -179,3 +179,47 @@ def test_gap_patch_beats_random_noise(lab):
     clone.load_state_dict(gap.state_dict())
     x, y = lab.images[:16], lab.labels[:16]
     assert torch.equal(clone.perturb([], x, y, CPU), gap.perturb([], x, y, CPU))
+
+
+class OwnThreads(Counting):
+    """A black box that, like an integer runtime, runs on its own thread pool; it records
+    how many threads torch had while the attack asked it."""
+
+    own_thread_pool = True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.torch_threads: set[int] = set()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.torch_threads.add(torch.get_num_threads())
+        return super().__call__(images)
+
+
+def test_query_attacks_on_runtimes_do_their_own_work_on_one_torch_thread(lab):
+    """Against a runtime with its own threads, the attack's tensor work runs on one torch
+    thread (torch's spinning workers would take the runtime's cores); the thread count is
+    restored and the adversarial images are the ones the full thread count gives. Against
+    a torch model, torch keeps all its threads."""
+    x, y = lab.images[:24], lab.labels[:24]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for name, params in (("sparse-rs", {"queries": 60}), ("square-linf", {"queries": 30})):
+            runtime = OwnThreads(lab.model)
+            attack = create_attack(name, **params, progress=False)
+            on_runtime = attack.perturb([runtime], x, y, CPU)
+            assert runtime.torch_threads == {1} and torch.get_num_threads() == 2, name
+            reference = attack.perturb([Counting(lab.model)], x, y, CPU)
+            assert torch.equal(on_runtime, reference), name
+        universal = OwnThreads(lab.model)
+        create_attack("sparse-rs-universal", steps=8, batch_size=16, **UNIVERSAL,
+                      progress=False).fit([universal], lab.train, CPU)  # fmt: skip
+        assert universal.torch_threads == {1} and torch.get_num_threads() == 2
+        module = torch.nn.Sequential(lab.model)  # a torch model among the targets
+        seen: set[int] = set()
+        module.register_forward_pre_hook(lambda *_: seen.add(torch.get_num_threads()))
+        create_attack("sparse-rs", queries=20, progress=False).perturb([module], x, y, CPU)
+        assert seen == {2}
+    finally:
+        torch.set_num_threads(saved)

@@ -25,7 +25,7 @@ from torch import nn
 from quantpatch._runtime import resolve_device
 from quantpatch.attacks.base import ATTACKS, Attack, BatchStep, check_int, check_positive
 from quantpatch.attacks.per_image import PerImageAttack
-from quantpatch.attacks.query import Predictor, query_functions
+from quantpatch.attacks.query import Predictor, query_functions, runtime_threads
 from quantpatch.attacks.sparse_rs import check_share
 from quantpatch.errors import ConfigError, MissingDependencyError
 
@@ -225,7 +225,8 @@ class SquareLinf(Attack):
     ) -> BatchStep:
         del images
         device = resolve_device(device)
-        (query,) = query_functions([single_source(models, self.name)], device)
+        source = single_source(models, self.name)
+        (query,) = query_functions([source], device)
         model = ReferenceModel(query, device, gradients=False, check=self._check_target)
         reference = torchattacks_module().Square(
             model, norm="Linf", eps=self.eps, n_queries=self.queries, n_restarts=self.restarts,
@@ -236,6 +237,8 @@ class SquareLinf(Attack):
         generator = self.generator("perturb")
 
         def step(x: torch.Tensor, y: torch.Tensor, _: slice) -> torch.Tensor:
-            return run_seeded(reference, x, self.attack_labels(y), batch_seed(generator), device)
+            with runtime_threads([source]):
+                return run_seeded(reference, x, self.attack_labels(y), batch_seed(generator),
+                                  device)  # fmt: skip
 
         return step

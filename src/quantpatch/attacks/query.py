@@ -9,7 +9,8 @@ built for a whole batch at once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -47,6 +48,28 @@ def query_functions(models: Sequence[Predictor], device: torch.device) -> list[P
         return query
 
     return [wrap(m) for m in models]
+
+
+@contextmanager
+def runtime_threads(models: Sequence[Predictor]) -> Iterator[None]:
+    """Within the block, the attack's own tensor work runs on one torch thread when every
+    queried model is an integer runtime with its own thread pool (``own_thread_pool``).
+
+    After each parallel op, torch's OpenMP workers busy-wait on the cores that the runtime's
+    next call needs; a query attack alternates the two every iteration. Its own work (proposals,
+    pastes, margins) is a few small ops on at most a batch of images, so one thread costs it
+    little. With a torch model among the targets nothing changes.
+    (benchmarks/query_speed.py measures it.)
+    """
+    if not models or not all(getattr(m, "own_thread_pool", False) for m in models):
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def margin_and_success(

@@ -29,6 +29,7 @@ from quantpatch.attacks.query import (
     max_shift,
     query_functions,
     resample_squares,
+    runtime_threads,
     score,
     shift_corners,
     square_side,
@@ -106,7 +107,8 @@ class SparseRS(Attack):
         generator = self.generator("perturb")
 
         def step(x: torch.Tensor, y: torch.Tensor, index: slice) -> torch.Tensor:
-            adv, used = self.search(query, x, self.attack_labels(y), generator)
+            with runtime_threads(models):
+                adv, used = self.search(query, x, self.attack_labels(y), generator)
             assert self.queries_used is not None
             self.queries_used[index] = used.cpu()
             return adv

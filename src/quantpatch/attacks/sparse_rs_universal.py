@@ -34,6 +34,7 @@ from quantpatch.attacks.query import (
     Predictor,
     query_functions,
     resample_squares,
+    runtime_threads,
     score,
     square_side,
     stripe_patches,
@@ -106,20 +107,21 @@ class SparseRSUniversal(UniversalPatch):
             margin, success = score(query, paste(x, make_canvas(candidate, mask)), y, self.targeted)
             return int(success.sum()), -float(margin.clamp(min=0).mean())
 
-        best = evaluate(patch)
         moves = self.eot.location == "random" or self.eot.transforms
         bar = tqdm(range(1, self.steps), desc=f"fit {self.name}", disable=not self.progress,
                    leave=False)  # fmt: skip
-        for step in bar:
-            if step % self.loc_period == 0 and moves:
-                paste = self._placements(len(x), x.shape, gen, device)
-                best = evaluate(patch)
-                continue
-            side = square_side(step / self.steps, p, self.p_init)
-            candidate = resample_squares(patch, side, gen)
-            tried = evaluate(candidate)
-            if tried > best:
-                patch, best = candidate, tried
+        with runtime_threads(models):
+            best = evaluate(patch)
+            for step in bar:
+                if step % self.loc_period == 0 and moves:
+                    paste = self._placements(len(x), x.shape, gen, device)
+                    best = evaluate(patch)
+                    continue
+                side = square_side(step / self.steps, p, self.p_init)
+                candidate = resample_squares(patch, side, gen)
+                tried = evaluate(candidate)
+                if tried > best:
+                    patch, best = candidate, tried
         self.queries_used = self.steps * len(x)
         return patch[0].cpu()
 

@@ -93,6 +93,8 @@ class ExecuTorchModel:
     """An ExecuTorch program as a callable: float images (N, C, H, W) -> torch logits, each
     batch split into calls of the program's static batch sizes (largest first)."""
 
+    own_thread_pool = True  # query attacks keep their own tensor work off its cores
+
     def __init__(self, path: str | Path) -> None:
         from executorch.runtime import Runtime
 

@@ -103,6 +103,8 @@ class LiteRtModel:
     (int8 outputs dequantized with their own scale and zero point), each batch split into calls
     of the model's static signatures (largest first), with as many threads as torch uses."""
 
+    own_thread_pool = True  # query attacks keep their own tensor work off its cores
+
     def __init__(self, path: str | Path) -> None:
         from ai_edge_litert.interpreter import Interpreter
 

@@ -81,6 +81,8 @@ class OpenVinoModel:
     float parts (OpenVINO would otherwise pick bf16 on CPUs that have it), run in batches of
     ``batch_size``."""
 
+    own_thread_pool = True  # query attacks keep their own tensor work off its cores
+
     def __init__(self, path: str | Path, batch_size: int = 512) -> None:
         import openvino as ov
 

@@ -224,8 +224,11 @@ class OrtModel:
     """An ONNX Runtime CPU session as a callable: float images (N, C, H, W) -> torch logits.
 
     Runs in batches of ``batch_size`` with as many intra-op threads as torch uses, so timings
-    compare fairly with the PyTorch models on the same machine.
+    compare fairly with the PyTorch models on the same machine, and with spinning threads off,
+    so the torch work between calls gets the cores.
     """
+
+    own_thread_pool = True  # query attacks keep their own tensor work off its cores
 
     def __init__(self, path: str | os.PathLike, batch_size: int = 512) -> None:
         import onnxruntime as ort
@@ -240,6 +243,10 @@ class OrtModel:
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # ORT's workers busy-wait after each run by default, holding the cores that the torch
+        # work between queries (an attack's proposals, pastes, scores) needs: on 2 cores that
+        # halved Sparse-RS's queries/s (benchmarks/query_speed.py)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]

@@ -46,6 +46,8 @@ def user_onnx_target(context: StudyContext, settings: OnnxModelSettings) -> Targ
     def predict(images: torch.Tensor) -> torch.Tensor:
         return session((images.cpu() - mean) / std)  # ORT runs on the CPU
 
+    predict.own_thread_pool = True  # type: ignore[attr-defined]  # ORT's own threads
+
     quantized = session.kernels()["int8"] > 0
     spec = QuantSpec(8, 8, method="ptq") if quantized else FP32
     # the file and everything that changes its predictions or its name in results
