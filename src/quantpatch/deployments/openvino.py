@@ -15,6 +15,7 @@ weights kept in fp32, so a study's cache can treat it like an ONNX file.
 from __future__ import annotations
 
 import copy
+import logging
 import tempfile
 import zipfile
 from importlib import metadata
@@ -138,7 +139,19 @@ def nncf_quantize(model: nn.Module, calibration: torch.Tensor) -> fx.GraphModule
     graph = export_graph(model, calibration)
     images = calibration.detach().cpu().float()
     batches = [images[s : s + CALIBRATION_BATCH] for s in range(0, len(images), CALIBRATION_BATCH)]
-    return nncf.quantize(graph, nncf.Dataset(batches), subset_size=len(images))
+    nncf_log = logging.getLogger("nncf")
+    nncf_log.addFilter(_known_fx_notice)
+    try:  # subset_size counts dataset items, i.e. batches: every one is used
+        return nncf.quantize(graph, nncf.Dataset(batches), subset_size=len(batches))
+    finally:
+        nncf_log.removeFilter(_known_fx_notice)
+
+
+def _known_fx_notice(record: logging.LogRecord) -> bool:
+    """Drop NNCF's notice that its Torch FX backend is experimental: quantpatch uses it on
+    purpose (the same graph is the simulation) and checks its agreement with OpenVINO; it
+    would otherwise print once per exported model."""
+    return "Experimental Torch FX quantization backend" not in record.getMessage()
 
 
 class _OpenVino(Deployment):
