@@ -78,3 +78,30 @@ def test_the_report_says_what_its_intervals_cover(replicated: Path, tmp_path: Pa
     config = load_study(None, **SMALL, cache_dir=replicated / "cache")
     run_study(config, tmp_path / "one", progress=False)
     assert "Model variance is unmeasured" in build_report(tmp_path / "one").read_text()
+
+
+def test_clean_accuracy_is_the_mean_over_replicates_with_their_spread() -> None:
+    """The figures and tables read a model's clean accuracy over every trained replicate:
+    the mean, with an interval that widens when the replicates disagree."""
+    from quantpatch.metrics import Rate, wilson_interval
+    from quantpatch.report.tables import clean_by_model
+    from quantpatch.results import ModelRecord, RateRecord
+
+    def model(replicate: int, correct: int) -> ModelRecord:
+        return ModelRecord(name="lenet/fp32", arch="lenet", precision="fp32", runtime="torch",
+                           weight_bits=None, weight_levels=None, act_bits=None, key=f"k{replicate}",
+                           replicate=replicate, clean=RateRecord.of(Rate(correct, 200)))  # fmt: skip
+
+    agree = clean_by_model([model(0, 180), model(1, 180)])["lenet/fp32"]
+    apart = clean_by_model([model(1, 140), model(0, 180)])["lenet/fp32"]
+    assert apart.rate == pytest.approx(0.8) and [r.rate for r in apart.per_replicate] == [0.9, 0.7]
+    assert apart.ci[0] < 0.72 and apart.ci[1] > 0.88  # both trained models inside
+    assert apart.ci[1] - apart.ci[0] > 2 * (agree.ci[1] - agree.ci[0])
+    one = clean_by_model([model(0, 180)])["lenet/fp32"]
+    assert one.replicates == 1 and one.ci == pytest.approx(wilson_interval(180, 200))
+
+
+def test_the_report_reads_clean_accuracy_over_replicates(replicated: Path) -> None:
+    page = build_report(replicated / "run").read_text()
+    assert "clean accuracy (mean over replicates)" in page
+    assert "mean over its trained replicates" in page

@@ -158,7 +158,7 @@ def test_report_without_defences_has_no_section(defended_run: Path, tmp_path: Pa
     results = undefended(load_results(defended_run))
     assert results.models and results.cells
     page = Page(tmp_path)
-    defenses_section(page, results, ModelOrder(results.models))
+    defenses_section(page, results, ModelOrder(results.models), {})
     assert page.parts == []
 
 

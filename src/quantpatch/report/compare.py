@@ -17,10 +17,9 @@ from matplotlib.figure import Figure
 
 from quantpatch._io import write_text_atomic
 from quantpatch.errors import ConfigError
-from quantpatch.metrics import Rate
 from quantpatch.report.page import Page
-from quantpatch.report.tables import SeedRate, group, pool
-from quantpatch.results import ModelRecord, ResultsFile, load_results
+from quantpatch.report.tables import SeedRate, clean_by_model, group, pool
+from quantpatch.results import ResultsFile, load_results
 
 MAX_FIGURE_ROWS = 30
 """The figure shows the rows whose rates spread most across runs (the table shows all)."""
@@ -75,8 +74,8 @@ def _labels(paths: list[Path]) -> list[str]:
 def _quantities(results: ResultsFile) -> dict[str, SeedRate]:
     """Cell ASRs and clean accuracies of one run, pooled over seeds and replicates."""
     found: dict[str, SeedRate] = {}
-    for model, records in group(results.models, "name").items():
-        found[f"clean accuracy · {model[0]}"] = _clean(records)
+    for name, clean in clean_by_model(results.models).items():
+        found[f"clean accuracy · {name}"] = clean
     keys = ("attack", "patch_size", "source", "target")
     for (attack, size, source, target), records in group(results.cells, *keys).items():
         pooled = pool(records)
@@ -84,21 +83,6 @@ def _quantities(results: ResultsFile) -> dict[str, SeedRate]:
             where = f"{attack}{f' {size}px' if size else ''}"
             found[f"ASR · {where} · {source} → {target}"] = pooled
     return found
-
-
-def _clean(records: list[ModelRecord]) -> SeedRate:
-    """A model's clean accuracy as a SeedRate over its trained replicates."""
-    per_replicate = tuple(
-        Rate(m.clean.successes, m.clean.n) for m in sorted(records, key=lambda m: m.replicate)
-    )
-    first = per_replicate[0]
-    return SeedRate(
-        rate=float(np.mean([r.rate for r in per_replicate])),
-        n=first.n,
-        spread=0.0,
-        per_seed=(first,),
-        per_replicate=per_replicate if len(per_replicate) > 1 else (),
-    )
 
 
 def comparison_rows(comparison: Comparison) -> list[list[str]]:

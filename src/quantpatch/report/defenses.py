@@ -41,9 +41,11 @@ def base_name(model: ModelRecord) -> str:
 
 @dataclass(frozen=True)
 class Point:
-    """One target under one attack: its clean accuracy and the ASR it is shown with."""
+    """One target under one attack: its clean accuracy (over its trained replicates) and the
+    ASR it is shown with."""
 
     model: ModelRecord
+    clean: SeedRate
     asr: SeedRate | None
     adaptive: bool
     source: str
@@ -113,22 +115,28 @@ def gaps(results: ResultsFile, attack: str, size: int | None) -> list[Gap]:
     return rows
 
 
-def points(results: ResultsFile, attack: str, size: int | None) -> list[Point]:
+def points(
+    results: ResultsFile, attack: str, size: int | None, clean: dict[str, SeedRate]
+) -> list[Point]:
     """Every target (undefended ones included) with the strongest ASR the grid measured for
-    it: white-box (adaptive behind a defence) where there is one, else transfer."""
+    it: white-box (adaptive behind a defence) where there is one, else transfer; ``clean``:
+    each model's clean accuracy by name."""
     chosen = [c for c in results.cells if c.attack == attack and c.patch_size == size]
     by_pair = group(chosen, "source", "target")
     adaptive = group([c for c in chosen if c.adaptive], "target")
     out = []
     for model in distinct_models(results):
         if (model.name,) in adaptive:
-            out.append(Point(model, pool(adaptive[(model.name,)]), True, "adaptive"))
+            out.append(Point(model, clean[model.name], pool(adaptive[(model.name,)]), True,
+                             "adaptive"))  # fmt: skip
             continue
         if model.defense is None and (model.name, model.name) in by_pair:
-            out.append(Point(model, pool(by_pair[(model.name, model.name)]), True, model.name))
+            out.append(Point(model, clean[model.name], pool(by_pair[(model.name, model.name)]),
+                             True, model.name))  # fmt: skip
             continue
         source = _non_adaptive_source(model, by_pair)
-        out.append(Point(model, pool(by_pair.get((source, model.name), [])), False, source))
+        out.append(Point(model, clean[model.name], pool(by_pair.get((source, model.name), [])),
+                         False, source))  # fmt: skip
     return out
 
 
@@ -165,20 +173,23 @@ def tradeoff_figure(points: list[Point], order: ModelOrder) -> Figure:
 
 def _trace(ax, mine: list[Point], colour, markers: dict[str, str], label: str) -> None:
     xs = [100 * p.asr.rate for p in mine]
-    ys = [100 * p.model.clean.rate for p in mine]
+    ys = [100 * p.clean.rate for p in mine]
     ax.plot(xs, ys, color=colour, linewidth=1, alpha=0.6, label=label)
     for p, x, y in zip(mine, xs, ys, strict=True):
         low, high = p.asr.ci
         ax.errorbar(
             x, y, xerr=[[x - 100 * low], [100 * high - x]],
-            yerr=[[y - 100 * p.model.clean.ci_low], [100 * p.model.clean.ci_high - y]],
+            yerr=[[y - 100 * p.clean.ci[0]], [100 * p.clean.ci[1] - y]],
             color=colour, marker=markers[base_name(p.model).partition("/")[2]],
             markerfacecolor=colour if p.adaptive else "white", capsize=2, linewidth=0.8,
         )  # fmt: skip
 
 
-def defenses_section(page: Page, results: ResultsFile, order: ModelOrder) -> None:
-    """The whole section; nothing when no target has a defence."""
+def defenses_section(
+    page: Page, results: ResultsFile, order: ModelOrder, clean: dict[str, SeedRate]
+) -> None:
+    """The whole section; nothing when no target has a defence. ``clean``: each model's clean
+    accuracy over its trained replicates, by name."""
     if not any(m.defense for m in results.models):
         return
     page.heading("Defences")
@@ -196,7 +207,7 @@ def defenses_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
     for attack, size in crafted_attacks(results.cells):
         label = attack + (f", {size} px" if size else "")
         page.heading(f"Clean accuracy vs ASR: {label}", 3)
-        page.figure(tradeoff_figure(points(results, attack, size), order),
+        page.figure(tradeoff_figure(points(results, attack, size, clean), order),
                     f"defenses_{attack}_{size}",
                     "Each colour a defence ('none': undefended), each marker a precision, "
                     "joined from fp32 down the bit-widths; filled: white-box or adaptive ASR, "

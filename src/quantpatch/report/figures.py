@@ -13,6 +13,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from quantpatch.report.tables import (  # noqa: E402
     ModelOrder,
+    SeedRate,
     group,
     pool,
     transfer_matrix,
@@ -33,19 +34,22 @@ def _tick(name: str) -> str:
     return name.replace("/", "\n", 1)
 
 
-def clean_accuracy_figure(models: list[ModelRecord], order: ModelOrder) -> Figure:
-    """Clean accuracy per precision for each architecture, with Wilson intervals."""
+def clean_accuracy_figure(
+    models: list[ModelRecord], order: ModelOrder, clean: dict[str, SeedRate]
+) -> Figure:
+    """Clean accuracy per precision for each architecture (``clean``: by model name, over
+    its trained replicates), with 95 % intervals."""
     archs = sorted({m.arch for m in models})
     by_precision = {m.precision: order(m.name)[1:] for m in models}
     precisions = sorted(by_precision, key=lambda p: by_precision[p])
     fig, ax = plt.subplots(figsize=(max(6.0, 2.2 + 1.1 * len(precisions)), 3.4))
     width = 0.8 / max(1, len(archs))
     for i, arch in enumerate(archs):
-        rows = {m.precision: m.clean for m in models if m.arch == arch}
+        rows = {m.precision: clean[m.name] for m in models if m.arch == arch}
         xs = [j + i * width for j, p in enumerate(precisions) if p in rows]
         rates = [rows[p] for p in precisions if p in rows]
         y = np.array([100 * r.rate for r in rates])
-        err = [y - [100 * r.ci_low for r in rates], [100 * r.ci_high for r in rates] - y]
+        err = [y - [100 * r.ci[0] for r in rates], [100 * r.ci[1] for r in rates] - y]
         ax.bar(xs, y, width, yerr=err, capsize=2, label=arch)
     ax.set_xticks([j + width * (len(archs) - 1) / 2 for j in range(len(precisions))])
     ax.set_xticklabels(precisions)

@@ -21,6 +21,7 @@ from quantpatch.report.runtimes import runtime_section
 from quantpatch.report.tables import (
     ModelOrder,
     attack_sizes,
+    clean_by_model,
     fmt_rate,
     masking_flags,
     transfer_matrix,
@@ -43,6 +44,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     results = undefended(everything)
     out = Path(out) if out else run_dir / "report.html"
     order = ModelOrder(everything.models)
+    clean = clean_by_model(loaded.models)
     page = Page(run_dir / "figures")
     _header(page, results)
     key_findings(page, results, order)
@@ -51,11 +53,11 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _patches_section(page, run_dir)
     _attack_sections(page, results, order)
     query_section(page, results.cells, results.models, order)
-    runtime_section(page, results.cells, results.models, order)
+    runtime_section(page, results.cells, results.models, order, undefended(loaded).models)
     fit_section(page, results.cells, order)
-    defenses_section(page, everything, order)
+    defenses_section(page, everything, order, clean)
     certified_section(page, loaded.models, order)  # every replicate: it pools them
-    training_section(page, results, order)
+    training_section(page, results, order, clean)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))
     return out
@@ -114,17 +116,18 @@ def _models_section(
 ) -> None:
     page.heading("Clean accuracy per precision")
     models = sorted(models, key=lambda m: order(m.name))
-    page.figure(figures.clean_accuracy_figure(models, order), "clean_accuracy",
-                "Clean accuracy of each model's first trained replicate on the evaluation "
-                "images (bars: 95 % Wilson interval).")  # fmt: skip
-    each: dict[str, list[ModelRecord]] = {}
-    for replica in sorted(replicas, key=lambda m: m.replicate):
-        each.setdefault(replica.name, []).append(replica)
-    if max((len(v) for v in each.values()), default=1) > 1:
-        rows = [[m.name, fmt_rate(m.clean),
-                 ", ".join(f"{100 * r.clean.rate:.1f}%" for r in each.get(m.name, [m]))]
+    clean = clean_by_model(replicas)
+    several = max((c.replicates for c in clean.values()), default=1) > 1
+    page.figure(figures.clean_accuracy_figure(models, order, clean), "clean_accuracy",
+                "Clean accuracy of each model on the evaluation images"
+                + (", mean over its trained replicates (bars: 95 % interval over models, "
+                   "then images)." if several else " (bars: 95 % Wilson interval)."))  # fmt: skip
+    if several:
+        rows = [[m.name, clean[m.name].fmt(),
+                 ", ".join(f"{100 * r.rate:.1f}%" for r in clean[m.name].per_replicate)]
                 for m in models]  # fmt: skip
-        page.table(["model", "clean accuracy (replicate 0)", "each trained replicate"], rows)
+        page.table(["model", "clean accuracy (mean over replicates)", "each trained replicate"],
+                   rows)  # fmt: skip
     else:
         page.table(["model", "clean accuracy"], [[m.name, fmt_rate(m.clean)] for m in models])
     _training_warnings(page, models)

@@ -18,7 +18,7 @@ from quantpatch.errors import ConfigError
 from quantpatch.report import figures
 from quantpatch.report.compare import compare_runs, comparison_figure
 from quantpatch.report.html import first_replicates, undefended
-from quantpatch.report.tables import ModelOrder, attack_sizes
+from quantpatch.report.tables import ModelOrder, attack_sizes, clean_by_model
 from quantpatch.results import ResultsFile, load_results
 
 Results = ResultsFile | str | Path
@@ -29,11 +29,12 @@ def _load(results: Results) -> ResultsFile:
 
 
 def clean_accuracy(results: Results) -> Figure:
-    """Clean accuracy of every model (first trained replicate), per architecture."""
+    """Clean accuracy of every model (mean over its trained replicates), per architecture."""
     loaded = _load(results)
     models = undefended(first_replicates(loaded)).models
     order = ModelOrder(loaded.models)
-    return figures.clean_accuracy_figure(sorted(models, key=lambda m: order(m.name)), order)
+    return figures.clean_accuracy_figure(sorted(models, key=lambda m: order(m.name)), order,
+                                         clean_by_model(loaded.models))  # fmt: skip
 
 
 def transfer(results: Results, attack: str, patch_size: int | None = None) -> Figure:

@@ -9,6 +9,8 @@ intervals (paired bootstrap and Student-t over replicates both excluding zero)."
 
 from __future__ import annotations
 
+import statistics
+
 from quantpatch.metrics import paired_difference
 from quantpatch.report.findings import attack_rows, short_rate
 from quantpatch.report.page import Page
@@ -16,6 +18,7 @@ from quantpatch.report.tables import (
     BOOTSTRAP_SEED,
     ModelOrder,
     SeedRate,
+    clean_by_model,
     group,
     paired_or_rates,
     pool,
@@ -24,8 +27,14 @@ from quantpatch.results import CellRecord, ModelRecord
 
 
 def runtime_section(
-    page: Page, cells: list[CellRecord], models: list[ModelRecord], order: ModelOrder
+    page: Page,
+    cells: list[CellRecord],
+    models: list[ModelRecord],
+    order: ModelOrder,
+    replicas: list[ModelRecord],
 ) -> None:
+    """``models``: one record per model (laying out rows); ``replicas``: every trained
+    replicate's, whose clean accuracy and agreement the table averages."""
     runtimes = sorted((m for m in models if m.deployment), key=lambda m: order(m.name))
     if not runtimes:
         return
@@ -34,17 +43,22 @@ def runtime_section(
         "Per deployed model: its clean accuracy, its top-1 agreement with its matched "
         "simulation, and per attack the ASR of the images crafted on the model it was built "
         "from, on that model and on the runtime (paired: same images and trained models). "
+        "Clean accuracy and agreement are means over the trained replicates. "
         "'holds' means the runtime is not fooled less than its own model beyond the 95 % "
         "intervals."
     )
     names = {m.name for m in models}
     by_pair = group(cells, "attack", "patch_size", "source", "target")
+    clean = clean_by_model(replicas)
+    agreement = {m.name: _agreement([r for r in replicas if r.name == m.name]) for m in runtimes}
     rows, verdicts = [], []
     for runtime in runtimes:
         built_from = _built_from(runtime, names)
         first = True
         for label, size in attack_rows(c for c in cells if c.target == runtime.name):
             row, verdict = _row(runtime, built_from, label, size, by_pair)
+            if row is not None:
+                row[2:4] = [short_rate(clean[runtime.name]), agreement[runtime.name]]
             if row is None:
                 continue
             if not first:  # the runtime's own columns once, on its first row
@@ -79,14 +93,21 @@ def _row(
     if all(r is None for r in (own, carried, transfer, query)):
         return None, None  # only the random baseline, or nothing crafted: no empty row
     verdict = _verdict(own, carried)
-    dep = runtime.deployment
-    agreement = f"{100 * dep.clean.simulation.agreement.rate:.0f} %" + (
-        f"; {100 * dep.patched.simulation.agreement.rate:.0f} %" if dep.patched else "")  # fmt: skip
     name = label + (f" {size}px" if size else "")
-    row = [runtime.name, built_from or "–", f"{100 * runtime.clean.rate:.1f} %", agreement,
-           name, short_rate(own), short_rate(carried), short_rate(transfer), short_rate(query),
+    row = [runtime.name, built_from or "–", "", "", name, short_rate(own), short_rate(carried), short_rate(transfer), short_rate(query),
            verdict or "–"]  # fmt: skip
     return row, verdict
+
+
+def _agreement(replicas: list[ModelRecord]) -> str:
+    """Top-1 agreement with the matched simulation on clean (and patched) images, averaged
+    over the trained replicates."""
+    deps = [m.deployment for m in replicas if m.deployment]
+    clean = statistics.fmean(d.clean.simulation.agreement.rate for d in deps)
+    patched = [d.patched.simulation.agreement.rate for d in deps if d.patched]
+    return f"{100 * clean:.0f} %" + (
+        f"; {100 * statistics.fmean(patched):.0f} %" if patched else ""
+    )
 
 
 def _verdict(own: SeedRate | None, carried: SeedRate | None) -> str | None:
@@ -132,6 +153,9 @@ def _spread(page: Page, runtimes: list[ModelRecord], by_pair, names: set[str]) -
             low = min(rates, key=lambda k: rates[k].rate)
             high = max(rates, key=lambda k: rates[k].rate)
             where = f"{label}{f' {size}px' if size else ''} from {fp32}"
+            if rates[low].rate == rates[high].rate:
+                sentences.append(f"{where}: {short_rate(rates[low])} on all {len(rates)} runtimes")
+                continue
             sentences.append(f"{where}: {short_rate(rates[low])} ({low}) to "
                              f"{short_rate(rates[high])} ({high})")  # fmt: skip
     if sentences:

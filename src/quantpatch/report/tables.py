@@ -118,6 +118,25 @@ def pool(records: Iterable[CellRecord]) -> SeedRate | None:
     )
 
 
+def clean_by_model(models: Iterable[ModelRecord]) -> dict[str, SeedRate]:
+    """Each model's clean accuracy over its trained replicates: their mean, with the
+    hierarchical interval (models, then images) when there are several, else Wilson's."""
+    by_name: dict[str, list[ModelRecord]] = defaultdict(list)
+    for model in sorted(models, key=lambda m: m.replicate):
+        by_name[model.name].append(model)
+    clean = {}
+    for name, records in by_name.items():
+        per_replicate = tuple(Rate(m.clean.successes, m.clean.n) for m in records)
+        clean[name] = SeedRate(
+            rate=statistics.fmean(r.rate for r in per_replicate),
+            n=per_replicate[0].n,
+            spread=0.0,
+            per_seed=per_replicate[:1],
+            per_replicate=per_replicate if len(per_replicate) > 1 else (),
+        )
+    return clean
+
+
 def paired_or_rates(a: SeedRate, b: SeedRate) -> tuple[list, list]:
     """What a paired test of ``a`` against ``b`` takes: per-image outcomes on the same images
     and replicates where recorded, else each replicate's rate (replicates paired only)."""

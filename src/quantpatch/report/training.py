@@ -88,8 +88,11 @@ def recipe_rows(results: ResultsFile, attack: str, size: int | None) -> list[Rec
     return rows
 
 
-def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> None:
-    """The whole section; nothing when no model comes from a training recipe."""
+def training_section(
+    page: Page, results: ResultsFile, order: ModelOrder, clean: dict[str, SeedRate]
+) -> None:
+    """The whole section; nothing when no model comes from a training recipe. ``clean``:
+    each model's clean accuracy over its trained replicates, by name."""
     if not any(m.recipe for m in results.models):
         return
     page.heading("Training defences")
@@ -111,7 +114,7 @@ def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
         for row in sorted(rows, key=lambda r: (order(r.plain.name if r.plain else r.model.name),
                                                r.model.recipe)):  # fmt: skip
             body.append([
-                row.model.name, _clean(row.model, row.plain), _fmt(row.white_box),
+                row.model.name, _clean(row.model, row.plain, clean), _fmt(row.white_box),
                 _fmt(row.plain_white_box), row.ratio_text(),
                 _fmt(row.transfer), _fmt(row.plain_transfer),
             ])  # fmt: skip
@@ -119,10 +122,11 @@ def training_section(page: Page, results: ResultsFile, order: ModelOrder) -> Non
                     "x plain", "transfer from its fp32", "plain QAT transfer"], body)  # fmt: skip
 
 
-def _clean(model: ModelRecord, plain: ModelRecord | None) -> str:
-    text = f"{100 * model.clean.rate:.1f}%"
+def _clean(model: ModelRecord, plain: ModelRecord | None, clean: dict[str, SeedRate]) -> str:
+    mine = clean[model.name].rate
+    text = f"{100 * mine:.1f}%"
     if plain is not None:
-        text += f" ({100 * (model.clean.rate - plain.clean.rate):+.1f} pt)"
+        text += f" ({100 * (mine - clean[plain.name].rate):+.1f} pt)"
     return text
 
 
