@@ -118,3 +118,24 @@ def test_editing_a_deployment_never_changes_a_model_key(tmp_path: Path) -> None:
     code_fingerprint.cache_clear()  # fingerprints are cached per process
     assert code_fingerprint(*MODEL_CODE, root=copy) == models  # no model retrains
     assert code_fingerprint(*DEPLOYMENT_CODE, root=copy) != deployed  # deployed files rebuild
+
+
+def test_native_noise_is_dropped_only_inside_the_block(capfd) -> None:
+    """ExecuTorch's CPU probe writes to fd 2 from C++; the block drops exactly that, and
+    torch's import-time notices stay off while a runtime's torchao is imported."""
+    import logging
+    import os
+
+    from quantpatch.deployments.base import import_quietly, native_stderr_silenced
+
+    with native_stderr_silenced():
+        os.write(2, b"cpuinfo noise\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+    import sys
+
+    sys.modules.pop("colorsys", None)
+    level = logging.getLogger("torch.utils._pytree").level
+    import_quietly("colorsys")  # any module not yet imported: the loggers are restored after
+    assert "colorsys" in sys.modules
+    assert logging.getLogger("torch.utils._pytree").level == level

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import importlib.util
+import logging
+import os
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,6 +32,44 @@ def create_deployment(name: str) -> Deployment:
     deployment = DEPLOYMENTS.get(name)()
     deployment.require()
     return deployment
+
+
+_IMPORT_NOTICES = ("torch.utils._pytree", "torch.utils.cpp_extension")
+"""torch loggers that torchao's import writes to (an Enum registration notice, "no CUDA
+runtime") on every run; neither says anything about the user's models."""
+
+
+def import_quietly(module: str) -> None:
+    """Import ``module`` (torchao, pulled in by ExecuTorch, LiteRT-Torch and NNCF's FX backend)
+    once with those notices off; later imports of it are free and silent."""
+    if module in sys.modules or importlib.util.find_spec(module) is None:
+        return
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOTICES]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")  # notices at its own import
+        importlib.import_module(module)
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Drop what native code writes to file descriptor 2 inside the block (ExecuTorch's CPU
+    probe prints five lines about missing ARM registers the first time its thread pool
+    starts); Python exceptions still propagate."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class Deployment(ABC):

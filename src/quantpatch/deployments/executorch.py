@@ -27,7 +27,13 @@ import torch
 from torch import fx, nn
 
 from quantpatch._io import atomic_path
-from quantpatch.deployments.base import DEPLOYMENTS, Deployment, Predictor
+from quantpatch.deployments.base import (
+    DEPLOYMENTS,
+    Deployment,
+    Predictor,
+    import_quietly,
+    native_stderr_silenced,
+)
 from quantpatch.errors import CorruptFileError, DataNotFoundError, ShapeError
 from quantpatch.quant import QuantSpec
 
@@ -41,6 +47,7 @@ def xnnpack_quantize(model: nn.Module, calibration: torch.Tensor) -> fx.GraphMod
     """The PT2E int8 graph of ``model`` by the XNNPACK quantizer, its observers run on
     ``calibration`` in batches of ``CALIBRATION_BATCH``: the graph ExecuTorch lowers and,
     made differentiable, its simulation."""
+    import_quietly("torchao")
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -85,8 +92,9 @@ def _match_torch_threads() -> None:
     with the PyTorch and ONNX Runtime models; resized only between calls."""
     from executorch.extension.pybindings import portable_lib
 
-    if portable_lib._threadpool_get_thread_count() != torch.get_num_threads():
-        portable_lib._unsafe_reset_threadpool(torch.get_num_threads())
+    with native_stderr_silenced():  # the pool's first start probes the CPU, aloud
+        if portable_lib._threadpool_get_thread_count() != torch.get_num_threads():
+            portable_lib._unsafe_reset_threadpool(torch.get_num_threads())
 
 
 class ExecuTorchModel:
@@ -96,6 +104,7 @@ class ExecuTorchModel:
     own_thread_pool = True  # query attacks keep their own tensor work off its cores
 
     def __init__(self, path: str | Path) -> None:
+        import_quietly("torchao")
         from executorch.runtime import Runtime
 
         _match_torch_threads()

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 
 from quantpatch._io import atomic_path
-from quantpatch.deployments.base import DEPLOYMENTS, Deployment, Predictor
+from quantpatch.deployments.base import DEPLOYMENTS, Deployment, Predictor, import_quietly
 from quantpatch.errors import CorruptFileError, DataNotFoundError, ShapeError
 from quantpatch.quant import QuantSpec
 
@@ -55,6 +55,7 @@ def litert_quantize(model: nn.Module, calibration: torch.Tensor) -> fx.GraphModu
     """The PT2E int8 graph of ``model`` by LiteRT-Torch's quantizer, its observers run on
     ``calibration`` in batches of ``CALIBRATION_BATCH``: the graph LiteRT converts and, made
     differentiable, its simulation."""
+    import_quietly("torchao")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from quantpatch.quant.pt2e import export_graph

@@ -27,7 +27,7 @@ import torch
 from torch import fx, nn
 
 from quantpatch._io import atomic_path
-from quantpatch.deployments.base import DEPLOYMENTS, Deployment, Predictor
+from quantpatch.deployments.base import DEPLOYMENTS, Deployment, Predictor, import_quietly
 from quantpatch.errors import CorruptFileError, DataNotFoundError, ShapeError
 from quantpatch.quant import QuantSpec
 
@@ -132,6 +132,7 @@ def nncf_quantize(model: nn.Module, calibration: torch.Tensor) -> fx.GraphModule
     """NNCF's default post-training int8 of ``model``'s ``torch.export`` graph, with
     statistics from ``calibration`` in batches of ``CALIBRATION_BATCH``: the graph OpenVINO
     deploys and, made differentiable, its simulation."""
+    import_quietly("torchao")  # NNCF's FX backend imports it
     import nncf
 
     from quantpatch.quant.pt2e import export_graph
