@@ -225,6 +225,14 @@ def test_batched_vote_matches_the_reference(fixture: str, digits12, request) -> 
     assert torch.equal(smoothing.predict(model, images), pred)
 
 
+def test_scores_are_the_votes_and_keep_the_tie_break(column12, digits12) -> None:
+    smoothing, model = column12
+    images = digits12.test.images[:16]
+    scores = smoothing.scores(model, images, num_classes=10)
+    assert torch.equal(scores.argmax(dim=1), smoothing.predict(model, images))
+    assert torch.equal(scores.round(), smoothing.votes(model, images).float())
+
+
 def test_plain_callables_certify_alike(column12, digits12) -> None:
     smoothing, model = column12
     images, labels = digits12.test.images[:40], digits12.test.labels[:40]

@@ -172,6 +172,24 @@ def test_predict_and_certify_match_the_reference(mnist_lenet_fp32) -> None:
     assert torch.equal(single, cleanser.predict(model, images))
 
 
+def test_scores_argmax_is_the_label_and_grades_the_one_mask_wins(mnist_lenet_fp32) -> None:
+    """What a query attack through the defence climbs: its argmax is double masking's label,
+    and below the label's (M + 1) bonus each class has its count of one-mask wins."""
+    ds, model = mnist_lenet_fp32
+    clean = ds.test.images[:6]
+    white = torch.ones(1, 6, 6)
+    images = torch.cat([clean, paste_at(clean, white, torch.arange(6) * 3, torch.arange(6) * 2)])
+    cleanser = PatchCleanser(6, masks_per_axis=3)
+    scores = cleanser.scores(model, images, num_classes=10)
+    labels = cleanser.predict(model, images)
+    masks = len(cleanser.mask_set((28, 28)))
+    assert torch.equal(scores.argmax(dim=1), labels)
+    wins = scores - (masks + 1) * torch.nn.functional.one_hot(labels, 10)
+    assert torch.equal(wins.sum(dim=1), torch.full((12,), float(masks)))
+    assert (wins >= 0).all()
+    assert cleanser.scores(model, images[:0], num_classes=10).shape == (0, 10)
+
+
 # ---------------------------------------------------------------- the guarantee
 class TinyMaxNet(nn.Module):
     """Global max pooling: one bright patch dominates, so patches flip it easily."""

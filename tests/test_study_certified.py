@@ -31,8 +31,11 @@ def certified_run(tmp_path_factory, tiny_study_settings) -> Path:
         "controls": False,
         # crafted on fp32 (scored behind every defence) and through each surrogate (28
         # ablations or 9 masks per image): one place, two steps keep it cheap
+        # sparse-rs queries each defended target's own decision, the int8 runtime's included
         "attacks": [{"name": "patch-pgd", "params": {"steps": 2, "location": "center"},
-                     "sources": ["fp32"]}],  # fmt: skip
+                     "sources": ["fp32"]},
+                    {"name": "sparse-rs", "params": {"queries": 20},
+                     "sources": ["fp32", "ort-int8"]}],  # fmt: skip
         "patch_sizes": [5],
         "n_eval": 64,
         "deployments": ["ort-int8"],
@@ -117,13 +120,34 @@ def test_adaptive_attacks_through_the_surrogates_never_beat_the_certificate(
     against that patch side."""
     results = load_results(certified_run)
     models = {m.name: m for m in results.models}
-    adaptive = {c.target: c for c in results.cells if c.adaptive}
+    adaptive = {c.target: c for c in results.cells if c.adaptive and c.attack == "patch-pgd"}
     for name in (f"lenet/fp32+{PLAIN}", f"lenet/fp32-cert+{CERT}", "lenet/fp32+patchcleanser",
                  "lenet/fp32-cert+patchcleanser-cert"):  # fmt: skip
         cell = adaptive[name]
         assert cell.source == name and cell.adaptive_via == "surrogate", cell
         assert cell.robust_accuracy.rate >= _certified_at(models[name], cell.patch_size), name
     assert not any("ort-int8" in target for target in adaptive)  # no gradients there
+
+
+def test_query_attacks_go_through_every_defended_decision(certified_run: Path) -> None:
+    """sparse-rs queries each defence's real decision (its graded scores), on fp32 and on the
+    ORT int8 session alike: one query-only cell per defended target, scored on it alone, and
+    never leaving fewer images correct than the certificate guarantees."""
+    results = load_results(certified_run)
+    models = {m.name: m for m in results.models}
+    defended = {name for name, m in models.items()  # sources: fp32 and ort-int8
+                if m.defense is not None and "w8a8" not in name}  # fmt: skip
+    queried = [c for c in results.cells if c.adaptive and c.attack == "sparse-rs"]
+    assert {c.target for c in queried} == defended
+    for cell in queried:
+        assert cell.source == cell.target, cell
+        assert (cell.threat, cell.adaptive_via) == ("query-only", "queries"), cell
+        assert cell.robust_accuracy.rate >= _certified_at(models[cell.target], cell.patch_size)
+    behind = {c.threat for c in results.cells
+              if c.attack == "sparse-rs" and not c.adaptive and "+" in c.target}  # fmt: skip
+    assert behind == {"transfer"}  # found on the bare model, then scored through the defence
+    report = (certified_run / "report.html").read_text()
+    assert "(sparse-rs, 5 px; certified" in report and "below the certificate" not in report
 
 
 @pytest.mark.parametrize(

@@ -51,6 +51,20 @@ class Defense:
         """Labels (CPU) of ``model`` behind this defence, batched."""
         raise NotImplementedError
 
+    def scores(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        num_classes: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """(N, num_classes) CPU scores whose argmax is ``predict``'s label: what a study
+        scores the defended model by, and what a query attack through the defence climbs.
+        Here one-hot; a defence whose decision has a margin (votes, agreeing masks) grades
+        it, so a query attack sees progress before the label flips."""
+        labels = self.predict(model, images, device)
+        return torch.nn.functional.one_hot(labels, num_classes).float()
+
     def check_image_size(self, image_hw: tuple[int, int]) -> None:
         """Refuse (``PatchTooLargeError``, ``ConfigError``) images of ``image_hw`` this
         defence cannot work on: called by a study before any training."""

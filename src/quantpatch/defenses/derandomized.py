@@ -222,6 +222,20 @@ class DerandomizedSmoothing(Certifier):
             return torch.empty(0, dtype=torch.long)
         return counts.argmax(dim=1)
 
+    def scores(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        num_classes: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """The vote counts, less a thousandth of a vote per class index (the tie-break to the
+        smaller index, kept by ``argmax``): a query attack sees each vote it takes."""
+        counts = self.votes(model, images, device).float()
+        if not len(counts):
+            return torch.zeros(0, num_classes)
+        return counts - 1e-3 * torch.arange(counts.shape[1], dtype=counts.dtype)
+
     def certify(
         self,
         model: Predictor,

@@ -175,6 +175,28 @@ class PatchCleanser(Certifier):
         a disagreer, each unordered pair once (pairs are symmetric; a mask paired with itself
         is its first-round label). Each round is one flattened stream in large batches.
         """
+        return self._double_masking(model, images, device)[0]
+
+    def scores(
+        self,
+        model: Predictor,
+        images: torch.Tensor,
+        num_classes: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """(M + 1) for the double-masking label plus, per class, how many of the M one-mask
+        images it wins: the argmax is the label, and a patch that fools more one-mask images
+        lowers the true class's margin before the label flips."""
+        labels, first = self._double_masking(model, images, device)
+        masks = first.shape[1] if first.ndim == 2 else 0
+        won = torch.zeros(len(labels), num_classes)
+        won.scatter_add_(1, first, torch.ones_like(first, dtype=won.dtype))
+        return (masks + 1) * torch.nn.functional.one_hot(labels, num_classes).float() + won
+
+    def _double_masking(
+        self, model: Predictor, images: torch.Tensor, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labels, (N, M) first-round one-mask labels), both on the CPU."""
         check_images(images)
         n, masks = len(images), len(self.mask_set(tuple(images.shape[-2:])))
         images = images.detach().to(device)
@@ -190,7 +212,7 @@ class PatchCleanser(Certifier):
         table[image_index, b, a] = second
         table.diagonal(dim1=1, dim2=2).copy_(first)
         agree = (table == first[:, :, None]).all(dim=2)
-        return double_masking(first, agree & disagree)
+        return double_masking(first, agree & disagree), first
 
     def certify(
         self,

@@ -7,14 +7,18 @@ from __future__ import annotations
 from collections import defaultdict
 
 from quantpatch.metrics import Rate, rate_ratio
+from quantpatch.report.defenses import robust_accuracy
 from quantpatch.report.figures import line_figure
 from quantpatch.report.page import Page
-from quantpatch.report.tables import BOOTSTRAP_SEED, ModelOrder, SeedRate
-from quantpatch.results import ModelRecord, RateRecord
+from quantpatch.report.tables import BOOTSTRAP_SEED, ModelOrder, SeedRate, group, pool
+from quantpatch.results import CellRecord, ModelRecord, RateRecord
 
 
-def certified_section(page: Page, models: list[ModelRecord], order: ModelOrder) -> None:
-    """The table of certificates and, where a defence certified several sides, its curves."""
+def certified_section(
+    page: Page, models: list[ModelRecord], cells: list[CellRecord], order: ModelOrder
+) -> None:
+    """The table of certificates, each beside the strongest adaptive attack's robust accuracy,
+    and, where a defence certified several sides, its curves."""
     by_name = _by_name([m for m in models if m.certified is not None])
     if not by_name:
         return
@@ -30,6 +34,12 @@ def certified_section(page: Page, models: list[ModelRecord], order: ModelOrder) 
         "defence's fp32 model of that architecture and training, with a 95 % "
         + ("paired bootstrap interval over the trained models."
            if replicates > 1 else "bootstrap interval over images (one trained model).")
+        + " Attacked: the robust accuracy (share of all images still right) under the "
+        "strongest adaptive attack on that target, at the largest attacked side the "
+        "certificate covers, with the attack and the certificate at that side. "
+        "The certificate is a lower bound on the true robust accuracy and an attack an upper "
+        "bound: the truth lies between, and a wide gap means the attacks are weak, the "
+        "certificate loose, or both."
     )  # fmt: skip
     rows = []
     for name in names:
@@ -42,9 +52,10 @@ def certified_section(page: Page, models: list[ModelRecord], order: ModelOrder) 
             _rate([m.certified.clean for m in records]).fmt(),
             _rate([m.certified.certified for m in records]).fmt(),
             _kept_of_fp32(records, by_name),
+            _attacked(records, cells),
         ])  # fmt: skip
     page.table(["model", "defence", "base model", "patch", "certificate", "undefended clean",
-                "clean", "certified", "of fp32"], rows)  # fmt: skip
+                "clean", "certified", "of fp32", "attacked"], rows)  # fmt: skip
     _curves(page, by_name, names)
 
 
@@ -71,6 +82,32 @@ def certified_findings(page: Page, models: list[ModelRecord], order: ModelOrder)
             parts.append(f"{records[0].precision} "
                          f"{_rate([m.certified.certified for m in records]).fmt()} ({share} of fp32)")  # fmt: skip
         page.para("; ".join(parts) + ".", cls="finding")
+
+
+def _attacked(records: list[ModelRecord], cells: list[CellRecord]) -> str:
+    """The lowest robust accuracy any adaptive attack left on this target, pooled over seeds
+    and replicates, at the largest attacked side the certificate covers, with the attack and
+    the certificate at that side; flagged if it undercuts the certificate (a bug: a
+    certified image cannot be flipped)."""
+    name, cert = records[0].name, records[0].certified
+    sides = {p.patch_size: i for i, p in enumerate(cert.curve)}
+    sides.setdefault(cert.patch_size, None)
+    for size in sorted(sides, reverse=True):
+        mine = [c for c in cells if c.target == name and c.adaptive and c.patch_size == size]
+        measured = [(robust_accuracy(pool(rows)), attack)
+                    for (attack,), rows in group(mine, "attack").items()]  # fmt: skip
+        measured = [(rate, attack) for rate, attack in measured if rate is not None]
+        if not measured:
+            continue
+        rate, attack = min(measured, key=lambda item: item[0].rate)
+        index = sides[size]
+        certified = _rate([m.certified.certified if index is None else
+                           m.certified.curve[index].certified for m in records])  # fmt: skip
+        text = f"{rate.fmt()} ({attack}, {size} px; certified {certified.rate:.1%})"
+        if rate.rate < certified.rate:
+            text += ' <span class="flag">below the certificate: a bug</span>'
+        return text
+    return "not attacked"
 
 
 def _is_float_torch(model: ModelRecord) -> bool:

@@ -56,7 +56,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     runtime_section(page, results.cells, results.models, order, undefended(loaded).models)
     fit_section(page, results.cells, order)
     defenses_section(page, everything, order, clean)
-    certified_section(page, loaded.models, order)  # every replicate: it pools them
+    certified_section(page, loaded.models, loaded.cells, order)  # every replicate: it pools them
     training_section(page, results, order, clean)
     analysis_sections(page, results.analyses, order)
     write_text_atomic(out, page.render(f"quantpatch: {results.study}"))

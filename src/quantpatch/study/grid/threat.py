@@ -26,8 +26,8 @@ class Source:
     precision: str | None
     models: tuple[PreparedModel, ...]
     deployed: Target | None = None
-    """Set for a query attack crafted on a runtime target (ONNX Runtime): its logits are all
-    the attack sees."""
+    """Set for a query attack crafted on a runtime target (ONNX Runtime) or through a
+    defended target's decision: its scores are all the attack sees."""
 
     @classmethod
     def single(cls, model: PreparedModel) -> Source:
@@ -37,7 +37,7 @@ class Source:
     def of_target(cls, target: Target) -> Source:
         """A target as a query attack's source: its PyTorch model where it has one (the same
         source, and cache key, as a gradient attack's), else its logits function."""
-        if target.model is not None:
+        if target.model is not None and target.defense is None:
             return cls.single(target.model)
         return cls(target.name, target.arch, target.precision, (), target)
 
@@ -72,7 +72,9 @@ class Source:
 
     @property
     def defense(self) -> str | None:
-        """The input defence an adaptive source attacks through (None: an undefended source)."""
+        """The defence an adaptive source attacks through (None: an undefended source)."""
+        if self.deployed is not None:
+            return self.deployed.defense
         return self.models[0].defense if len(self.models) == 1 else None
 
 
@@ -102,20 +104,35 @@ def sources_for(context: StudyContext, cls: type[Attack], settings: AttackSettin
 def adaptive_sources_for(
     context: StudyContext, cls: type[Attack], settings: AttackSettings
 ) -> list[Source]:
-    """One source per defended PyTorch target, the defence included: white-box through an
-    input defence, or through a certifier's differentiable surrogate (the adaptive cells).
-    None for attacks that use no model or several (multibit), or that the study marks
-    ``adaptive: false``; a forward-only defence without a surrogate has no such source (its
-    adaptive attack is the undefended model's, already in the grid)."""
+    """The adaptive cells' sources, the defence included. A gradient attack: one per defended
+    PyTorch target, white-box through an input defence or through a certifier's
+    differentiable surrogate (a forward-only defence without one has none: its adaptive
+    attack is the undefended model's, already in the grid). A query attack: every defended
+    target, any runtime, through the defence's real decision (``Defense.scores``). None for
+    attacks that use no model or several (multibit), or that the study marks
+    ``adaptive: false``."""
     if cls.source_free or cls.multi_precision or not settings.adaptive:
         return []
     chosen = settings.sources
+    if not cls.needs_gradients:
+        return [
+            Source.of_target(target)
+            for target in context.targets
+            if target.defense is not None and (chosen is None or _named(target, chosen))
+        ]
     return [
         Source.single(model)
         for model in context.adaptive_sources.values()
         if chosen is None or model.precision in chosen
         or (model.tag == CERTIFIABLE_TAG and model.spec.name in chosen)  # 'fp32' takes fp32-cert
     ]  # fmt: skip
+
+
+def _named(target: Target, chosen: list[str]) -> bool:
+    """``sources:`` names a defended target by its model's precision ('fp32' also takes
+    'fp32-cert', as for gradient attacks)."""
+    untagged = target.precision.removesuffix(f"-{CERTIFIABLE_TAG}")
+    return target.precision in chosen or untagged in chosen
 
 
 def scored_targets(context: StudyContext, source: Source) -> list[Target]:

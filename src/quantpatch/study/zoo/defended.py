@@ -10,7 +10,6 @@ Defences are found through their contract (``defenses.Defense``, ``defenses.Cert
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantpatch._io import content_key
@@ -75,11 +74,11 @@ def _transformed_predictor(base: Target, defense: InputDefense, device: torch.de
 def _certifier_predictor(
     base_predict: Predictor, defense: Defense, device: torch.device, num_classes: int
 ) -> Predictor:
-    """A defence that gives labels, not logits: one-hot scores keep ``argmax`` meaning them."""
+    """A defence that gives labels, not logits, scored by its ``scores`` (argmax: its label;
+    graded by its margin, for query attacks through it)."""
 
     def predict(images: torch.Tensor) -> torch.Tensor:
-        labels = defense.predict(base_predict, images, device)
-        return F.one_hot(labels, num_classes).float()
+        return defense.scores(base_predict, images, num_classes, device)
 
     return predict
 
