@@ -153,6 +153,36 @@ def test_patch_adversarial_training_crafts_adversarial_patches(trained, lab) -> 
     assert fooled(steps=10, step_size=0.25) > fooled(steps=1, step_size=0.0) + 0.15
 
 
+def test_patch_at_finishes_each_patch_where_it_hurts_most(trained, lab) -> None:
+    """The placement search keeps, per image, the candidate place of highest loss (its own
+    place among them, so never a worse one), and the patches it trains on fool more."""
+    from quantpatch.attacks.placement import paste_at
+
+    member = trained["random-precision"].member("w2a2").eval()
+    images, labels = lab.images[:64], lab.labels[:64]
+    crafter = create_recipe("patch-at", patch_size=PATCH, placements=8, seed=3)
+    patches = torch.rand(64, 1, PATCH, PATCH, generator=torch.Generator().manual_seed(0))
+    tops, lefts = crafter.random_places(images, PATCH)
+    moved = crafter.worst_places(member, images, labels, patches, tops.clone(), lefts.clone())
+
+    def loss(places) -> torch.Tensor:
+        with torch.no_grad():
+            logits = member(paste_at(images, patches, *places))
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    before, after = loss((tops, lefts)), loss(moved)
+    assert (after >= before - 1e-6).all() and (after > before + 1e-3).float().mean() > 0.5
+
+    def fooled(placements: int) -> float:
+        crafter = create_recipe("patch-at", patch_size=PATCH, steps=4, placements=placements,
+                                universal_fraction=0.0, seed=7)  # fmt: skip
+        patched = crafter.patched(member, lab.images, lab.labels)
+        with torch.no_grad():
+            return float((member(patched).argmax(1) != lab.labels).float().mean())
+
+    assert fooled(placements=8) > fooled(placements=1) + 0.05
+
+
 def test_disalignment_turns_the_precisions_gradients_apart(trained, lab) -> None:
     """The regulariser's own claim: fp32 and w2a2 input gradients are less aligned than after
     joint training without it (mean |cosine| over held-out images)."""

@@ -105,14 +105,21 @@ class RandomPrecision(Recipe):
         return joint_loss(model, images, labels, self.label_smoothing)
 
 
+MAX_PLACEMENTS = 64
+"""patch-at's placement search: each candidate is one more forward of the batch."""
+
+
 @RECIPES.register
 class PatchAdversarial(Recipe):
     """Patch adversarial training: patches crafted on a random precision, all trained on them.
 
     ``patch_size`` px square patches; ``steps`` sign-gradient steps of ``step_size`` per
-    per-image patch (random initialisation and place); ``universal_fraction`` of each batch
-    carries instead a universal patch kept across batches (one step per batch, "free"
-    adversarial training); ``weight`` of the patched loss against the clean one.
+    per-image patch (random initialisation and place); ``placements`` > 1 searches the place
+    as the attacks it meets do: after half the steps each per-image patch is tried at that
+    many places (its own and random others, one batched forward without gradients) and
+    finishes at the one of highest loss; ``universal_fraction`` of each batch carries instead
+    a universal patch kept across batches (one step per batch, "free" adversarial training);
+    ``weight`` of the patched loss against the clean one.
     """
 
     name = "patch-at"
@@ -122,6 +129,7 @@ class PatchAdversarial(Recipe):
         patch_size: int = 7,
         steps: int = 5,
         step_size: float = 0.25,
+        placements: int = 1,
         universal_fraction: float = 0.5,
         weight: float = 1.0,
         seed: int = 0,
@@ -129,6 +137,7 @@ class PatchAdversarial(Recipe):
         super().__init__(seed)
         self.patch_size = check_int("patch-at patch_size", patch_size, minimum=1)
         self.steps = check_int("patch-at steps", steps, minimum=1)
+        self.placements = check_int("patch-at placements", placements, 1, MAX_PLACEMENTS)
         self.step_size = check_float("patch-at step_size", step_size, 0.0, 1.0)
         self.universal_fraction = check_float(
             "patch-at universal_fraction", universal_fraction, 0.0, 1.0
@@ -138,7 +147,7 @@ class PatchAdversarial(Recipe):
 
     def params(self) -> dict[str, Any]:
         return {"patch_size": self.patch_size, "steps": self.steps, "step_size": self.step_size,
-                "universal_fraction": self.universal_fraction, "weight": self.weight,
+                "placements": self.placements, "universal_fraction": self.universal_fraction, "weight": self.weight,
                 **super().params()}  # fmt: skip
 
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
@@ -163,12 +172,33 @@ class PatchAdversarial(Recipe):
         if k:
             self.universal = universal[0].cpu()
         per_image = torch.rand(n - k, channels, p, p, generator=self.generator).to(images.device)
-        for _ in range(self.steps):
+        searched = self.steps // 2 if self.placements > 1 else self.steps
+        for step in range(self.steps):
+            if step == searched:
+                tops[k:], lefts[k:] = self.worst_places(member, images[k:], labels[k:],
+                                                        per_image, tops[k:], lefts[k:])  # fmt: skip
             per_image = self._step(member, images[k:], labels[k:], tops[k:], lefts[k:], per_image)
         parts = [paste_at(images[rows], patch, tops[rows], lefts[rows])
                  for rows, patch in ((slice(0, k), universal), (slice(k, n), per_image))
                  if len(patch)]  # fmt: skip
         return torch.cat(parts).detach()
+
+    def worst_places(self, member, images, labels, patches, tops, lefts):
+        """(tops, lefts): for each image, of its current place and ``placements`` - 1 random
+        others, the one where its patch gives ``member`` the highest loss (one forward)."""
+        if not len(images):
+            return tops, lefts
+        others = [self.random_places(images, self.patch_size) for _ in range(self.placements - 1)]
+        all_tops = torch.stack([tops, *(t for t, _ in others)])  # (P, N)
+        all_lefts = torch.stack([lefts, *(left for _, left in others)])
+        count = len(all_tops)
+        with torch.no_grad():
+            pasted = paste_at(images.repeat(count, 1, 1, 1), patches.repeat(count, 1, 1, 1),
+                              all_tops.flatten(), all_lefts.flatten())  # fmt: skip
+            losses = F.cross_entropy(member(pasted), labels.repeat(count), reduction="none")
+        best = losses.view(count, -1).argmax(dim=0).cpu()
+        columns = torch.arange(len(images))
+        return all_tops[best, columns], all_lefts[best, columns]
 
     def _step(self, member, images, labels, tops, lefts, patch, shared: bool = False):
         return patch_step(member, images, labels, tops, lefts, patch, self.step_size, shared)
