@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantpatch.analysis import (
@@ -29,6 +30,7 @@ from quantpatch.analysis import (
     patch_dominance,
     patch_size_pixels,
     sobel_edges,
+    soft_edge_iou,
     spatial_asr_map,
 )
 from quantpatch.errors import PatchTooLargeError, ShapeError, UnknownNameError
@@ -154,6 +156,25 @@ def test_hog_constant_zero_identical_cosine_one_and_orientation() -> None:
     cells = hog_descriptor(ramp_x, block=None).view(1, 9, -1).sum(-1)[0]
     assert cells.argmax() in (0, 8) and cells[4] == 0
     assert hog_cosine(ramp_x, ramp_y).item() < 0.05
+
+
+def test_soft_edge_iou_and_smooth_hog_train_on_maps_with_flat_regions() -> None:
+    """The differentiable forms a training penalty uses: soft Edge IoU is 1 on equal maps and 0
+    on disjoint ones, and both it and HOG with ``smooth`` give finite gradients where a map is
+    flat (hypot's gradient there is 0/0); ``smooth=0`` leaves HOG's values as they were."""
+    a = torch.rand(4, 1, 20, 20, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(soft_edge_iou(a, a), torch.ones(4), atol=1e-5)
+    left, right = torch.zeros(1, 1, 20, 40), torch.zeros(1, 1, 20, 40)
+    left[..., :5, :5] = 1.0
+    right[..., -5:, -5:] = 1.0
+    assert soft_edge_iou(left, right).item() < 1e-3
+    sparse = (a * (a > 0.8)).requires_grad_(True)  # mostly exact zeros
+    score = soft_edge_iou(sparse, a) + F.cosine_similarity(
+        hog_descriptor(sparse, smooth=1e-4), hog_descriptor(a, smooth=1e-4)
+    )
+    (grad,) = torch.autograd.grad(score.sum(), sparse)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert torch.allclose(hog_descriptor(a, smooth=1e-6), hog_descriptor(a), atol=1e-4)
 
 
 def test_input_gradients_match_autograd_and_batch_size() -> None:

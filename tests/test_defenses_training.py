@@ -95,7 +95,9 @@ def test_recipe_names_and_parameters_are_checked() -> None:
     with pytest.raises(ConfigError, match="dwq attack must be one of fgsm, pgd, patch"):
         create_recipe("dwq", attack="cw")
     with pytest.raises(
-        ConfigError, match="'disalign' does not take strength; it takes: weight, seed"
+        ConfigError,
+        match="'disalign' does not take strength; it takes: weight, feature_weight, "
+        "structure_weight, seed",
     ):
         create_recipe("disalign", strength=2.0)
     for name in RECIPES.names():  # the one check sees every recipe's whole constructor
@@ -273,3 +275,31 @@ def test_gradient_attacks_see_every_precision_of_a_random_model() -> None:
     source = Source.single(PreparedModel("resnet20", W2A2, model, "key", label="random-dwq"))
     assert source.predictors(create_attack("patch-pgd", progress=False)) == attack_members(model)
     assert source.predictors(create_attack("sparse-rs", progress=False)) == [model]
+
+
+@pytest.mark.parametrize(("term", "lr", "drop"), [("feature", 0.05, 0.1), ("structure", 0.5, 0.05)])
+def test_disalign_triqdef_terms_train_down(term: str, lr: float, drop: float) -> None:
+    """TriQDef's feature term (centred cosine of penultimate features) and structure term (soft
+    Edge IoU + HOG cosine of input gradients) are similarities in [0, 1] that a few SGD steps
+    on that term alone lower: each penalty can act on the shared weights."""
+    from quantpatch.quant import set_learnable
+
+    torch.manual_seed(0)
+    model = SwitchablePrecision.from_float(
+        create_model("lenet", in_channels=1, num_classes=10, image_size=28), [FP32, W2A2]
+    )
+    x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(10, (16,), generator=torch.Generator().manual_seed(2))
+    calibrate(model.member("w2a2"), x, "minmax", "cpu")
+    set_learnable(model, True)
+    recipe = create_recipe("disalign", weight=0.0, feature_weight=1.0, structure_weight=1.0)
+    before = {k: float(v.detach()) for k, v in recipe.penalties(model, x, y).items()}
+    assert set(before) == {"gradient", "feature", "structure"}
+    assert all(0.0 <= v <= 1.0 for v in before.values()), before
+    optimiser = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(8):
+        optimiser.zero_grad()
+        recipe.penalties(model, x, y)[term].backward()
+        optimiser.step()
+    after = float(recipe.penalties(model, x, y)[term].detach())
+    assert after < before[term] - drop, (term, before[term], after)

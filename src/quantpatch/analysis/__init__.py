@@ -24,6 +24,7 @@ from quantpatch.analysis.gradients import (
     input_gradients,
     mean_ci,
     sobel_edges,
+    soft_edge_iou,
 )
 from quantpatch.analysis.quant_error import layer_quant_error
 from quantpatch.analysis.sensitivity import (
@@ -55,5 +56,6 @@ __all__ = [
     "patch_dominance",
     "patch_size_pixels",
     "sobel_edges",
+    "soft_edge_iou",
     "spatial_asr_map",
 ]

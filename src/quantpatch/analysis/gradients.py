@@ -61,20 +61,29 @@ def _as_gray(x: torch.Tensor) -> torch.Tensor:
     return x.float().mean(dim=1, keepdim=True)
 
 
-def sobel_edges(x: torch.Tensor) -> torch.Tensor:
+def _magnitude(grad_x: torch.Tensor, grad_y: torch.Tensor, smooth: float) -> torch.Tensor:
+    """|(grad_x, grad_y)|; with ``smooth`` > 0, sqrt(x^2 + y^2 + smooth^2) - smooth, which
+    differentiates everywhere (hypot's gradient at a flat pixel is 0/0) for training penalties."""
+    if smooth <= 0:
+        return torch.hypot(grad_x, grad_y)
+    return torch.sqrt(grad_x.square() + grad_y.square() + smooth**2) - smooth
+
+
+def sobel_edges(x: torch.Tensor, smooth: float = 0.0) -> torch.Tensor:
     """Sobel edge magnitude (B, H, W) of the channel mean of (B, C, H, W) maps.
 
     The 3x3 Sobel kernels are applied in their separable form (central difference [-1, 0, 1]
     along one axis, smoothing [1, 2, 1] along the other) with slicing rather than a dense
     conv2d: the same operator, but a constant map gives exactly zero (a conv2d sums
     -a - 2a - a + a + 2a + a in an order that can leave ~1e-8). Borders are replicate-padded.
+    ``smooth``: see ``_magnitude``.
     """
     gray = F.pad(_as_gray(x), (1, 1, 1, 1), mode="replicate")[:, 0]
     diff_x = gray[:, :, 2:] - gray[:, :, :-2]  # (B, H + 2, W)
     diff_y = gray[:, 2:, :] - gray[:, :-2, :]  # (B, H, W + 2)
     grad_x = diff_x[:, :-2] + 2 * diff_x[:, 1:-1] + diff_x[:, 2:]
     grad_y = diff_y[:, :, :-2] + 2 * diff_y[:, :, 1:-1] + diff_y[:, :, 2:]
-    return torch.hypot(grad_x, grad_y)
+    return _magnitude(grad_x, grad_y, smooth)
 
 
 def _top_mask(edges: torch.Tensor, top: float) -> torch.Tensor:
@@ -105,6 +114,19 @@ def edge_iou(a: torch.Tensor, b: torch.Tensor, top: float = 0.15) -> torch.Tenso
     return torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(union))
 
 
+def soft_edge_iou(a: torch.Tensor, b: torch.Tensor, smooth: float = 1e-4) -> torch.Tensor:
+    """Differentiable Edge IoU per image, (B,): sum(min) / sum(max) of the two Sobel-edge maps,
+    each scaled to unit sum, so a training penalty can push two maps' structure apart (the
+    top-k masks of ``edge_iou`` have no gradient). 1 for equal structure, 0 for disjoint."""
+    if a.shape != b.shape:
+        raise ShapeError(
+            f"soft_edge_iou needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    edges = [sobel_edges(m, smooth).flatten(1) for m in (a, b)]
+    edges = [e / (e.sum(dim=1, keepdim=True) + 1e-12) for e in edges]
+    return torch.minimum(*edges).sum(dim=1) / (torch.maximum(*edges).sum(dim=1) + 1e-12)
+
+
 def hog_descriptor(
     x: torch.Tensor,
     cell: int = 4,
@@ -112,6 +134,7 @@ def hog_descriptor(
     block: int | None = 2,
     clip: float = 0.2,
     eps: float = 1e-6,
+    smooth: float = 0.0,
 ) -> torch.Tensor:
     """Batched HOG (Dalal & Triggs) of the channel mean of (B, C, H, W) maps -> (B, D).
 
@@ -121,6 +144,8 @@ def hog_descriptor(
     With ``block`` set, overlapping ``block`` x ``block`` cell blocks (stride one cell) are
     L2-Hys normalised (L2, clip at ``clip``, L2 again), as in skimage's default; with
     ``block=None`` the raw cell histograms are returned. A constant map gives the zero vector.
+    Differentiable through the magnitudes (``smooth`` > 0: see ``_magnitude``); which bins a
+    pixel's orientation falls into is never differentiated.
     """
     gray = _as_gray(x)
     batch, _, height, width = gray.shape
@@ -130,8 +155,8 @@ def hog_descriptor(
     padded = F.pad(gray, (1, 1, 1, 1), mode="replicate")
     gx = padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]
     gy = padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]
-    magnitude = torch.hypot(gx, gy)
-    angle = torch.remainder(torch.atan2(gy, gx), math.pi)
+    magnitude = _magnitude(gx, gy, smooth)
+    angle = torch.remainder(torch.atan2(gy.detach(), gx.detach()), math.pi)
     position = angle / (math.pi / bins) - 0.5
     low = torch.floor(position)
     frac = position - low

@@ -19,7 +19,8 @@ is not):
   cosine similarity of the fp32 and each quantized precision's input gradients is
   penalised, both gradients differentiated (scales frozen for the penalty, eval-mode
   BatchNorm as attackers see it), so that a patch made on one precision points elsewhere on
-  the others.
+  the others; optionally TriQDef's feature term (penultimate features) and structure term
+  (soft Edge IoU and HOG cosine of the input gradients).
 
 A random-precision model is attacked with the exact expectation over its members (the mean
 loss of every precision, ``quant.switchable.attack_members``), and scored as served.
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantpatch._registry import Registry
+from quantpatch.analysis.gradients import hog_descriptor, soft_edge_iou
 from quantpatch.attacks.placement import paste_at
 from quantpatch.defenses.base import check_float, check_int
 from quantpatch.errors import ConfigError
@@ -293,45 +295,115 @@ DWQ_ATTACKS = ("fgsm", "pgd", "patch")
 
 @RECIPES.register
 class Disalignment(Recipe):
-    """Cross-precision disalignment: fp32's and each precision's input gradients turned apart.
+    """Cross-precision disalignment (TriQDef's terms): each precision's view of an input
+    turned away from fp32's, so a patch made on one precision points elsewhere on the others.
 
-    Every precision trained jointly, plus ``weight`` times the mean squared cosine similarity
-    of fp32's input gradient and each quantized precision's, both differentiated: the penalty
-    pass runs with frozen quantizer scales (the fixed-scale native fake-quant op has a second
-    derivative, LSQ's learnable op has none) and eval-mode BatchNorm, as an attacker sees the
-    model. Default weight 1 (``benchmarks/disalign_alignment.py``, resnet20, one epoch on
-    4,000 digits): fp32-w2a2 mean |cosine| 0.44 after joint training, 0.19 with this penalty
-    at weight 1 (clean -5 / -7 points at fp32 / w2a2), 0.10 at weight 10 but -26 / -41
-    points; the former one-sided form needed weight 10 for 0.10 (-5.5 / -0.2 points)."""
+    Every precision trained jointly, plus, averaged over the quantized precisions against fp32:
+    ``weight`` x the squared cosine of the input gradients; ``feature_weight`` x the squared
+    cosine of the penultimate features (the last Linear layer's input: TriQDef's feature
+    disalignment); ``structure_weight`` x the mean of the soft Edge IoU and the HOG cosine of
+    the two |input gradient| maps (its gradient perceptual dissonance, on the structure
+    measures the gradient-alignment analysis reports). Every term is differentiated through
+    both precisions: the penalty pass runs with frozen quantizer scales (the fixed-scale
+    native fake-quant op has a second derivative, LSQ's learnable op has none) and eval-mode
+    BatchNorm, as an attacker sees the model. Default weight 1
+    (``benchmarks/disalign_alignment.py``, resnet20, one epoch on 4,000 digits): fp32-w2a2
+    mean |cosine| 0.44 after joint training, 0.19 with this penalty at weight 1 (clean
+    -5 / -7 points at fp32 / w2a2), 0.10 at weight 10 but -26 / -41 points. TriQDef's
+    bit-width curriculum is not implemented: every precision trains from the first step."""
 
     name = "disalign"
 
-    def __init__(self, weight: float = 1.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        weight: float = 1.0,
+        feature_weight: float = 0.0,
+        structure_weight: float = 0.0,
+        seed: int = 0,
+    ) -> None:
         super().__init__(seed)
         self.weight = check_float("disalign weight", weight, 0.0, 1000.0)
+        self.feature_weight = check_float("disalign feature_weight", feature_weight, 0.0, 1000.0)
+        self.structure_weight = check_float(
+            "disalign structure_weight", structure_weight, 0.0, 1000.0
+        )
 
     def params(self) -> dict[str, Any]:
-        return {"weight": self.weight, **super().params()}
+        return {"weight": self.weight, "feature_weight": self.feature_weight,
+                "structure_weight": self.structure_weight, **super().params()}  # fmt: skip
 
     def loss(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
         if FP32.name not in model.names or len(model.names) < 2:
             raise ConfigError("disalign needs fp32 and at least one quantized precision")
         joint = joint_loss(model, images, labels, self.label_smoothing)
-        return joint + self.weight * self.penalty(model, images, labels)
+        terms = self.penalties(model, images, labels)
+        weights = {"gradient": self.weight, "feature": self.feature_weight,
+                   "structure": self.structure_weight}  # fmt: skip
+        return joint + sum(weights[name] * term for name, term in terms.items())
 
-    def penalty(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
-        """Mean squared cosine of fp32's and each quantized precision's input gradients, with
-        a graph through both (so the shared weights turn either gradient)."""
+    def penalties(
+        self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The alignment terms whose weight is not 0 (``gradient`` always), each a mean over
+        the quantized precisions of its similarity to fp32, with a graph through both."""
         x = images.detach().requires_grad_(True)
-        gradients = {}
+        gradients, features = {}, {}
         with _evaluating(model), _frozen_scales(model):
             for name in model.names:
-                loss = F.cross_entropy(model.member(name)(x), labels)
+                member = model.member(name)
+                with _penultimate(member, enabled=self.feature_weight > 0) as captured:
+                    loss = F.cross_entropy(member(x), labels)
                 (gradient,) = torch.autograd.grad(loss, x, create_graph=True)
-                gradients[name] = gradient.flatten(1)
-        reference = gradients.pop(FP32.name)
-        cosines = [F.cosine_similarity(reference, g, dim=1).pow(2) for g in gradients.values()]
-        return torch.stack(cosines).mean()
+                gradients[name] = gradient
+                features[name] = captured
+        reference, reference_features = gradients.pop(FP32.name), features.pop(FP32.name)
+        pairs = {"gradient": [F.cosine_similarity(reference.flatten(1), g.flatten(1)).square()
+                              for g in gradients.values()]}  # fmt: skip
+        if self.feature_weight > 0:
+            pairs["feature"] = [
+                _centred_cosine(reference_features[0], f[0]).square() for f in features.values()
+            ]
+        if self.structure_weight > 0:
+            pairs["structure"] = [_structure_agreement(reference, g) for g in gradients.values()]
+        return {name: torch.stack(values).mean() for name, values in pairs.items()}
+
+    def penalty(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
+        """The input-gradient term alone (what ``weight`` scales)."""
+        return self.penalties(model, images, labels)["gradient"]
+
+
+def _centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image, the cosine of two (B, D) feature rows after each precision's batch mean is
+    removed: post-ReLU features share a large positive mean that would dominate a raw cosine."""
+    return F.cosine_similarity(a - a.mean(dim=0), b - b.mean(dim=0))
+
+
+def _structure_agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean of soft Edge IoU and HOG cosine of two input-gradient maps' |values|,
+    each map scaled to unit norm first (input gradients are ~1e-4: ``smooth`` must see one scale)."""
+    maps = [g.abs() / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-12) for g in (a, b)]
+    hog = [hog_descriptor(m, smooth=1e-4) for m in maps]
+    return (soft_edge_iou(*maps) + F.cosine_similarity(*hog)) / 2
+
+
+@contextlib.contextmanager
+def _penultimate(member: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor]]:
+    """A list that receives the flattened input of ``member``'s last Linear layer during the
+    block (its penultimate features), or stays empty when not ``enabled``."""
+    captured: list[torch.Tensor] = []
+    linears = [m for m in member.modules() if isinstance(m, nn.Linear)]
+    if not enabled:
+        yield captured
+        return
+    if not linears:
+        raise ConfigError("disalign feature_weight needs a model ending in a Linear layer")
+    handle = linears[-1].register_forward_pre_hook(
+        lambda _, inputs: captured.append(inputs[0].flatten(1))
+    )
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def create_recipe(name: str, **params: Any) -> Recipe:
