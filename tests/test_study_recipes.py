@@ -81,6 +81,8 @@ def test_report_compares_recipes_with_plain_qat(recipe_run: Path) -> None:
     html = (recipe_run / "report.html").read_text()
     assert "Training defences" in html
     assert "lenet/w2a2-random-precision" in html and "x plain" in html
+    for column in ("robust accuracy", "transfer from plain fp32", "transfer from its fp32"):
+        assert column in html, column
 
 
 def test_a_rerun_reuses_the_trained_recipe(recipe_run: Path, recipe_settings, tmp_path) -> None:
