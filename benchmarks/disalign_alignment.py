@@ -7,7 +7,10 @@ gradient a constant: ``OneSided`` below, the recipe up to commit 95694c8) and to
 two-sided ``disalign`` (both gradients differentiated). Reported per model, on held-out
 images: the mean |cosine| and mean cosine of fp32's and w2a2's input gradients (eval mode,
 cross-entropy of the true class), the clean accuracy of each precision, and the seconds per
-training step.
+training step. A fourth model adds TriQDef's feature and structure terms (``--feature-weight``
+and ``--structure-weight``, 0.1 each), and every model also reports the structural agreement of the two
+gradient maps (Edge IoU and HOG cosine of |grad|, with their chance level: image i against
+image i-1) and the centred cosine of the penultimate features.
 
 Run: ``python benchmarks/disalign_alignment.py`` (``--quick``: 256 images, 1 epoch).
 """
@@ -33,6 +36,7 @@ from _common import (
     write_results,
 )
 
+from quantpatch.analysis import alignment_metrics
 from quantpatch.data import Split
 from quantpatch.defenses.training import FP32, Disalignment, create_recipe, train_recipe
 from quantpatch.models import TrainConfig, predict_logits
@@ -64,14 +68,21 @@ def alignment(model, images: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     for name in (FP32.name, W2A2.name):
         x = images.clone().requires_grad_(True)
         F.cross_entropy(model.member(name).eval()(x), labels).backward()
-        grads.append(x.grad.flatten(1))
-    cosine = F.cosine_similarity(*grads, dim=1)
-    return {"mean_abs_cosine": float(cosine.abs().mean()), "mean_cosine": float(cosine.mean())}
+        grads.append(x.grad)
+    cosine = F.cosine_similarity(grads[0].flatten(1), grads[1].flatten(1), dim=1)
+    structure = alignment_metrics(*grads, chance=True)
+    feature = Disalignment(feature_weight=1.0).penalties(model, images, labels)["feature"]
+    return {"mean_abs_cosine": float(cosine.abs().mean()), "mean_cosine": float(cosine.mean()),
+            **{key: float(structure[key].mean()) for key in
+               ("edge_iou", "edge_iou_chance", "hog_cosine", "hog_cosine_chance")},
+            "feature_centred_cosine_sq": float(feature.detach())}  # fmt: skip
 
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--weight", type=float, default=1.0)
+    parser.add_argument("--feature-weight", type=float, default=0.1)
+    parser.add_argument("--structure-weight", type=float, default=0.1)
     args = parser.parse_args()
     cores = setup_threads(args.threads)
     device = torch.device(args.device)
@@ -84,6 +95,12 @@ def main() -> None:
         "joint (random-precision)": create_recipe("random-precision"),
         "disalign one-sided (former)": OneSided(weight=args.weight),
         "disalign two-sided": create_recipe("disalign", weight=args.weight),
+        "disalign + TriQDef feature, structure": create_recipe(
+            "disalign",
+            weight=args.weight,
+            feature_weight=args.feature_weight,
+            structure_weight=args.structure_weight,
+        ),
     }
     out = Path(args.out or (CACHE if args.quick else RESULTS) / "disalign_alignment.json")
     env = environment(device, cores=cores)
@@ -96,7 +113,7 @@ def main() -> None:
         accuracy = {name: float((predict_logits(model.member(name), held_out[0], device)
                                  .argmax(1).cpu() == held_out[1]).float().mean())
                     for name in model.names}  # fmt: skip
-        rows.append({"case": label, "weight": args.weight, **alignment(model, *held_out),
+        rows.append({"case": label, "weight": args.weight, "params": recipe.params(), **alignment(model, *held_out),
                      "clean_accuracy": accuracy, "s_per_step": wall / steps,
                      "measured": measured(load, None, wall)})  # fmt: skip
         print(f"{label}: |cos| {rows[-1]['mean_abs_cosine']:.3f}", flush=True)
@@ -105,12 +122,23 @@ def main() -> None:
                   ("case",), False)  # fmt: skip
     print_table(
         f"resnet20 fp32 vs w2a2 input gradients, 512 held-out images (weight {args.weight})",
-        ["model", "mean |cos|", "mean cos", "clean fp32", "clean w2a2", "s/step"],
+        [
+            "model",
+            "mean |cos|",
+            "edge IoU",
+            "HOG cos",
+            "feature cos^2",
+            "clean fp32",
+            "clean w2a2",
+            "s/step",
+        ],  # fmt: skip
         [
             [
                 r["case"],
                 r["mean_abs_cosine"],
-                r["mean_cosine"],
+                r["edge_iou"],
+                r["hog_cosine"],
+                r["feature_centred_cosine_sq"],
                 r["clean_accuracy"]["fp32"],
                 r["clean_accuracy"]["w2a2"],
                 r["s_per_step"],

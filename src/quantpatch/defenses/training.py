@@ -300,7 +300,7 @@ class Disalignment(Recipe):
 
     Every precision trained jointly, plus, averaged over the quantized precisions against fp32:
     ``weight`` x the squared cosine of the input gradients; ``feature_weight`` x the squared
-    cosine of the penultimate features (the last Linear layer's input: TriQDef's feature
+    centred cosine of the penultimate features (the last Linear layer's input: TriQDef's feature
     disalignment); ``structure_weight`` x the mean of the soft Edge IoU and the HOG cosine of
     the two |input gradient| maps (its gradient perceptual dissonance, on the structure
     measures the gradient-alignment analysis reports). Every term is differentiated through
@@ -308,9 +308,10 @@ class Disalignment(Recipe):
     native fake-quant op has a second derivative, LSQ's learnable op has none) and eval-mode
     BatchNorm, as an attacker sees the model. Default weight 1
     (``benchmarks/disalign_alignment.py``, resnet20, one epoch on 4,000 digits): fp32-w2a2
-    mean |cosine| 0.44 after joint training, 0.19 with this penalty at weight 1 (clean
-    -5 / -7 points at fp32 / w2a2), 0.10 at weight 10 but -26 / -41 points. TriQDef's
-    bit-width curriculum is not implemented: every precision trains from the first step."""
+    mean |cosine| 0.39 after joint training, 0.18 with this penalty (clean -1.4 / -1.2
+    points at fp32 / w2a2). The TriQDef terms at 0.1 each cost w2a2 most of its accuracy
+    there (35 % clean), so they default to 0. TriQDef's bit-width curriculum is not
+    implemented: every precision trains from the first step."""
 
     name = "disalign"
 
