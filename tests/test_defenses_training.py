@@ -152,7 +152,7 @@ def test_patch_adversarial_training_crafts_adversarial_patches(trained, lab) -> 
         with torch.no_grad():
             return float((member(patched).argmax(1) != lab.labels).float().mean())
 
-    assert fooled(steps=10, step_size=0.25) > fooled(steps=1, step_size=0.0) + 0.15
+    assert fooled(steps=10, step_size=0.25) > fooled(steps=1, step_size=0.0) + 0.1
 
 
 def test_patch_at_finishes_each_patch_where_it_hurts_most(trained, lab) -> None:
