@@ -158,6 +158,21 @@ def _codes(layer: nn.Module) -> torch.Tensor:
     return (layer.quantized_weight().detach() / scale).round()
 
 
+def _assert_same_codes(layer: nn.Module, codes: torch.Tensor) -> None:
+    """The simulation's weight codes are ORT's, except at exact rounding ties (w / scale a
+    half-integer up to float error), where the order of ORT's float arithmetic decides: there,
+    one code apart at most (seen: 1 of 1.2 M weights of a trained LeNet's 9216x128 layer)."""
+    mine = _codes(layer)
+    differ = mine != codes
+    if not differ.any():
+        return
+    scale = layer.weight_quant.scale.detach().view(-1, *[1] * (layer.weight.dim() - 1))
+    ratio = (layer.weight.detach() / scale).expand_as(mine)[differ]
+    assert (mine[differ] - codes[differ]).abs().max() == 1
+    assert ((ratio - ratio.floor() - 0.5).abs() < 1e-3).all(), ratio
+    assert int(differ.sum()) <= max(1, codes.numel() // 100_000)
+
+
 def test_simulation_takes_ort_quantization_parameters(ort_lenet) -> None:
     """Same codes, scales and zero points as ORT's quantizer chose, computed independently."""
     _, int8, sim, _, path = ort_lenet
@@ -173,7 +188,7 @@ def test_simulation_takes_ort_quantization_parameters(ort_lenet) -> None:
         scale = torch.from_numpy(found[f"{name}.weight_scale"])
         torch.testing.assert_close(layer.weight_quant.scale.detach(), scale, rtol=1e-6, atol=0)
         codes = torch.from_numpy(found[f"{name}.weight_quantized"]).float()
-        assert torch.equal(_codes(layer), codes)
+        _assert_same_codes(layer, codes)
         assert int(codes.abs().max()) == layer.weight_quant.grid.qmax  # 127, or 64 (reduce_range)
         bias = (
             found[f"{name}.bias_quantized"].astype(np.float32)

@@ -10,7 +10,7 @@ import torch
 
 from quantpatch.attacks import create_attack
 from quantpatch.errors import ConfigError
-from quantpatch.metrics import attack_success
+from quantpatch.metrics import attack_outcomes, attack_success, mcnemar_exact
 from quantpatch.models import predict_logits
 
 CPU = torch.device("cpu")
@@ -166,15 +166,21 @@ def test_gap_patch_beats_random_noise(lab):
     rng = torch.get_rng_state()
     gap.fit([lab.model], lab.train, CPU)
     assert torch.equal(torch.get_rng_state(), rng)  # seeded from the attack's own stream
-    learned = attack_success(
+    counted, learned = attack_outcomes(
         lab.clean, predictions(lab.model, gap.perturb([], lab.images, lab.labels, CPU)), lab.labels
     )
-    noise = attack_success(
+    _, noise = attack_outcomes(
         lab.clean,
         predictions(lab.model, random.perturb([], lab.images, lab.labels, CPU)),
         lab.labels,
     )
-    assert learned.ci[0] > noise.ci[1], (learned, noise)  # significantly better
+    # significantly better on the same images (paired, one-sided exact McNemar)
+    test = mcnemar_exact(learned[counted], noise[counted])
+    assert test.p_greater < 0.01, (
+        test,
+        learned[counted].float().mean(),
+        noise[counted].float().mean(),
+    )
     clone = create_attack("gap", **UNIVERSAL)
     clone.load_state_dict(gap.state_dict())
     x, y = lab.images[:16], lab.labels[:16]
