@@ -26,6 +26,7 @@ from _common import (
     mnist,
     print_table,
     setup_threads,
+    train_defence_model,
     write_results,
 )
 
@@ -37,7 +38,7 @@ from quantpatch.defenses import (
 )
 from quantpatch.errors import QuantpatchError
 from quantpatch.metrics import Rate
-from quantpatch.models import TrainConfig, predict_logits, train_model
+from quantpatch.models import TrainConfig, predict_logits
 from quantpatch.quant import QuantSpec
 from quantpatch.quant.quantize import build_quantized
 
@@ -109,11 +110,7 @@ def trained(name: str, data, smoothing: DerandomizedSmoothing, epochs: int, devi
     torch.manual_seed(0)
     model = create_ablation_model(name, in_channels=data.in_channels, num_classes=data.num_classes,
                                   image_size=data.image_size, mean=data.mean, std=data.std)  # fmt: skip
-    started = time.perf_counter()
-    config = TrainConfig(epochs=epochs, lr=0.05, batch_size=64, seed=0)
-    train_model(model, data.train, config, device, False,
-                input_transform=smoothing.train_transform(0))  # fmt: skip
-    return model.eval(), time.perf_counter() - started
+    return train_defence_model(model, data, epochs, device, smoothing.train_transform(0))
 
 
 def ablation_probabilities(model, smoothing, images, device) -> torch.Tensor:

@@ -27,13 +27,14 @@ from _common import (
     mnist,
     print_table,
     setup_threads,
+    train_defence_model,
     write_results,
 )
 
 from quantpatch.defenses import PatchCleanser
 from quantpatch.errors import QuantpatchError
 from quantpatch.metrics import Rate
-from quantpatch.models import TrainConfig, create_model, train_model
+from quantpatch.models import create_model
 
 
 def main() -> None:
@@ -98,11 +99,8 @@ def trained(name: str, data, cleanser: PatchCleanser | None, epochs: int, device
     torch.manual_seed(0)
     model = create_model(name, in_channels=data.in_channels, num_classes=data.num_classes,
                          image_size=data.image_size, mean=data.mean, std=data.std)  # fmt: skip
-    started = time.perf_counter()
     transform = cleanser.train_transform(0) if cleanser is not None else None
-    config = TrainConfig(epochs=epochs, lr=0.05, batch_size=64, seed=0)
-    train_model(model, data.train, config, device, False, input_transform=transform)
-    return model.eval(), time.perf_counter() - started
+    return train_defence_model(model, data, epochs, device, transform)
 
 
 def certified(cleanser: PatchCleanser, model, images, labels, device) -> dict[str, Any]:

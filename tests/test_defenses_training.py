@@ -252,7 +252,7 @@ def test_disalign_differentiates_both_precisions_gradients() -> None:
     calibrate(model.member("w2a2"), x, "minmax", "cpu")
     set_learnable(model, True)
     model.train()
-    penalty = create_recipe("disalign").penalty(model, x, y)
+    penalty = create_recipe("disalign").penalties(model, x, y)["gradient"]
     own_norm = model.member("w2a2").get_submodule("net.stem.0.1").weight
     (grad,) = torch.autograd.grad(penalty, own_norm)
     assert grad.abs().sum() > 0

@@ -368,10 +368,6 @@ class Disalignment(Recipe):
             pairs["structure"] = [_structure_agreement(reference, g) for g in gradients.values()]
         return {name: torch.stack(values).mean() for name, values in pairs.items()}
 
-    def penalty(self, model: SwitchablePrecision, images: torch.Tensor, labels: torch.Tensor):
-        """The input-gradient term alone (what ``weight`` scales)."""
-        return self.penalties(model, images, labels)["gradient"]
-
 
 def _centred_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per image, the cosine of two (B, D) feature rows after each precision's batch mean is
@@ -392,10 +388,10 @@ def _penultimate(member: nn.Module, enabled: bool) -> Iterator[list[torch.Tensor
     """A list that receives the flattened input of ``member``'s last Linear layer during the
     block (its penultimate features), or stays empty when not ``enabled``."""
     captured: list[torch.Tensor] = []
-    linears = [m for m in member.modules() if isinstance(m, nn.Linear)]
     if not enabled:
         yield captured
         return
+    linears = [m for m in member.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ConfigError("disalign feature_weight needs a model ending in a Linear layer")
     handle = linears[-1].register_forward_pre_hook(
