@@ -191,3 +191,24 @@ def test_help_and_schema_do_not_import_torch(argv, printed) -> None:
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert printed in done.stdout
+
+
+@pytest.mark.parametrize("count", ["0", "101", "two"])
+def test_impossible_replicates_are_refused_before_torch_loads(count: str) -> None:
+    """The count is checked by the parser, so the refusal costs no torch import."""
+    code = ("import sys\nfrom quantpatch.cli import main\nrc = main(sys.argv[1:])\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nsys.exit(rc)\n")  # fmt: skip
+    argv = ["run", "--replicates", count]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "--replicates" in done.stderr
+
+
+def test_validating_a_config_loads_neither_the_runner_nor_the_report() -> None:
+    """A refused study file is answered after the settings load, not the whole stack."""
+    code = ("import sys\nfrom quantpatch.study.settings.config import load_study\n"
+            "print(' '.join(sorted(sys.modules)))\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = done.stdout.split()
+    for heavy in ("quantpatch.study.run", "quantpatch.report", "matplotlib"):
+        assert not any(m.startswith(heavy) for m in loaded), heavy

@@ -17,6 +17,7 @@ from typing import NoReturn
 from quantpatch import __version__
 from quantpatch._io import atomic_path, require_writable_dir, require_writable_file
 from quantpatch.errors import QuantpatchError
+from quantpatch.study.settings.limits import MAX_REPLICATES
 
 EXIT_BAD_INPUT = 2
 
@@ -55,6 +56,14 @@ def _seed(value: str) -> int:
     return _int_at_least(value, 0)
 
 
+def _replicates(value: str) -> int:
+    """argparse type: a replicate count, refused before any import of torch."""
+    number = _int_at_least(value, 1)
+    if number > MAX_REPLICATES:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_REPLICATES}, got {number}")
+    return number
+
+
 def _int_at_least(value: str, low: int) -> int:
     try:
         number = int(value)
@@ -83,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_seed, action="append", dest="seeds")
     run.add_argument("--n-eval", type=_count, help="test images each patch is evaluated on")
     run.add_argument(
-        "--replicates", type=int, help="train every model N times from independent seeds (1-100)"
+        "--replicates",
+        type=_replicates,
+        help="train every model N times from independent seeds (1-100)",
     )
     run.add_argument(
         "--deployments",
@@ -164,8 +175,8 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from quantpatch.report import build_report
-    from quantpatch.study import Shortcuts, load_study, run_study
+    # the config is validated before the runner and the report load: a refusal costs no more
+    from quantpatch.study.settings.config import Shortcuts, load_study
 
     attacks = [{"name": name} for name in args.attacks] if args.attacks else None
     shortcuts = Shortcuts.of(epochs=args.epochs, qat_epochs=args.qat_epochs, steps=args.steps,
@@ -190,6 +201,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         executor=args.executor,
         ray_address=args.address,
     )
+    from quantpatch.report import build_report
+    from quantpatch.study.run.runner import run_study
+
     out = args.out or Path("runs") / config.name
     results = run_study(config, out, progress=not args.quiet)
     print(f"results: {results}")

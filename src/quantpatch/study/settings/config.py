@@ -32,6 +32,7 @@ from quantpatch.deployments import DEPLOYMENTS
 from quantpatch.errors import ConfigError, ShapeError
 from quantpatch.models import TrainConfig
 from quantpatch.quant import CALIBRATIONS, QuantSpec
+from quantpatch.study.settings.limits import MAX_REPLICATES
 from quantpatch.study.settings.names import (
     FP32,
     USER_ONNX,
@@ -473,7 +474,7 @@ class StudyConfig(_Strict):
     replicates: int = Field(
         1,
         ge=1,
-        le=100,
+        le=MAX_REPLICATES,
         description="trained replicates: every model of the study (fp32, each precision, "
         "controls, recipes) is trained this many times from independent seeds, QAT replicate "
         "k from fp32 replicate k, and every cell runs on each; intervals then cover the "
