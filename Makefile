@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PYTHON) benchmarks/fake_quant_kernel.py
 	$(PYTHON) benchmarks/patch_pgd_speed.py
 	$(PYTHON) benchmarks/spatial_throughput.py
+	$(PYTHON) benchmarks/cli_startup.py
 
 clean:
 	rm -rf runs .pytest_cache
