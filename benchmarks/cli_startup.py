@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +37,12 @@ COMMANDS = {
     "quantpatch run --help": [SCRIPT, "run", "--help"],
     "quantpatch schema study": [SCRIPT, "schema", "study"],
     "quantpatch schema results": [SCRIPT, "schema", "results"],
-    "quantpatch run --replicates 0 (refused)": [SCRIPT, "run", "--replicates", "0"],
+    "quantpatch run --replicates 0 (refused by the parser)": [SCRIPT, "run", "--replicates", "0"],
+    "quantpatch run bad.yaml (refused by the config)": [SCRIPT, "run", "{bad_study}"],
     'python -c "import torch"': [sys.executable, "-c", "import torch"],
 }
+BAD_STUDY = "name: refused\nreplicates: 0\n"
+"""A study file only the config's validation refuses (its registries import torch)."""
 
 
 def wall(command: list[str]) -> float:
@@ -54,12 +58,16 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 7)
     out = Path(args.out or (CACHE if args.quick else RESULTS) / "cli_startup.json")
     env = environment(torch.device("cpu"))
+    bad_study = Path(tempfile.mkdtemp()) / "bad.yaml"
+    bad_study.write_text(BAD_STUDY)
+    commands = {name: [part.format(bad_study=bad_study) for part in command]
+                for name, command in COMMANDS.items()}  # fmt: skip
     load, start = load1(), time.perf_counter()
-    for command in COMMANDS.values():  # warm the file cache
+    for command in commands.values():  # warm the file cache
         wall(command)
-    runs: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    runs: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
-        for name, command in COMMANDS.items():
+        for name, command in commands.items():
             runs[name].append(wall(command))
     rows = [{"command": name, "median_s": statistics.median(t), "best_s": min(t),
              "runs_s": [round(v, 4) for v in t]} for name, t in runs.items()]  # fmt: skip

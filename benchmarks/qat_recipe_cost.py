@@ -1,8 +1,8 @@
 """What the training defences cost against plain QAT: time per step and peak memory.
 
 One training step (batch 128, SGD, LSQ scales learning) of plain QAT of one w2a2 resnet20,
-interleaved with one step of each recipe training fp32, w4a4 and w2a2 at once (as in
-studies/qa-defences.yaml). Two ratios per recipe: against one plain w2a2 QAT step, and against
+interleaved with one step of each recipe training fp32, w4a4 and w2a2 at once, each with the
+parameters studies/qa-defences.yaml trains it with (so the cost priced is the one measured). Two ratios per recipe: against one plain w2a2 QAT step, and against
 plain QAT of both quantized precisions (two steps: what plain QAT needs to give the same two
 quantized models). Peak memory: each variant runs its steps in a fresh subprocess, reporting
 the growth of its peak resident set over its set-up (CPU, Linux) or torch's peak allocation (CUDA).
@@ -36,15 +36,22 @@ from _common import (
 )
 
 from quantpatch.data import load_dataset
-from quantpatch.defenses.training import RECIPES, create_recipe
+from quantpatch.defenses.training import create_recipe
 from quantpatch.models import create_model
 from quantpatch.quant import FP32, QuantSpec, calibrate, quantize, set_learnable
 from quantpatch.quant.quantize import param_groups
 from quantpatch.quant.switchable import SwitchablePrecision
+from quantpatch.study import load_study
 
 BATCH = 128
 SPECS = [FP32, QuantSpec.parse("w4a4"), QuantSpec.parse("w2a2")]
 PLAIN = "plain-qat-w2a2"
+STUDY = Path(__file__).resolve().parents[1] / "studies" / "qa-defences.yaml"
+
+
+def study_recipes() -> dict[str, dict]:
+    """Each recipe of the study this prices, by label, with its parameters."""
+    return {r.label: {"name": r.name, **r.params} for r in load_study(STUDY).recipes}
 
 
 def build(variant: str, device: torch.device):
@@ -67,7 +74,8 @@ def build(variant: str, device: torch.device):
             if not spec.is_float:
                 calibrate(members[spec.name], images, "minmax", device)
         model = SwitchablePrecision(members)
-        recipe = create_recipe(variant)
+        params = dict(study_recipes()[variant])
+        recipe = create_recipe(params.pop("name"), **params)
 
         def loss() -> torch.Tensor:
             return recipe.loss(model, images, labels)
@@ -130,7 +138,7 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick else 7)
     quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet else None
     start_load, started = load1(), time.perf_counter()
-    variants = [PLAIN, *RECIPES.names()]
+    variants = [PLAIN, *study_recipes()]
     steps = {name: build(name, device)[1] for name in variants}
     for step in steps.values():  # warm-up
         step()
@@ -175,7 +183,7 @@ def main() -> None:
                 "batch": BATCH,
                 "precisions": [s.name for s in SPECS],
                 "repeats": repeats,
-                "recipes": "default parameters",
+                "recipes": study_recipes(),
                 "plain": "one w2a2 QAT step of one resnet20",
             },  # fmt: skip
             "run_wall_s": wall,
