@@ -37,7 +37,7 @@ from torch import nn
 from quantpatch.models import MODELS, create_model
 from quantpatch.quant import FP32, QuantSpec, calibrate, quantize
 
-GOAL = 1.5
+GOAL = 1.15  # issue 24: w4a4/fp32 forward + backward on every zoo model
 BATCH = 128
 
 
