@@ -2,9 +2,9 @@
 
 One training step (batch 128, SGD, LSQ scales learning) of plain QAT of one w2a2 resnet20,
 interleaved with one step of each recipe training fp32, w4a4 and w2a2 at once, each with the
-parameters studies/qa-defences.yaml trains it with (so the cost priced is the one measured). Two ratios per recipe: against one plain w2a2 QAT step, and against
-plain QAT of both quantized precisions (two steps: what plain QAT needs to give the same two
-quantized models). Peak memory: each variant runs its steps in a fresh subprocess, reporting
+parameters studies/qa-defences.yaml trains it with (so the cost priced is the one measured).
+Two ratios per recipe: against one plain w2a2 QAT step, and against plain QAT of both
+quantized precisions (two steps: what plain QAT needs to give the same two quantized models). Peak memory: each variant runs its steps in a fresh subprocess, reporting
 the growth of its peak resident set over its set-up (CPU, Linux) or torch's peak allocation (CUDA).
 TriQDef reports 1.47-1.60x the time of plain QAT.
 
@@ -13,6 +13,7 @@ Run: ``python benchmarks/qat_recipe_cost.py`` (``--quick`` for a smoke test).
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -49,8 +50,9 @@ PLAIN = "plain-qat-w2a2"
 STUDY = Path(__file__).resolve().parents[1] / "studies" / "qa-defences.yaml"
 
 
+@functools.cache
 def study_recipes() -> dict[str, dict]:
-    """Each recipe of the study this prices, by label, with its parameters."""
+    """Each recipe of the study this prices, by label, with its parameters (read once)."""
     return {r.label: {"name": r.name, **r.params} for r in load_study(STUDY).recipes}
 
 

@@ -48,29 +48,28 @@ def _csv(value: str) -> list[str]:
 
 def _count(value: str) -> int:
     """argparse type: a positive integer (epochs, images, pixels)."""
-    return _int_at_least(value, 1)
+    return _int_in_range(value, 1)
 
 
 def _seed(value: str) -> int:
     """argparse type: a non-negative integer (numpy refuses negative seeds)."""
-    return _int_at_least(value, 0)
+    return _int_in_range(value, 0)
 
 
 def _replicates(value: str) -> int:
     """argparse type: a replicate count, refused before any import of torch."""
-    number = _int_at_least(value, 1)
-    if number > MAX_REPLICATES:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_REPLICATES}, got {number}")
-    return number
+    return _int_in_range(value, 1, MAX_REPLICATES)
 
 
-def _int_at_least(value: str, low: int) -> int:
+def _int_in_range(value: str, low: int, high: int | None = None) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
     if number < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {number}")
+    if high is not None and number > high:
+        raise argparse.ArgumentTypeError(f"must be at most {high}, got {number}")
     return number
 
 
