@@ -1,8 +1,9 @@
 """Certified accuracy of derandomized smoothing on mnist5k, per band, threshold and precision.
 
 A zoo model with the 2C-channel ablation encoding (``create_ablation_model``) is trained on
-column ablations (``RandomAblation``) for each band width; every precision is built from it
-with the same transform (calibration, and QAT when asked). Each model classifies every
+column or block ablations (``RandomAblation``, ``--ablation``) for each band width; every precision is built from it
+with the same transform (calibration, and QAT when asked). Beside them, the geometric ceiling:
+the share of test digits any base model could certify, given which ablations see ink. Each model classifies every
 ablation of the test images once; the vote for each threshold and the certificate for each
 patch side come from those softmax outputs (one set of forwards serves the whole curve; the
 first setting is checked against ``DerandomizedSmoothing.certify``). Prints a table and writes
@@ -14,6 +15,7 @@ Run: ``python benchmarks/certified_accuracy.py`` (``--quick`` for a smoke test).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +48,23 @@ from quantpatch.quant.quantize import build_quantized
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet")
-    parser.add_argument("--bands", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--ablation", choices=["column", "block"], default="column")
+    parser.add_argument("--bands", type=int, nargs="+", default=[2, 4], help="band (block) sides")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--patch-sizes", type=int, nargs="+", default=[2, 3, 5, 7])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "w8a8-ptq", "w4a4-ptq"])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--n", type=int, default=1000, help="test images")
+    parser.add_argument(
+        "--train-images", type=int, help="a stratified subset of the training digits"
+    )
     args = parser.parse_args()
     setup_threads(args.threads)
     device = torch.device(args.device)
     data = mnist()
+    if args.train_images:
+        data = replace(data, train=data.train.stratified(args.train_images, seed=0))
     n = 50 if args.quick else args.n
     epochs = 1 if args.quick else args.epochs
     images, labels = data.test.images[:n], data.test.labels[:n]
@@ -64,7 +72,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     for band in args.bands:
-        smoothing = DerandomizedSmoothing(min(args.patch_sizes), "column", band=band)
+        smoothing = DerandomizedSmoothing(min(args.patch_sizes), args.ablation, band=band)
         model, train_s = trained(args.model, data, smoothing, epochs, device)
         for name in args.precisions:
             spec = QuantSpec.parse(name)
@@ -83,6 +91,12 @@ def main() -> None:
                 rows[-1] |= {"train_s": train_s, "build_s": build_s, "vote_s": vote_s,
                              "epochs": epochs, "train_images": len(data.train)}  # fmt: skip
             report(rows[-len(args.thresholds) :], args.patch_sizes)
+        ceilings = {
+            str(p): ceiling(band, args.ablation, p, images, labels) for p in args.patch_sizes
+        }
+        for r in rows[-len(args.thresholds) * len(args.precisions) :]:
+            r["ceiling"] = ceilings
+        print("geometric ceiling %:", {p: round(100 * c["rate"], 1) for p, c in ceilings.items()})
     write_results(
         out,
         {
@@ -91,7 +105,7 @@ def main() -> None:
             "settings": {
                 "dataset": data.name,
                 "model": args.model,
-                "ablation": "column",
+                "ablation": args.ablation,
                 "test_images": n,
                 "train": {"epochs": epochs, "lr": 0.05, "batch_size": 64, "seed": 0},
                 "qat": {"epochs": args.qat_epochs, "lr": 0.01, "batch_size": 128},
@@ -100,13 +114,13 @@ def main() -> None:
             "run_wall_s": time.perf_counter() - start,
             "results": rows,
         },
-        key=("band", "precision", "threshold"),
+        key=("ablation", "band", "precision", "threshold"),
         merge=args.merge,
     )
 
 
 def trained(name: str, data, smoothing: DerandomizedSmoothing, epochs: int, device):
-    """(2C model trained on random column ablations, seconds)."""
+    """(2C model trained on random ablations of ``smoothing``, seconds)."""
     torch.manual_seed(0)
     model = create_ablation_model(name, in_channels=data.in_channels, num_classes=data.num_classes,
                                   image_size=data.image_size, mean=data.mean, std=data.std)  # fmt: skip
@@ -141,7 +155,7 @@ def row(args, band, precision, threshold, counts, labels, smoothing) -> dict[str
     clean = Rate(int((pred == labels).sum()), len(labels))
     certified = {}
     for p in args.patch_sizes:
-        ablations = DerandomizedSmoothing(p, "column", band=band).ablation_set
+        ablations = DerandomizedSmoothing(p, args.ablation, band=band).ablation_set
         try:
             delta = ablations(image_hw).affected(p)
         except QuantpatchError as exc:  # an uncertifiable size is reported, not fatal
@@ -151,12 +165,27 @@ def row(args, band, precision, threshold, counts, labels, smoothing) -> dict[str
         rate = Rate(int((robust & (prediction == labels)).sum()), len(labels))
         certified[str(p)] = {"delta": delta, **rate.to_dict()}
     return {
+        "ablation": args.ablation,
         "band": band,
         "precision": precision,
         "threshold": threshold,
         "votes_per_image": len(smoothing.ablation_set(image_hw)),
         "clean": clean.to_dict(),
         "certified": certified,
+    }
+
+
+def ceiling(band: int, ablation: str, patch_size: int, images, labels) -> dict[str, Any]:
+    """The geometric ceiling at ``patch_size``: the share of test digits any base model could
+    certify (``DerandomizedSmoothing.ceiling``)."""
+    try:
+        smoothing = DerandomizedSmoothing(patch_size, ablation, band=band)
+        hits = smoothing.ceiling(images, labels)
+    except QuantpatchError as exc:
+        return {"error": str(exc)}
+    return {
+        "delta": smoothing.delta(tuple(images.shape[-2:])),
+        **Rate(int(hits.sum()), len(hits)).to_dict(),
     }
 
 

@@ -334,6 +334,47 @@ def test_soft_vote_tracks_the_vote_and_has_gradients(column12, digits12) -> None
 
 
 # ---------------------------------------------------------------- certifiable training
+# ---------------------------------------------------------------- the geometric ceiling
+INK_WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8, 2, 3]  # image i (label i) has ink in its first w columns
+
+
+def inked_columns(widths: list[int], side: int = 8) -> torch.Tensor:
+    images = torch.zeros(len(widths), 1, side, side)
+    for i, width in enumerate(widths):
+        images[i, :, 2:5, :width] = 0.7
+    return images
+
+
+@pytest.mark.parametrize(
+    ("patch_size", "expected"),
+    [
+        # band 1, Δ = p: label 0 needs 2Δ inked columns, the others 2Δ + 1 (the tie-break)
+        (1, [False, False, True, True, True, True, True, True, False, True]),
+        (2, [False, False, False, False, True, True, True, True, False, False]),
+    ],
+)
+def test_ceiling_counts_the_ablations_that_see_ink(patch_size: int, expected: list[bool]) -> None:
+    smoothing = DerandomizedSmoothing(patch_size, "column", band=1)
+    labels = torch.arange(10)
+    assert smoothing.ceiling(inked_columns(INK_WIDTHS), labels).tolist() == expected
+
+
+def test_ceiling_lets_blank_ablations_vote_for_one_class() -> None:
+    """One class only: a constant base model certifies every image, blank or not."""
+    smoothing = DerandomizedSmoothing(2, "column", band=1)
+    images = inked_columns([0, 1, 2, 3])
+    assert smoothing.ceiling(images, torch.full((4,), 3)).all()
+    assert smoothing.ceiling(torch.rand(4, 1, 8, 8) + 0.1, torch.arange(4)).all()  # no blanks
+
+
+def test_no_model_certifies_beyond_the_ceiling(column12, digits12) -> None:
+    smoothing, model = column12
+    images, labels = digits12.test.images[:64], digits12.test.labels[:64]
+    _, certified = smoothing.certify(model, images, labels)
+    ceiling = smoothing.ceiling(images, labels)
+    assert 0 < certified.sum() <= ceiling.sum() < len(labels)
+
+
 def test_random_ablation_is_one_seeded_band_per_image(digits12) -> None:
     smoothing = DerandomizedSmoothing(2, "column", band=3)
     images = digits12.train.images[:32]

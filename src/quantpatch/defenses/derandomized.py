@@ -184,6 +184,30 @@ class DerandomizedSmoothing(Certifier):
         """Input channels of the base model for images of ``in_channels`` (the encoding)."""
         return 2 * in_channels
 
+    def ceiling(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool CPU: the images the best possible base model could certify, for the share
+        no training can pass. An ablation that keeps only zero pixels shows every image the
+        same input, so its votes go to one fixed set of classes; at best each other ablation
+        votes for the true class alone, and the blank ones abstain or all vote for one class
+        (the choice that certifies most images; a larger set helps no image more)."""
+        check_images(images)
+        ablations = self.ablation_set(tuple(images.shape[-2:]))
+        delta, total = ablations.affected(self.patch_size), len(ablations)
+        ink = (images.detach().cpu() != 0).any(dim=1).flatten(1).float()  # (N, H*W)
+        inked = (ink @ ablations.keep()[:, 0].flatten(1).float().T > 0).sum(dim=1)
+        labels = labels.cpu()
+        classes = max(2, int(labels.max()) + 1) if len(labels) else 2
+        votes = torch.zeros(len(labels), classes, dtype=torch.long)
+        votes[torch.arange(len(labels)), labels] = inked
+        best = torch.zeros(len(labels), dtype=torch.bool)
+        for blank_vote in [None, *range(classes)]:
+            counts = votes.clone()
+            if blank_vote is not None:
+                counts[:, blank_vote] += total - inked
+            prediction, robust = certify_counts(counts, delta)
+            best = max(best, robust & (prediction == labels), key=lambda hit: int(hit.sum()))
+        return best
+
     # -- the vote -----------------------------------------------------------------------------
     def votes(
         self, model: Predictor, images: torch.Tensor, device: torch.device | str = "cpu"
