@@ -34,7 +34,7 @@ def certified_run(tmp_path_factory, tiny_study_settings) -> Path:
         # sparse-rs queries each defended target's own decision, the int8 runtime's included
         "attacks": [{"name": "patch-pgd", "params": {"steps": 2, "location": "center"},
                      "sources": ["fp32"]},
-                    {"name": "sparse-rs", "params": {"queries": 20},
+                    {"name": "sparse-rs", "params": {"queries": 8},
                      "sources": ["fp32", "ort-int8"]}],  # fmt: skip
         "patch_sizes": [5],
         "n_eval": 64,
