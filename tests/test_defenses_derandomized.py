@@ -333,48 +333,62 @@ def test_soft_vote_tracks_the_vote_and_has_gradients(column12, digits12) -> None
     assert grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------- certifiable training
 # ---------------------------------------------------------------- the geometric ceiling
-INK_WIDTHS = [1, 2, 3, 4, 5, 6, 7, 8, 2, 3]  # image i (label i) has ink in its first w columns
-
-
-def inked_columns(widths: list[int], side: int = 8) -> torch.Tensor:
+def inked_columns(widths: list[int], side: int = 8, first: int = 0) -> torch.Tensor:
+    """Images whose ink fills columns ``first`` .. ``first + width - 1`` of rows 2-4."""
     images = torch.zeros(len(widths), 1, side, side)
     for i, width in enumerate(widths):
-        images[i, :, 2:5, :width] = 0.7
+        images[i, :, 2:5, first : first + width] = 0.7
     return images
 
 
-@pytest.mark.parametrize(
-    ("patch_size", "expected"),
-    [
-        # band 1, Δ = p: label 0 needs 2Δ inked columns, the others 2Δ + 1 (the tie-break)
-        (1, [False, False, True, True, True, True, True, True, False, True]),
-        (2, [False, False, False, False, True, True, True, True, False, False]),
-    ],
-)
-def test_ceiling_counts_the_ablations_that_see_ink(patch_size: int, expected: list[bool]) -> None:
-    smoothing = DerandomizedSmoothing(patch_size, "column", band=1)
-    labels = torch.arange(10)
-    assert smoothing.ceiling(inked_columns(INK_WIDTHS), labels).tolist() == expected
+def test_ceiling_lets_each_blank_position_vote_for_its_own_classes() -> None:
+    """A (label 0) inks column 0, B (label 1) columns 6-7; band 1, Δ = 1. One shared vote for
+    every blank column certifies one of them; voting 0 on columns 6-7 and 1 on column 0
+    certifies both (A: 3 votes to 0, B: 3 to 1)."""
+    smoothing = DerandomizedSmoothing(1, "column", band=1)
+    images = torch.cat([inked_columns([1]), inked_columns([2], first=6)])
+    assert smoothing.ceiling(images, torch.tensor([0, 1]), num_classes=2) == 2
 
 
-def test_ceiling_lets_blank_ablations_vote_for_one_class() -> None:
-    """One class only: a constant base model certifies every image, blank or not."""
+def test_ceiling_cannot_tell_blank_images_apart() -> None:
+    """Two blank images see the same input everywhere, so one prediction: at most one right."""
     smoothing = DerandomizedSmoothing(2, "column", band=1)
-    images = inked_columns([0, 1, 2, 3])
-    assert smoothing.ceiling(images, torch.full((4,), 3)).all()
-    assert smoothing.ceiling(torch.rand(4, 1, 8, 8) + 0.1, torch.arange(4)).all()  # no blanks
+    blank = torch.zeros(2, 1, 8, 8)
+    assert smoothing.ceiling(blank, torch.tensor([1, 2]), num_classes=3) == 1
+    assert smoothing.ceiling(blank, torch.tensor([2, 2]), num_classes=3) == 2  # one class: all
+    assert smoothing.ceiling(torch.rand(4, 1, 8, 8) + 0.1, torch.arange(4), num_classes=4) == 4
+
+
+def test_ceiling_needs_enough_inked_votes() -> None:
+    """Two digits ink the same first w columns (different rows), labelled 0 and 1; band 1,
+    Δ = 2. The other 8 - w columns are blank in both, so a blank vote for one label counts
+    against the other: with D the blank votes for 0 less those for 1, label 0 needs
+    w + D >= 4 and label 1 needs w - D >= 5, both only when w >= 5."""
+    smoothing = DerandomizedSmoothing(2, "column", band=1)
+    for width, most in ((1, 1), (4, 1), (5, 2)):
+        images = inked_columns([width, width])
+        images[1] = images[1].roll(3, dims=1)  # rows 5-7: other ink in the same columns
+        got = smoothing.ceiling(images, torch.tensor([0, 1]), num_classes=2)
+        assert got == most, (width, got)
 
 
 def test_no_model_certifies_beyond_the_ceiling(column12, digits12) -> None:
     smoothing, model = column12
     images, labels = digits12.test.images[:64], digits12.test.labels[:64]
     _, certified = smoothing.certify(model, images, labels)
-    ceiling = smoothing.ceiling(images, labels)
-    assert 0 < certified.sum() <= ceiling.sum() < len(labels)
+    assert 0 < certified.sum() <= smoothing.ceiling(images, labels, num_classes=10) <= 64
 
 
+def test_ceiling_refuses_bad_labels() -> None:
+    smoothing = DerandomizedSmoothing(1, "column", band=1)
+    with pytest.raises(ShapeError):
+        smoothing.ceiling(torch.zeros(2, 1, 8, 8), torch.tensor([0, 5]), num_classes=3)
+    with pytest.raises(ShapeError):
+        smoothing.ceiling(torch.zeros(2, 1, 8, 8), torch.tensor([0]), num_classes=3)
+
+
+# ---------------------------------------------------------------- certifiable training
 def test_random_ablation_is_one_seeded_band_per_image(digits12) -> None:
     smoothing = DerandomizedSmoothing(2, "column", band=3)
     images = digits12.train.images[:32]
