@@ -243,7 +243,9 @@ class DerandomizedSmoothing(Certifier):
         the same input at its position, so its votes go to one fixed set of classes there,
         whatever the image; every other ablation at best votes for the true class alone. The
         best choice of those fixed sets is a small integer program (HiGHS, through SciPy);
-        past ``time_limit`` seconds the solver's bound is returned, still an upper bound."""
+        past ``time_limit`` seconds the solver's bound is returned, still an upper bound (up
+        to the solver's floating-point tolerances). Any fixed set is allowed, whatever θ.
+        """
         check_images(images)
         if labels.shape != (len(images),) or num_classes < 2:
             raise ShapeError(f"need {len(images)} labels and >= 2 classes, got "
