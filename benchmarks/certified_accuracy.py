@@ -185,10 +185,10 @@ def ceiling(
     base model certify (``DerandomizedSmoothing.ceiling``)."""
     try:
         smoothing = DerandomizedSmoothing(patch_size, ablation, band=band)
-        most = smoothing.ceiling(images, labels, num_classes=int(labels.max()) + 1)
+        bound = smoothing.ceiling(images, labels, num_classes=int(labels.max()) + 1)
     except QuantpatchError as exc:
         return {"error": str(exc)}
-    return Rate(most, len(labels)).to_dict()
+    return {"proven": bound.proven, **Rate(bound.most, bound.n).to_dict()}
 
 
 def report(rows: list[dict[str, Any]], sizes: list[int]) -> None:

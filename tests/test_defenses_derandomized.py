@@ -348,16 +348,18 @@ def test_ceiling_lets_each_blank_position_vote_for_its_own_classes() -> None:
     certifies both (A: 3 votes to 0, B: 3 to 1)."""
     smoothing = DerandomizedSmoothing(1, "column", band=1)
     images = torch.cat([inked_columns([1]), inked_columns([2], first=6)])
-    assert smoothing.ceiling(images, torch.tensor([0, 1]), num_classes=2) == 2
+    bound = smoothing.ceiling(images, torch.tensor([0, 1]), num_classes=2)
+    assert (bound.most, bound.n, bound.proven) == (2, 2, True)
 
 
 def test_ceiling_cannot_tell_blank_images_apart() -> None:
     """Two blank images see the same input everywhere, so one prediction: at most one right."""
     smoothing = DerandomizedSmoothing(2, "column", band=1)
     blank = torch.zeros(2, 1, 8, 8)
-    assert smoothing.ceiling(blank, torch.tensor([1, 2]), num_classes=3) == 1
-    assert smoothing.ceiling(blank, torch.tensor([2, 2]), num_classes=3) == 2  # one class: all
-    assert smoothing.ceiling(torch.rand(4, 1, 8, 8) + 0.1, torch.arange(4), num_classes=4) == 4
+    assert smoothing.ceiling(blank, torch.tensor([1, 2]), num_classes=3).most == 1
+    assert smoothing.ceiling(blank, torch.tensor([2, 2]), num_classes=3).most == 2  # one class
+    inked = torch.rand(4, 1, 8, 8) + 0.1  # no blank band: nothing ties the images
+    assert smoothing.ceiling(inked, torch.arange(4), num_classes=4).most == 4
 
 
 def test_ceiling_needs_enough_inked_votes() -> None:
@@ -369,7 +371,7 @@ def test_ceiling_needs_enough_inked_votes() -> None:
     for width, most in ((1, 1), (4, 1), (5, 2)):
         images = inked_columns([width, width])
         images[1] = images[1].roll(3, dims=1)  # rows 5-7: other ink in the same columns
-        got = smoothing.ceiling(images, torch.tensor([0, 1]), num_classes=2)
+        got = smoothing.ceiling(images, torch.tensor([0, 1]), num_classes=2).most
         assert got == most, (width, got)
 
 
@@ -377,7 +379,7 @@ def test_no_model_certifies_beyond_the_ceiling(column12, digits12) -> None:
     smoothing, model = column12
     images, labels = digits12.test.images[:64], digits12.test.labels[:64]
     _, certified = smoothing.certify(model, images, labels)
-    assert 0 < certified.sum() <= smoothing.ceiling(images, labels, num_classes=10) <= 64
+    assert 0 < certified.sum() <= smoothing.ceiling(images, labels, num_classes=10).most <= 64
 
 
 def test_ceiling_refuses_bad_labels() -> None:

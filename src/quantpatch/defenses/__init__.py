@@ -28,6 +28,7 @@ from quantpatch.defenses import compression  # noqa: E402,F401  isort: skip
 from quantpatch.defenses.patchcleanser import MaskSet, PatchCleanser, mask_set  # noqa: E402  isort: skip
 from quantpatch.defenses.derandomized import (  # noqa: E402  isort: skip
     AblationSet,
+    Ceiling,
     DerandomizedSmoothing,
     SoftVote,
     certify_counts,
@@ -45,6 +46,7 @@ from quantpatch.defenses.certifiable import (  # noqa: E402  isort: skip
 __all__ = [
     "DEFENSES",
     "AblationSet",
+    "Ceiling",
     "Certifier",
     "DefendedModel",
     "Defense",

@@ -104,9 +104,19 @@ def certify_counts(counts: torch.Tensor, delta: int) -> tuple[torch.Tensor, torc
     return prediction, enough.all(dim=1)
 
 
+@dataclass(frozen=True)
+class Ceiling:
+    """At most ``most`` of ``n`` images can any base model certify; ``proven``: the solver
+    reached the optimum (else ``most`` is its bound when time ran out, still an upper bound)."""
+
+    most: int
+    n: int
+    proven: bool
+
+
 def _ceiling_program(
     inked: np.ndarray, labels: np.ndarray, classes: int, delta: int, time_limit: float
-) -> int:
+) -> Ceiling:
     """max sum_n z_n over binary s[j, c] (blank ablation j votes for class c) and z_n (image n
     certified): for each image and class c != y, its inked ablations plus the blank ones
     voting y, less those voting c, reach 2Δ (2Δ + 1 against a smaller c), when z_n = 1."""
@@ -146,8 +156,9 @@ def _ceiling_program(
                   options={"time_limit": time_limit})  # fmt: skip
     bound = getattr(result, "mip_dual_bound", None)
     if bound is None or not np.isfinite(bound):
-        return images  # no bound found in time: every image, trivially
-    return min(images, int(np.floor(-bound + 1e-6)))
+        return Ceiling(images, images, proven=False)  # no bound in time: every image, trivially
+    most = min(images, int(np.floor(-bound + 1e-6)))
+    return Ceiling(most, images, proven=result.status == 0)
 
 
 @DEFENSES.register
@@ -237,7 +248,7 @@ class DerandomizedSmoothing(Certifier):
         labels: torch.Tensor,
         num_classes: int,
         time_limit: float = 60.0,
-    ) -> int:
+    ) -> Ceiling:
         """The most of ``images`` any base model could certify against ``patch_size``: the
         share no training can pass. An ablation that keeps only zero pixels shows every image
         the same input at its position, so its votes go to one fixed set of classes there,
@@ -253,7 +264,7 @@ class DerandomizedSmoothing(Certifier):
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
             raise ShapeError(f"labels must lie in [0, {num_classes})")
         if not len(images):
-            return 0
+            return Ceiling(0, 0, proven=True)
         ablations = self.ablation_set(tuple(images.shape[-2:]))
         ink = (images.detach().cpu() != 0).any(dim=1).flatten(1).float()  # (N, H*W)
         inked = (ink @ ablations.keep()[:, 0].flatten(1).float().T > 0).numpy()  # (N, A)
