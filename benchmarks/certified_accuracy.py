@@ -1,13 +1,13 @@
 """Certified accuracy of derandomized smoothing on mnist5k, per band, threshold and precision.
 
 A zoo model with the 2C-channel ablation encoding (``create_ablation_model``) is trained on
-column or block ablations (``RandomAblation``, ``--ablation``) for each band width; every precision is built from it
-with the same transform (calibration, and QAT when asked). Beside them, the geometric ceiling:
-the share of test digits any base model could certify, given which ablations see ink. Each model classifies every
-ablation of the test images once; the vote for each threshold and the certificate for each
-patch side come from those softmax outputs (one set of forwards serves the whole curve; the
-first setting is checked against ``DerandomizedSmoothing.certify``). Prints a table and writes
-JSON with counts and 95 % Wilson intervals.
+column or block ablations (``--ablation``, ``RandomAblation``) for each band width; every
+precision is built from it with the same transform (calibration, and QAT when asked). Each
+model classifies every ablation of the test images once; the vote for each threshold and the
+certificate for each patch side come from those softmax outputs (one set of forwards serves
+the whole curve; the first setting is checked against ``DerandomizedSmoothing.certify``).
+Beside them, the ceiling: the most test digits any base model could certify. Prints a table
+and writes JSON with counts and 95 % Wilson intervals.
 
 Run: ``python benchmarks/certified_accuracy.py`` (``--quick`` for a smoke test).
 """

@@ -205,3 +205,10 @@ def check_float(
 def check_images(images: torch.Tensor) -> None:
     if images.ndim != 4:
         raise ShapeError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
+
+
+def check_labelled(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """``check_images``, and one label per image."""
+    check_images(images)
+    if labels.shape != (len(images),):
+        raise ShapeError(f"labels must be ({len(images)},), got {tuple(labels.shape)}")

@@ -31,6 +31,7 @@ from quantpatch.defenses.base import (
     check_float,
     check_images,
     check_int,
+    check_labelled,
 )
 from quantpatch.defenses.certifiable import RandomAblation, encode_ablation
 from quantpatch.errors import ConfigError, PatchTooLargeError, ShapeError
@@ -125,33 +126,26 @@ def _ceiling_program(
 
     images, positions = inked.shape
     votes = positions * classes
-    blank_image, blank_position = np.nonzero(~inked)
     per_image = classes - 1
     others = np.arange(per_image)[None, :]
     rivals = others + (others >= labels[:, None])  # (N, K - 1): every class but the label
-    # one row per (image, rival class): row = n * per_image + r
-    n_of = np.repeat(blank_image, per_image)
-    row = n_of * per_image + np.tile(np.arange(per_image), len(blank_image))
-    j_of = np.repeat(blank_position, per_image)
-    rival = rivals[n_of, row - n_of * per_image]
-    blanks = (~inked).sum(axis=1)
-    need = 2 * delta + (rivals < labels[:, None])  # (N, K - 1)
-    entries = [
-        (row, j_of * classes + labels[n_of], np.ones(len(row))),
-        (row, j_of * classes + rival, -np.ones(len(row))),
-        (np.arange(images * per_image), votes + np.repeat(np.arange(images), per_image),
-         -(need + blanks[:, None]).ravel()),
-    ]  # fmt: skip
-    matrix = coo_matrix(
-        (
-            np.concatenate([e[2] for e in entries]),
-            (np.concatenate([e[0] for e in entries]), np.concatenate([e[1] for e in entries])),
-        ),
-        shape=(images * per_image, votes + images),
-    ).tocsr()
-    lower = -(inked.sum(axis=1) + blanks)[:, None].repeat(per_image, axis=1).ravel()
+    need = 2 * delta + (rivals < labels[:, None])  # +1 against a smaller class: the tie-break
+    # row n * (K - 1) + r for image n and its rival r: each blank position j of n adds
+    # s[j, y_n] - s[j, rival], and z_n comes in with -(need + blanks)
+    image, position = np.nonzero(~inked)
+    image, position = image.repeat(per_image), position.repeat(per_image)
+    rival = np.tile(np.arange(per_image), len(image) // per_image)
+    row = image * per_image + rival
+    rows = np.concatenate([row, row, np.arange(images * per_image)])
+    columns = np.concatenate([position * classes + labels[image],
+                              position * classes + rivals[image, rival],
+                              votes + np.arange(images).repeat(per_image)])  # fmt: skip
+    blanks = (~inked).sum(axis=1, keepdims=True)
+    values = np.concatenate([np.ones(len(row)), -np.ones(len(row)), -(need + blanks).ravel()])
+    matrix = coo_matrix((values, (rows, columns)), shape=(images * per_image, votes + images))
+    lower = np.full(images * per_image, -positions)  # inked + blank ablations: all of them
     objective = np.concatenate([np.zeros(votes), -np.ones(images)])
-    result = milp(objective, constraints=LinearConstraint(matrix, lower, np.inf),
+    result = milp(objective, constraints=LinearConstraint(matrix.tocsr(), lower, np.inf),
                   integrality=np.ones(votes + images), bounds=Bounds(0, 1),
                   options={"time_limit": time_limit})  # fmt: skip
     bound = getattr(result, "mip_dual_bound", None)
@@ -257,12 +251,11 @@ class DerandomizedSmoothing(Certifier):
         past ``time_limit`` seconds the solver's bound is returned, still an upper bound (up
         to the solver's floating-point tolerances). Any fixed set is allowed, whatever θ.
         """
-        check_images(images)
-        if labels.shape != (len(images),) or num_classes < 2:
-            raise ShapeError(f"need {len(images)} labels and >= 2 classes, got "
-                             f"{tuple(labels.shape)} and {num_classes}")  # fmt: skip
+        check_labelled(images, labels)
+        if num_classes < 2:
+            raise ShapeError(f"a vote needs >= 2 classes, got {num_classes}")
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-            raise ShapeError(f"labels must lie in [0, {num_classes})")
+            raise ShapeError(f"labels must lie in [0, {num_classes}) for {num_classes} classes")
         if not len(images):
             return Ceiling(0, 0, proven=True)
         ablations = self.ablation_set(tuple(images.shape[-2:]))
@@ -346,9 +339,7 @@ class DerandomizedSmoothing(Certifier):
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """(smoothed labels, {side: certified}) against a patch of each side in ``sizes``,
         from one vote: the votes do not depend on the patch, only the margin ``2Δ`` does."""
-        check_images(images)
-        if labels.shape != (len(images),):
-            raise ShapeError(f"labels must be ({len(images)},), got {tuple(labels.shape)}")
+        check_labelled(images, labels)
         image_hw = tuple(images.shape[-2:])
         for size in sizes:
             self.check_patch_size(size, image_hw)

@@ -24,9 +24,10 @@ from quantpatch.defenses.base import (
     check_float,
     check_images,
     check_int,
+    check_labelled,
 )
 from quantpatch.defenses.certifiable import RandomMasks
-from quantpatch.errors import ConfigError, PatchTooLargeError, ShapeError
+from quantpatch.errors import ConfigError, PatchTooLargeError
 from quantpatch.models.train import predict_logits
 
 DEFAULT_MASKS_PER_AXIS = 6  # the paper's default (36 first-round masks)
@@ -226,9 +227,7 @@ class PatchCleanser(Certifier):
         Evaluates every unordered pair of masks (M (M + 1) / 2 masked images per image);
         the prediction comes from the same table, at no extra cost.
         """
-        check_images(images)
-        if labels.shape != (len(images),):
-            raise ShapeError(f"labels must be ({len(images)},), got {tuple(labels.shape)}")
+        check_labelled(images, labels)
         n, masks = len(images), len(self.mask_set(tuple(images.shape[-2:])))
         first_mask, second_mask = torch.triu_indices(masks, masks)
         pairs = len(first_mask)
