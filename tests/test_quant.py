@@ -24,6 +24,8 @@ from quantpatch.quant import (
     QuantSpec,
     build_quantized,
     calibrate,
+    freeze_weights,
+    quant_layers,
     quantizable_layers,
     quantize,
     set_learnable,
@@ -359,6 +361,46 @@ def test_state_dict_round_trip() -> None:
     fresh = quantize(TinyNet(), QuantSpec(4, 4))
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(x), q(x))
+
+
+def test_frozen_weights_give_the_same_outputs_and_gradients_and_follow_changes() -> None:
+    """An attack copy quantizes its weights once: outputs and input gradients stay bit-exact,
+    the weight quantizers stop running, nothing is saved, and a later change to a weight or
+    its scale (or a weight that still trains) is never served stale."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 8, 8)
+    q = calibrate(quantize(TinyNet(), QuantSpec(4, 4)), x, "minmax", "cpu").eval()
+    frozen = freeze_weights(copy.deepcopy(q).requires_grad_(False))
+    assert all(layer.frozen_weight is not None for _, layer in quant_layers(frozen))
+    assert set(frozen.state_dict()) == set(q.state_dict())
+
+    def output_and_gradient(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = x.clone().requires_grad_(True)
+        out = model(inputs)
+        return out, torch.autograd.grad(out.square().sum(), inputs)[0]
+
+    for got, want in zip(output_and_gradient(frozen), output_and_gradient(q), strict=True):
+        assert torch.equal(got, want)
+    with torch.inference_mode():  # frozen in grad mode, used in inference mode and back
+        assert torch.equal(frozen(x), q(x))
+    calls = []
+    for _, layer in quant_layers(frozen):
+        layer.weight_quant.register_forward_hook(lambda *_: calls.append(1))
+    frozen(x)
+    assert not calls  # the weight quantizers no longer run
+
+    layer = frozen.fc1
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    assert torch.equal(layer.quantized_weight(), layer.weight_quant(layer.weight))
+    layer.freeze_weight()
+    with torch.no_grad():
+        layer.weight_quant.scale.mul_(3)
+    assert torch.equal(layer.quantized_weight(), layer.weight_quant(layer.weight))
+    layer.frozen_weight = None
+    layer.weight.requires_grad_(True)
+    layer.freeze_weight()  # a weight being trained is never frozen
+    assert layer.frozen_weight is None
 
 
 def test_calibrate_sets_sane_scales() -> None:

@@ -27,6 +27,7 @@ from quantpatch.attacks.placement import EOT, MASK_SHAPES, patch_mask
 from quantpatch.data._types import Split
 from quantpatch.errors import ConfigError, ShapeError
 from quantpatch.models.fast import fast_frozen_copy
+from quantpatch.quant.layers import freeze_weights
 
 ATTACKS: Registry = Registry("attack")
 """Attack classes by name; ``create_attack(name, **params)`` builds one."""
@@ -173,7 +174,8 @@ class Attack:
 
     def frozen_copies(self, models: Sequence[nn.Module], device: torch.device) -> list[nn.Module]:
         """Fast frozen eval-mode copies of ``models`` on ``device`` (BatchNorm folded,
-        channels-last; see ``models.fast``); the caller's models are left untouched."""
+        channels-last, see ``models.fast``; fake-quantized weights quantized once, see
+        ``quant.freeze_weights``); the caller's models are left untouched."""
         models = list(models)
         if not models:
             raise ConfigError(f"{type(self).__name__} needs at least one source model")
@@ -182,7 +184,7 @@ class Attack:
                 raise ConfigError(
                     f"{type(self).__name__} needs differentiable torch models, got {type(m).__name__}"
                 )
-        copies = [fast_frozen_copy(m).to(device) for m in models]
+        copies = [freeze_weights(fast_frozen_copy(m).to(device)) for m in models]
         for copy in copies:  # random draws (random precision), also inside a defence, start
             restart_draws(copy)  # afresh: an attack does not depend on what ran before it
         return copies

@@ -13,6 +13,7 @@ from quantpatch.quant.layers import (
     QuantConv2d,
     QuantLinear,
     QuantMultiheadAttention,
+    freeze_weights,
     quant_layers,
     set_learnable,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "QuantizerSpec",
     "build_quantized",
     "calibrate",
+    "freeze_weights",
     "quant_layers",
     "quantizable_layers",
     "quantize",

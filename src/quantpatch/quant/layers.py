@@ -190,6 +190,9 @@ class _QuantMixin:
                 raise InvalidSpecError("activation quantizers are per-tensor")
             act_quant = FakeQuantizer(act_spec.make_grid()).to(weight.device)
         self.register_module("act_quant", act_quant)  # type: ignore[attr-defined]
+        # the weight quantized once by ``freeze_weight``; not saved (it is derived state)
+        self.register_buffer("frozen_weight", None, persistent=False)  # type: ignore[attr-defined]
+        self._frozen_state: tuple | None = None
 
     def _adopt(
         self,
@@ -214,7 +217,32 @@ class _QuantMixin:
 
     def quantized_weight(self) -> torch.Tensor:
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
-        return weight if self.weight_quant is None else self.weight_quant(weight)
+        if self.weight_quant is None:
+            return weight
+        frozen: torch.Tensor | None = self.frozen_weight  # type: ignore[attr-defined]
+        if frozen is not None and self._frozen_state == self._weight_state():
+            return frozen
+        return self.weight_quant(weight)
+
+    def _weight_state(self) -> tuple:
+        """What the quantized weight depends on: the weight, its quantizer and that
+        quantizer's qparams (an in-place change bumps a tensor's version)."""
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        quant = self.weight_quant
+        assert quant is not None
+        tensors = (weight, quant.scale, quant.zero_point)
+        return (id(quant), quant.enabled, *((t.data_ptr(), t._version) for t in tensors))
+
+    def freeze_weight(self) -> None:
+        """Quantize the weight once and reuse it in every later forward, for a copy whose
+        weights no longer change (an attack's frozen copy runs thousands of passes). A change
+        to the weight or its qparams afterwards makes the layer quantize afresh."""
+        weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
+        if self.weight_quant is None or weight.requires_grad:
+            return  # nothing to quantize, or a weight still being trained
+        with torch.inference_mode(False), torch.no_grad():  # usable in autograd later
+            self.frozen_weight = self.weight_quant(weight)
+        self._frozen_state = self._weight_state()
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act_quant is None else self.act_quant(x)
@@ -412,6 +440,14 @@ def quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantConv2d | QuantLin
     for name, module in model.named_modules():
         if isinstance(module, QUANT_LAYERS):
             yield name, module
+
+
+def freeze_weights(model: nn.Module) -> nn.Module:
+    """Quantize every frozen weight of ``model`` once (``freeze_weight``); returns ``model``.
+    Same outputs, bit for bit: the forward reuses what the per-channel op returned."""
+    for _, layer in quant_layers(model):
+        layer.freeze_weight()
+    return model
 
 
 def set_learnable(model: nn.Module, learnable: bool) -> None:
