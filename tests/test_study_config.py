@@ -77,6 +77,9 @@ def test_attack_sources_name_precisions_and_controls() -> None:
         None, attacks=[{"name": "patch-pgd", "sources": ["fp32", "w2a2", "fp32-ft"]}]
     )
     assert config.attacks[0].sources == ["fp32", "w2a2", "fp32-ft"]
+    assert not config.independent_source
+    independent = load_study(None, attacks=[{"name": "patch-pgd", "sources": ["fp32-indep"]}])
+    assert independent.independent_source
 
 
 def test_defaults_may_name_what_a_study_leaves_out() -> None:

@@ -22,7 +22,8 @@ NO_ANALYSES = {"gradient_alignment": False, "features": False, "spatial": False,
 @pytest.fixture(scope="module")
 def recipe_settings(tiny_study_settings) -> dict:
     """LeNet at fp32 and w2a2, trained plainly and by a random-precision recipe (one short
-    epoch), attacked per image on plain w2a2, the recipe's w2a2 and its random model."""
+    epoch), attacked per image on plain w2a2, the recipe's w2a2 and its random model, and
+    transferred from an fp32 model trained independently of the recipe."""
     return {
         **tiny_study_settings,
         "name": "recipes",
@@ -38,6 +39,7 @@ def recipe_settings(tiny_study_settings) -> dict:
                 "params": {"steps": 3},
                 "sources": [
                     "fp32",
+                    "fp32-indep",
                     "w2a2",
                     "fp32-random-precision",
                     "w2a2-random-precision",
@@ -65,7 +67,7 @@ def test_recipe_models_join_the_grid_next_to_plain_qat(recipe_run: Path) -> None
     models = {m.name: m for m in results.models}
     recipe = {"lenet/fp32-random-precision", "lenet/w2a2-random-precision",
               "lenet/random-random-precision"}  # fmt: skip
-    assert set(models) == {"lenet/fp32", "lenet/w2a2", *recipe}
+    assert set(models) == {"lenet/fp32", "lenet/fp32-indep", "lenet/w2a2", *recipe}
     assert all(models[name].recipe == "random-precision" for name in recipe)
     assert models["lenet/w2a2"].recipe is None
     assert models["lenet/w2a2-random-precision"].weight_bits == 2
@@ -75,13 +77,23 @@ def test_recipe_models_join_the_grid_next_to_plain_qat(recipe_run: Path) -> None
     random = "lenet/random-random-precision"
     assert (random, random) in scored  # attacked through its random draws (EOT by sampling)
     assert ("lenet/fp32-random-precision", "lenet/w2a2-random-precision") in scored
+    # the independent fp32 model: another seed, its own weights, a source for every target
+    independent = models["lenet/fp32-indep"]
+    assert independent.recipe is None and independent.clean.rate > 0.6
+    assert independent.key != models["lenet/fp32"].key
+    assert ("lenet/fp32-indep", "lenet/w2a2-random-precision") in scored
 
 
 def test_report_compares_recipes_with_plain_qat(recipe_run: Path) -> None:
     html = (recipe_run / "report.html").read_text()
     assert "Training defences" in html
     assert "lenet/w2a2-random-precision" in html and "x plain" in html
-    for column in ("robust accuracy", "transfer from plain fp32", "transfer from its fp32"):
+    for column in (
+        "robust accuracy",
+        "transfer from plain fp32",
+        "transfer from its fp32",
+        "transfer from independent fp32",
+    ):
         assert column in html, column
 
 

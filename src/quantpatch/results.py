@@ -34,6 +34,10 @@ PATCH_EXAMPLES = "examples"
 applied (``<cell>.png``) and a JSON note of its true class and the source model's prediction
 (``<cell>.json``), for the report's gallery."""
 
+INDEPENDENT_FP32 = "fp32-indep"
+"""The precision label of an fp32 model trained from another seed, independent of every other
+model of the study (``<arch>/fp32-indep``): a transfer source that shares nothing with them."""
+
 
 def precision_order(weight_bits: int | None, act_bits: int | None) -> tuple[int, int]:
     """The one order of precisions, fewest bits first: by weight bits, then activation bits

@@ -2,9 +2,10 @@
 precision. White-box ASR is the attack crafted on the model itself (adaptive: it knows the
 trained weights; on a random-precision model, the exact expectation over its precisions, and
 success where every one is fooled, scored on the model as served); transfer is from the plain
-fp32 model (trained without any recipe: the public model an attacker has) and, where measured,
-from the fp32 model of the same training. Built from result records only; absent when the
-study has no recipes."""
+fp32 model (trained without any recipe: the public model an attacker has; every recipe starts
+from it) and, where measured, from an fp32 model trained independently from another seed
+('fp32-indep', sharing nothing with the recipes) and from the fp32 model of the same training.
+Built from result records only; absent when the study has no recipes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from quantpatch.report.tables import (
     paired_or_rates,
     pool,
 )
-from quantpatch.results import ModelRecord, ResultsFile
+from quantpatch.results import INDEPENDENT_FP32, ModelRecord, ResultsFile
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class RecipeRow:
     plain_white_box: SeedRate | None
     transfer: SeedRate | None
     plain_transfer: SeedRate | None
+    independent_transfer: SeedRate | None
+    plain_independent_transfer: SeedRate | None
     own_transfer: SeedRate | None
 
     @property
@@ -84,10 +87,12 @@ def recipe_rows(results: ResultsFile, attack: str, size: int | None) -> list[Rec
             continue
         plain = plain_counterpart(model, results.models)
         plain_name = plain.name if plain else None
+        fp32, independent = f"{model.arch}/fp32", f"{model.arch}/{INDEPENDENT_FP32}"
         rows.append(RecipeRow(
             model, plain, rate(model.name, model.name), rate(plain_name, plain_name),
-            rate(f"{model.arch}/fp32", model.name), rate(f"{model.arch}/fp32", plain_name),
-            rate(f"{model.arch}/fp32-{model.recipe}", model.name),
+            rate(fp32, model.name), rate(fp32, plain_name),
+            rate(independent, model.name), rate(independent, plain_name),
+            rate(f"{fp32}-{model.recipe}", model.name),
         ))  # fmt: skip
     return rows
 
@@ -105,8 +110,10 @@ def training_section(
         "weights, per-precision BatchNorm and quantizer ranges). White-box: the attack crafted "
         "on that model itself (on a random-precision model: on the mean loss of every "
         "precision, scored on the model as served, a precision drawn per image). Transfer: "
-        "crafted on the plain fp32 model, trained without any recipe (and, where measured, on "
-        "the fp32 model of the same training). 'x plain' is white-box ASR over plain QAT's at "
+        "crafted on the plain fp32 model, trained without any recipe (every recipe starts from "
+        "it), and, where measured, on an fp32 model trained from another seed (independent of "
+        "every recipe) and on the fp32 model of the same training. 'x plain' is white-box ASR "
+        "over plain QAT's at "
         "the same precision, with its paired 95 % interval (same images and trained "
         "replicates); the goal is at most 0.5 at a clean-accuracy cost of at most 2 points. "
         "Robust accuracy: the share of all evaluation images still classified correctly after "
@@ -117,7 +124,8 @@ def training_section(
         if not rows:
             continue
         page.heading(f"{attack}" + (f", {size} px" if size else ""), 3)
-        own = any(row.own_transfer is not None and row.own_transfer.n for row in rows)
+        own = any(_measured(row.own_transfer) for row in rows)
+        independent = any(_measured(row.independent_transfer) for row in rows)
         body = []
         for row in sorted(rows, key=lambda r: (order(r.plain.name if r.plain else r.model.name),
                                                r.model.recipe)):  # fmt: skip
@@ -126,11 +134,16 @@ def training_section(
                 _fmt(row.plain_white_box), row.ratio_text(),
                 _fmt(robust_accuracy(row.white_box)),
                 _fmt(row.transfer), _fmt(row.plain_transfer),
+                *([_fmt(row.independent_transfer), _fmt(row.plain_independent_transfer)]
+                  if independent else []),
                 *([_fmt(row.own_transfer)] if own else []),
             ])  # fmt: skip
         page.table(["model", "clean (vs plain QAT)", "white-box ASR", "plain QAT white-box",
                     "x plain", "robust accuracy", "transfer from plain fp32",
-                    "plain QAT transfer", *(["transfer from its fp32"] if own else [])],
+                    "plain QAT transfer",
+                    *(["transfer from independent fp32", "plain QAT, independent"]
+                      if independent else []),
+                    *(["transfer from its fp32"] if own else [])],
                    body)  # fmt: skip
 
 
@@ -142,5 +155,9 @@ def _clean(model: ModelRecord, plain: ModelRecord | None, clean: dict[str, SeedR
     return text
 
 
+def _measured(rate: SeedRate | None) -> bool:
+    return rate is not None and bool(rate.n)
+
+
 def _fmt(rate: SeedRate | None) -> str:
-    return "n/a" if rate is None or not rate.n else rate.fmt()
+    return rate.fmt() if _measured(rate) else "n/a"

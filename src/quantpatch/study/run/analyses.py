@@ -37,7 +37,7 @@ from quantpatch.results import (
 from quantpatch.study.grid.cells import fit_cached
 from quantpatch.study.grid.threat import Source
 from quantpatch.study.settings.config import AttackSettings
-from quantpatch.study.settings.names import lowest_precision
+from quantpatch.study.settings.names import INDEPENDENT_TAG, lowest_precision
 from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.store.run_folder import analysis_path, lock_path
 from quantpatch.study.store.sealed import settle
@@ -145,7 +145,8 @@ def gradient_alignment(context: StudyContext, settings: AttackSettings) -> Gradi
     for arch in context.config.models:
         patch = universal_patch(context, context.fp32(arch), settings, size, seed).patch
         inputs[f"patched:{arch}"] = _centred(patch, images)[0]
-    models = list(context.models.values())
+    # the independent fp32 models are the reference pairs (controls below), never a precision
+    models = [m for m in context.models.values() if m.tag != INDEPENDENT_TAG]
     independent = [prepare_fp32(context, arch, independent=True) for arch in context.config.models]
     grads = {
         (m.name, kind): _input_gradients(m.module, x, labels, context.device)

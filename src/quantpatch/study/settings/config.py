@@ -35,6 +35,7 @@ from quantpatch.quant import CALIBRATIONS, QuantSpec
 from quantpatch.study.settings.limits import MAX_REPLICATES
 from quantpatch.study.settings.names import (
     FP32,
+    INDEPENDENT_FP32,
     USER_ONNX,
     is_control,
     is_reserved,
@@ -95,8 +96,10 @@ class AttackSettings(_Strict):
     sources: list[str] | None = Field(
         None,
         min_length=1,
-        description="precisions to craft on (e.g. [fp32, w2a2]; controls as fp32-ft); default: "
-        "every model. The adversarial images of each source are still scored on every target.",
+        description="precisions to craft on (e.g. [fp32, w2a2]; controls as fp32-ft; fp32-indep: "
+        "an fp32 model trained from another seed, independent of every model of the study); "
+        "default: every model. The adversarial images of each source are still scored on every "
+        "target.",
     )
     adaptive: bool = Field(
         True,
@@ -633,7 +636,8 @@ class StudyConfig(_Strict):
     def _known_sources(self) -> StudyConfig:
         """Sources name models of the study; deployed runtimes and users' ONNX files give only
         their outputs, so only query attacks may be crafted on them."""
-        known = {p.name for p in self.precisions} | {FP32} | set(self.recipe_precisions)
+        known = {p.name for p in self.precisions} | {FP32, INDEPENDENT_FP32}
+        known |= set(self.recipe_precisions)
         deployed = set(self.deployed_precisions) | ({USER_ONNX} if self.onnx_models else set())
         for attack in self.attacks:
             queries_only = attack.name in ATTACKS and not ATTACKS.get(attack.name).needs_gradients
@@ -667,6 +671,11 @@ class StudyConfig(_Strict):
                     f"{where} names {', '.join(unknown)}, not in the study ({', '.join(known)})"
                 )
         return self
+
+    @property
+    def independent_source(self) -> bool:
+        """Whether an attack is crafted on the independent fp32 model ('fp32-indep')."""
+        return any(INDEPENDENT_FP32 in (attack.sources or []) for attack in self.attacks)
 
     def train_config_for(self, arch: str) -> TrainConfig:
         return self.train_overrides.get(arch, self.train)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from quantpatch.quant import QuantSpec
-from quantpatch.results import precision_order
+from quantpatch.results import INDEPENDENT_FP32, precision_order
 
 USER_ONNX = "onnx"
 """The precision label of a user's ONNX file ('<name>/onnx')."""
@@ -20,14 +20,15 @@ USER_ONNX = "onnx"
 CONTROL_TAG = "ft"
 """The tag of the fp32 model fine-tuned on the default QAT schedule ('fp32-ft')."""
 
-INDEPENDENT_TAG = "indep"
-"""The tag of the independently trained fp32 model of the similarity lenses."""
+FP32 = "fp32"
+
+INDEPENDENT_TAG = INDEPENDENT_FP32.removeprefix(f"{FP32}-")
+"""The tag of the independently trained fp32 model ('indep'): the similarity lenses'
+reference, and a transfer source where an attack names 'fp32-indep'."""
 
 CERTIFIABLE_TAG = "cert"
 """The tag of a model trained on a certified defence's own inputs ('w8a8-cert'): it is only
 ever evaluated behind that defence ('<arch>/w8a8-cert+<label>')."""
-
-FP32 = "fp32"
 
 
 def model_name(arch: str, precision: str) -> str:

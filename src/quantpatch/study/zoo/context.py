@@ -131,9 +131,6 @@ class StudyContext:
         controls are not precisions."""
         return tuple(m for m in self.models.values() if m.arch == arch and not m.tag)
 
-    def controls(self, arch: str) -> tuple[PreparedModel, ...]:
-        return tuple(m for m in self.models.values() if m.arch == arch and m.tag)
-
     def data_identity(self) -> dict[str, Any]:
         """What identifies the training data in cache keys."""
         return {

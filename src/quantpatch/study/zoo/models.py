@@ -33,7 +33,8 @@ from quantpatch.study.zoo.context import PreparedModel, StudyContext
 
 def prepare_models(context: StudyContext) -> None:
     """The fp32 model of every architecture, then each of its quantized precisions, its
-    controls and its training defences' models."""
+    controls, its independent twin where an attack is crafted on it, and its training
+    defences' models."""
     for arch in context.config.models:
         started = time.perf_counter()
         base = prepare_fp32(context, arch)
@@ -44,6 +45,9 @@ def prepare_models(context: StudyContext) -> None:
                 context.models[prepared.name] = prepared
         if context.config.controls:
             _prepare_controls(context, base)
+        if context.config.independent_source:
+            independent = prepare_fp32(context, arch, independent=True)
+            context.models[independent.name] = independent
         for settings in context.config.recipes:
             for prepared in prepare_recipe(context, base, settings):
                 context.models[prepared.name] = prepared
