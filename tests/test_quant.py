@@ -366,7 +366,7 @@ def test_state_dict_round_trip() -> None:
 def test_frozen_weights_give_the_same_outputs_and_gradients_and_follow_changes() -> None:
     """An attack copy quantizes its weights once: outputs and input gradients stay bit-exact,
     the weight quantizers stop running, nothing is saved, and a later change to a weight or
-    its scale (or a weight that still trains) is never served stale."""
+    its scale, training switched on, another quantizer or a trace never gets a stale one."""
     torch.manual_seed(0)
     x = torch.rand(16, 1, 8, 8)
     q = calibrate(quantize(TinyNet(), QuantSpec(4, 4)), x, "minmax", "cpu").eval()
@@ -397,10 +397,23 @@ def test_frozen_weights_give_the_same_outputs_and_gradients_and_follow_changes()
     with torch.no_grad():
         layer.weight_quant.scale.mul_(3)
     assert torch.equal(layer.quantized_weight(), layer.weight_quant(layer.weight))
+    layer.freeze_weight()
+    layer.weight.requires_grad_(True)  # training switched on after freezing: the graph is back
+    assert layer.quantized_weight().grad_fn is not None
     layer.frozen_weight = None
-    layer.weight.requires_grad_(True)
     layer.freeze_weight()  # a weight being trained is never frozen
     assert layer.frozen_weight is None
+    layer.weight.requires_grad_(False)
+    set_learnable(layer, True)  # nor is one whose scale trains
+    layer.freeze_weight()
+    assert layer.frozen_weight is None
+    set_learnable(layer, False)
+    layer.freeze_weight()
+    layer.weight_quant = copy.deepcopy(layer.weight_quant)  # another quantizer, equal values
+    assert layer.quantized_weight() is not layer.frozen_weight
+    graph = str(torch.jit.trace(frozen, x).inlined_graph)  # a traced graph keeps every
+    ops = graph.count("aten::fake_quantize_per_channel_affine")  # weight quantizer's op
+    assert ops == len(list(quant_layers(frozen))) == 4
 
 
 def test_calibrate_sets_sane_scales() -> None:

@@ -57,7 +57,11 @@ def _settings(tiny: dict) -> dict:
         "controls": False,
         "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
         "attacks": [
-            {"name": "universal", "params": {"steps": 5, "batch_size": 32}},
+            {
+                "name": "universal",
+                "params": {"steps": 5, "batch_size": 32},
+                "sources": ["fp32", "fp32-indep", "w8a8"],
+            },  # fp32-indep: trained by its own task
             {"name": "random"},
         ],  # fmt: skip
         "analyses": {

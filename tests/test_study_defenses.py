@@ -22,8 +22,8 @@ CLEANSER = {"name": "patchcleanser", "params": {"patch_size": 8, "masks_per_axis
 @pytest.fixture(scope="module")
 def defended_settings(tiny_study_settings) -> dict:
     """The tiny study cut down further (one epoch, w8a8 calibrated by min/max, one per-image
-    attack, 48 images), behind a blur and PatchCleanser. (w8a8 stays: ORT int8's deployment
-    check compares with it.)"""
+    attack, 48 images, also crafted on an independently trained fp32 model), behind a blur and
+    PatchCleanser. (w8a8 stays: ORT int8's deployment check compares with it.)"""
     return {
         **tiny_study_settings,
         "name": "defended",
@@ -31,7 +31,8 @@ def defended_settings(tiny_study_settings) -> dict:
         "precisions": ["fp32", "w8a8"],
         "calibration": "minmax",
         "controls": False,
-        "attacks": [{"name": "patch-pgd", "params": {"steps": 5}, "sources": ["fp32", "w8a8"]}],
+        "attacks": [{"name": "patch-pgd", "params": {"steps": 5},
+                     "sources": ["fp32", "fp32-indep", "w8a8"]}],  # fmt: skip
         "defenses": [BLUR, CLEANSER],
         "n_eval": 48,
         "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
@@ -59,7 +60,7 @@ def test_every_model_behind_every_defence_is_a_target(defended_run: Path) -> Non
     models = {m.name: m for m in results.models}
     plain = ["lenet/fp32", "lenet/w8a8", "lenet/ort-int8", "lenet/ort-w8a8"]
     expected = {*plain, *(f"{m}+{d}" for m in plain for d in ("gaussian-blur", "patchcleanser"))}
-    assert set(models) == expected
+    assert set(models) == expected | {"lenet/fp32-indep"}  # a transfer source, never defended
     for name in expected - set(plain):
         model = models[name]
         assert model.defense == name.rpartition("+")[2]

@@ -220,26 +220,37 @@ class _QuantMixin:
         if self.weight_quant is None:
             return weight
         frozen: torch.Tensor | None = self.frozen_weight  # type: ignore[attr-defined]
-        if frozen is not None and self._frozen_state == self._weight_state():
+        if frozen is not None and self._frozen_still_holds():
             return frozen
         return self.weight_quant(weight)
 
     def _weight_state(self) -> tuple:
-        """What the quantized weight depends on: the weight, its quantizer and that
-        quantizer's qparams (an in-place change bumps a tensor's version)."""
+        """What the quantized weight depends on: the weight, its quantizer and that quantizer's
+        qparams, held as objects (compared by identity, so none can be replaced by another at
+        the same address), each tensor's storage and version (an in-place change bumps it),
+        and whether anything trains (then the weight needs its graph)."""
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
         quant = self.weight_quant
         assert quant is not None
         tensors = (weight, quant.scale, quant.zero_point)
-        return (id(quant), quant.enabled, *((t.data_ptr(), t._version) for t in tensors))
+        versions = tuple((t.data_ptr(), t._version, t.requires_grad) for t in tensors)
+        return (quant, *tensors), (quant.enabled, quant.grid, versions)
+
+    def _frozen_still_holds(self) -> bool:
+        if self._frozen_state is None or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return False  # a traced or exported graph keeps the weight's own quantizer op
+        (objects, values), (now_objects, now_values) = self._frozen_state, self._weight_state()
+        same = all(a is b for a, b in zip(objects, now_objects, strict=True))
+        return same and values == now_values
 
     def freeze_weight(self) -> None:
         """Quantize the weight once and reuse it in every later forward, for a copy whose
         weights no longer change (an attack's frozen copy runs thousands of passes). A change
-        to the weight or its qparams afterwards makes the layer quantize afresh."""
+        to the weight or its qparams afterwards, or training switched on, makes the layer
+        quantize afresh."""
         weight: torch.Tensor = self.weight  # type: ignore[attr-defined]
-        if self.weight_quant is None or weight.requires_grad:
-            return  # nothing to quantize, or a weight still being trained
+        if self.weight_quant is None or weight.requires_grad or self.weight_quant.learnable:
+            return  # nothing to quantize, or a weight or scale still being trained
         with torch.inference_mode(False), torch.no_grad():  # usable in autograd later
             self.frozen_weight = self.weight_quant(weight)
         self._frozen_state = self._weight_state()

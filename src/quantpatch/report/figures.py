@@ -18,7 +18,7 @@ from quantpatch.report.tables import (  # noqa: E402
     pool,
     transfer_matrix,
 )
-from quantpatch.results import CellRecord, ModelRecord  # noqa: E402
+from quantpatch.results import INDEPENDENT_FP32, CellRecord, ModelRecord  # noqa: E402
 
 plt.rcParams.update({"figure.dpi": 110, "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False})  # fmt: skip
@@ -121,12 +121,15 @@ def asr_vs_bits_figure(
 
 
 SERIES_COLORS = {"own": "C0", "fp32": "C1", "random": "gray"}
-KIND_MARKERS = {"trained": "o", "control": "s", "runtime": "^"}
+KIND_MARKERS = {"trained": "o", "control": "s", "independent": "D", "runtime": "^"}
 
 
 def _model_kind(model: ModelRecord) -> str:
+    """How a model is drawn: a precision on the line, or a marker beside it."""
     if model.runtime != "torch":
         return "runtime"
+    if model.precision == INDEPENDENT_FP32:
+        return "independent"
     return "control" if model.control_of else "trained"
 
 
@@ -170,6 +173,7 @@ def _bit_legend(own_label: str, drawn: set[str], drawn_kinds: set[str]) -> list:
     handles = [Line2D([], [], color=c, label=labels[s]) for s, c in SERIES_COLORS.items()
                if s in drawn]  # fmt: skip
     kinds = {"trained": "trained precision", "control": "fp32-ft control (at 32)",
+             "independent": "fp32 from another seed (at 32)",
              "runtime": "integer runtime (at its bits)"}  # fmt: skip
     handles += [Line2D([], [], color="black", marker=m, linestyle="none", label=kinds[k],
                        mfc="black" if k == "trained" else "white")

@@ -69,6 +69,8 @@ class RayExecutor:
                 settings, out, replicate, arch
             )  # its result is the others' dependency
             refs.append(base)
+            if context.config.independent_source:
+                refs.append(fp32.remote(settings, out, replicate, arch, independent=True))
             refs += [quantized.remote(settings, out, replicate, arch, spec.name, base)
                      for spec in context.config.precisions if not spec.is_float]  # fmt: skip
             if context.config.controls:
@@ -190,10 +192,13 @@ def _report(what: str, started: float, **extra: Any) -> Report:
     return {"what": what, "seconds": seconds, "node": _node(), "code": code, **extra}
 
 
-def _fp32_task(settings: Settings, out: str, replicate: int, arch: str) -> Report:
+def _fp32_task(
+    settings: Settings, out: str, replicate: int, arch: str, independent: bool = False
+) -> Report:
     started = time.perf_counter()
-    prepare_fp32(_context(settings, out, replicate, full=False), arch)
-    return _report(f"{arch}/fp32", started)
+    prepared = prepare_fp32(_context(settings, out, replicate, full=False), arch,
+                            independent=independent)  # fmt: skip
+    return _report(prepared.name, started)
 
 
 def _quantized_task(

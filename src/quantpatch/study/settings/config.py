@@ -97,9 +97,9 @@ class AttackSettings(_Strict):
         None,
         min_length=1,
         description="precisions to craft on (e.g. [fp32, w2a2]; controls as fp32-ft; fp32-indep: "
-        "an fp32 model trained from another seed, independent of every model of the study); "
-        "default: every model. The adversarial images of each source are still scored on every "
-        "target.",
+        "an fp32 model trained from another seed, independent of every model of the study, "
+        "trained on the study's schedule even where `weights` loads fp32); default: every "
+        "model. The adversarial images of each source are still scored on every target.",
     )
     adaptive: bool = Field(
         True,

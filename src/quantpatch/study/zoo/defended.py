@@ -19,6 +19,7 @@ from quantpatch.metrics import accuracy
 from quantpatch.models import predict_logits
 from quantpatch.results import CertifiedPoint, CertifiedRecord, RateRecord
 from quantpatch.study.settings.config import DefenseSettings
+from quantpatch.study.settings.names import INDEPENDENT_TAG
 from quantpatch.study.store.cache import EVAL_CODE, code_fingerprint
 from quantpatch.study.zoo.certified import certifiable_targets, takes_encoded_input
 from quantpatch.study.zoo.context import Predictor, PreparedModel, StudyContext, Target
@@ -26,9 +27,11 @@ from quantpatch.study.zoo.targets import add_target
 
 
 def prepare_defended_targets(context: StudyContext) -> None:
-    """Put every target built so far (each precision, ORT int8 included) behind every defence
-    of the study; the undefended targets stay in the grid."""
-    undefended = [t for t in context.targets if t.defense is None]
+    """Put every target built so far (each precision, ORT int8 included; not the independent
+    fp32 model, which is there as a transfer source) behind every defence of the study; the
+    undefended targets stay in the grid."""
+    undefended = [t for t in context.targets if t.defense is None
+                  and not (t.model is not None and t.model.tag == INDEPENDENT_TAG)]  # fmt: skip
     for settings in context.config.defenses:
         defense = settings.create()
         certifiable = settings.certifiable
