@@ -31,8 +31,9 @@ def defended_settings(tiny_study_settings) -> dict:
         "precisions": ["fp32", "w8a8"],
         "calibration": "minmax",
         "controls": False,
-        "attacks": [{"name": "patch-pgd", "params": {"steps": 5},
-                     "sources": ["fp32", "fp32-indep", "w8a8"]}],  # fmt: skip
+        "attacks": [
+            {"name": "patch-pgd", "params": {"steps": 5}, "sources": ["fp32", "fp32-indep", "w8a8"]}
+        ],  # fmt: skip
         "defenses": [BLUR, CLEANSER],
         "n_eval": 48,
         "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
