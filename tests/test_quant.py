@@ -412,8 +412,8 @@ def test_frozen_weights_give_the_same_outputs_and_gradients_and_follow_changes()
     layer.freeze_weight()
     layer.weight_quant = copy.deepcopy(layer.weight_quant)  # another quantizer, equal values
     assert layer.quantized_weight() is not layer.frozen_weight
-    with warnings.catch_warnings():  # the trace's notes on Python branches are expected
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+    with warnings.catch_warnings():  # the trace notes Python branches: expected here
+        warnings.simplefilter("ignore")  # and its deprecation notice
         graph = str(torch.jit.trace(frozen, x).inlined_graph)  # a traced graph keeps every
     ops = graph.count("aten::fake_quantize_per_channel_affine")  # weight quantizer's op
     assert ops == len(list(quant_layers(frozen))) == 4
